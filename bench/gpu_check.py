@@ -1,0 +1,301 @@
+"""The GPU check: everything the CPU machines cannot verify, in one run under 8 minutes on one
+GPU. Writes all results as JSON (and logs) under $OUT (default ./gpu_check_out).
+
+    OUT=/path python bench/gpu_check.py            # everything
+    python bench/gpu_check.py --skip-sanitizer    # without compute-sanitizer
+
+Steps (each one's outcome is recorded even when an earlier one failed):
+1. env: GPU, driver, torch/CuPy versions.
+2. tests: pytest tests/test_kernels.py (the CUDA tests run here; CPU ones too) -> junit XML.
+3. parity: every LIF variant, pc_step and spike_matmul on the GPU vs the CPU shim on the
+   same inputs: spikes bit for bit with NVRTC --fmad=false, and the fraction of flipped spikes
+   with the default --fmad=true (bound 1e-4; expected 0 since beta * v is __fmul_rn);
+   gradients max abs difference.
+4. sanitizer: compute-sanitizer --tool memcheck on a small run of every kernel.
+5. bench: LIF forward+backward (T = 16, 32; N = 1.57M, 16.8M) ours vs torch loop, the loop
+   under torch.compile, snntorch; effective GB/s (24*T*N bytes) vs device copy bandwidth;
+   spike propagation event vs dense cuBLAS vs CSR over spike rates -> the CUDA crossover to
+   store in hybridlm/kernels/ops.py SPIKE_MATMUL_CROSSOVER["cuda"].
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = Path(os.environ.get("OUT", ROOT / "gpu_check_out"))
+
+
+def _env() -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def _save(name: str, obj) -> None:
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / name).write_text(json.dumps(obj, indent=2, default=str))
+
+
+def step_env() -> dict:
+    import torch
+
+    info = {"torch": torch.__version__, "cuda": torch.version.cuda,
+            "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+    try:
+        import cupy
+
+        info["cupy"] = cupy.__version__
+        info["cuda_runtime"] = cupy.cuda.runtime.runtimeGetVersion()
+        info["cuda_driver"] = cupy.cuda.runtime.driverGetVersion()
+    except Exception as e:  # noqa: BLE001
+        info["cupy_error"] = repr(e)
+    smi = shutil.which("nvidia-smi")
+    if smi:
+        info["nvidia_smi"] = subprocess.run([smi], capture_output=True, text=True).stdout
+    return info
+
+
+def step_tests() -> dict:
+    t0 = time.time()
+    res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider",
+                          str(ROOT / "tests" / "test_kernels.py"),
+                          f"--junitxml={OUT / 'tests_junit.xml'}"],
+                         capture_output=True, text=True, env=_env(), timeout=300)
+    (OUT / "tests.log").write_text(res.stdout + res.stderr)
+    return {"returncode": res.returncode, "seconds": time.time() - t0,
+            "summary": res.stdout.strip().splitlines()[-1:]}
+
+
+def step_parity() -> dict:
+    import torch
+
+    from hybridlm.kernels import _build, _cuda, lif_multistep, pc_step, spike_matmul
+    from hybridlm.kernels import reference as ref
+
+    # The CPU side: the shim when a C++ compiler is here, else the torch reference (also
+    # bit-exact for spikes on CPU).
+    cpu = "cpu_shim" if _build.find_cxx() else "torch"
+
+    rows = []
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(32, 1 << 18, generator=g) * 0.8 + 0.4
+    gs = torch.randn(x.shape, generator=g)
+    for fmad in ("true", "false"):
+        os.environ["HYBRIDLM_NVRTC_FMAD"] = fmad
+        _cuda._modules.clear()
+        for dyn in ref.DYNAMICS:
+            for reset in ref.RESETS:
+                for detach in (False, True):
+                    for sg, alpha in (("atan", 2.0), ("fast_sigmoid", 25.0)):
+                        if dyn == "snntorch" and detach:
+                            continue
+                        kw = dict(reset=reset, detach_reset=detach, surrogate=sg, alpha=alpha,
+                                  dynamics=dyn)
+                        xc = x.clone().requires_grad_()
+                        xg = x.cuda().requires_grad_()
+                        s = lif_multistep(xc, 0.9, 0.7, backend=cpu, **kw)
+                        sg_ = lif_multistep(xg, 0.9, 0.7, backend="cuda", **kw)
+                        s.backward(gs)
+                        sg_.backward(gs.cuda())
+                        flips = (sg_.cpu() != s).float().mean().item()
+                        gdiff = (xg.grad.cpu() - xc.grad).abs().max().item()
+                        rows.append({"fmad": fmad, **kw, "flipped_fraction": flips,
+                                     "grad_max_abs_diff": gdiff})
+    os.environ.pop("HYBRIDLM_NVRTC_FMAD")
+    _cuda._modules.clear()
+    I, v, r = (torch.randn(1 << 20, generator=g) for _ in range(3))  # noqa: E741
+    pc_cpu = pc_step(I, v, r, 0.9, 0.7, 0.8, backend=cpu)
+    pc_gpu = pc_step(I.cuda(), v.cuda(), r.cuda(), 0.9, 0.7, 0.8, backend="cuda")
+    pc_equal = all(torch.equal(a.cpu(), b) for a, b in zip(pc_gpu, pc_cpu))
+    S = (torch.rand(512, 2048, generator=g) < 0.05).float()
+    W = torch.randint(-8, 9, (2048, 1024), generator=g).float()
+    sm_equal = torch.equal(spike_matmul(S.cuda(), W.cuda(), backend="cuda",
+                                        method="event").cpu(), S @ W)
+    exact = all(r["flipped_fraction"] == 0 for r in rows if r["fmad"] == "false")
+    bounded = all(r["flipped_fraction"] <= 1e-4 for r in rows if r["fmad"] == "true")
+    grads = max(r["grad_max_abs_diff"] for r in rows)
+    return {"lif": rows, "pc_step_bit_exact": pc_equal, "spike_matmul_exact": sm_equal,
+            "lif_bit_exact_fmad_false": exact, "lif_flips_bounded_fmad_true": bounded,
+            "grad_max_abs_diff": grads,
+            "ok": exact and bounded and pc_equal and sm_equal and grads < 1e-5}
+
+
+def sanitizer_subset() -> None:
+    """A small run of every kernel (run under compute-sanitizer by step_sanitizer)."""
+    import torch
+
+    from hybridlm.kernels import lif_multistep, pc_step, spike_matmul
+
+    for dyn in ("standard", "snntorch"):
+        for reset in ("subtract", "zero"):
+            x = torch.randn(5, 3, 1001, device="cuda", requires_grad=True)
+            lif_multistep(x, 0.9, 0.7, reset=reset, dynamics=dyn, backend="cuda").sum().backward()
+    I, v, r = (torch.randn(3, 777, device="cuda", requires_grad=True) for _ in range(3))  # noqa: E741
+    sum(o.sum() for o in pc_step(I, v, r, 0.9, 0.7, 0.8, backend="cuda")).backward()
+    S = (torch.rand(33, 300, device="cuda") < 0.1).float().requires_grad_()
+    W = torch.randn(300, 70, device="cuda", requires_grad=True)
+    spike_matmul(S, W, backend="cuda", method="event").sum().backward()
+    torch.cuda.synchronize()
+    print("sanitizer subset done")
+
+
+def step_sanitizer() -> dict:
+    cs = shutil.which("compute-sanitizer") or "/usr/local/cuda/bin/compute-sanitizer"
+    if not os.path.exists(cs):
+        return {"skipped": "compute-sanitizer not found"}
+    cmd = [cs, "--tool", "memcheck", "--error-exitcode", "9", sys.executable, __file__,
+           "--sanitizer-subset"]
+    res = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=240)
+    (OUT / "sanitizer.log").write_text(res.stdout + res.stderr)
+    summary = [ln for ln in (res.stdout + res.stderr).splitlines() if "ERROR SUMMARY" in ln]
+    return {"returncode": res.returncode, "summary": summary,
+            "ok": res.returncode == 0 and "sanitizer subset done" in res.stdout}
+
+
+def _cuda_time(fn, repeats: int = 10) -> float:
+    import torch
+
+    fn()
+    fn()
+    ts = []
+    for _ in range(repeats):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        ts.append(a.elapsed_time(b))
+    return statistics.median(ts)
+
+
+def _copy_gbps() -> float:
+    import torch
+
+    n = 1 << 28
+    src = torch.empty(n, device="cuda")
+    dst = torch.empty_like(src)
+    return 2 * 4 * n / _cuda_time(lambda: dst.copy_(src)) / 1e6
+
+
+def _bench_lif(T: int, N: int, copy_gbps: float) -> list[dict]:
+    import torch
+
+    from hybridlm.kernels import lif_multistep
+
+    x = torch.randn(T, N, device="cuda", requires_grad=True)
+    g = torch.randn(T, N, device="cuda")
+    rows = []
+
+    def ours(backend):
+        x.grad = None
+        lif_multistep(x, 0.9, 1.0, backend=backend).backward(g)
+
+    def snn_loop(lif):
+        x.grad = None
+        mem = lif.reset_mem()
+        spk = []
+        for t in range(T):
+            s, mem = lif(x[t], mem)
+            spk.append(s)
+        torch.stack(spk).backward(g)
+
+    fns = {"ours": lambda: ours(None), "torch_loop": lambda: ours("torch"),
+           "compiled": lambda: ours("compiled")}
+    try:
+        import snntorch as snn
+
+        lif = snn.Leaky(beta=0.9, threshold=1.0)
+        fns["snntorch"] = lambda: snn_loop(lif)
+    except ImportError:
+        pass
+    for name, fn in fns.items():
+        try:
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            ms = _cuda_time(fn, 3 if name == "snntorch" else 10)
+            peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+            gbps = 24 * T * N / ms / 1e6
+            rows.append({"T": T, "N": N, "peer": name, "median_ms": ms, "gbps": gbps,
+                         "pct_copy": 100 * gbps / copy_gbps, "peak_extra_mib": peak})
+        except Exception as e:  # noqa: BLE001
+            rows.append({"T": T, "N": N, "peer": name, "error": repr(e)})
+    return rows
+
+
+def _bench_propagation() -> list[dict]:
+    import torch
+
+    from hybridlm.kernels import spike_matmul
+
+    M, K, N = 4096, 4096, 4096
+    W = torch.randn(K, N, device="cuda")
+    rows = []
+    for rate in (0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2):
+        S = (torch.rand(M, K, device="cuda") < rate).float()
+        rows.append({
+            "rate": rate, "M": M, "K": K, "N": N,
+            "event_ms": _cuda_time(lambda S=S: spike_matmul(S, W, backend="cuda",
+                                                            method="event")),
+            "dense_ms": _cuda_time(lambda S=S: S @ W),
+            "csr_ms": _cuda_time(lambda S=S: S.to_sparse_csr() @ W)})
+    return rows
+
+
+def step_bench(quick: bool) -> dict:
+    copy_gbps = _copy_gbps()
+    out = {"copy_gbps": copy_gbps, "byte_model": "24*T*N bytes (LIF fwd+bwd, fp32)", "lif": []}
+    sizes = [(16, 1_572_864), (32, 16_777_216)] if not quick else [(16, 1_572_864)]
+    for T, N in sizes:
+        out["lif"] += _bench_lif(T, N, copy_gbps)
+    out["propagation"] = _bench_propagation()
+    faster = [r["rate"] for r in out["propagation"] if r["event_ms"] < r["dense_ms"]]
+    out["crossover_cuda"] = max(faster) if faster else 0.0
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--skip-sanitizer", action="store_true")
+    ap.add_argument("--quick", action="store_true", help="smaller benchmark")
+    ap.add_argument("--sanitizer-subset", action="store_true", help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.sanitizer_subset:
+        sys.path.insert(0, str(ROOT))
+        sanitizer_subset()
+        return
+    sys.path.insert(0, str(ROOT))
+    OUT.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    summary = {}
+    steps = [("env", step_env), ("tests", step_tests), ("parity", step_parity)]
+    if not a.skip_sanitizer:
+        steps.append(("sanitizer", step_sanitizer))
+    steps.append(("bench", lambda: step_bench(a.quick)))
+    for name, fn in steps:
+        t = time.time()
+        try:
+            res = fn()
+        except Exception:  # noqa: BLE001
+            res = {"error": traceback.format_exc()}
+        res_seconds = time.time() - t
+        _save(f"{name}.json", res)
+        summary[name] = {"seconds": res_seconds,
+                         "ok": res.get("ok", res.get("returncode", 0) == 0 and "error" not in res)}
+        print(f"[gpu_check] {name}: {summary[name]}", flush=True)
+    summary["total_seconds"] = time.time() - t0
+    _save("summary.json", summary)
+    print(json.dumps(summary, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,71 @@
+"""Evaluate a saved model folder on every domain's validation and test split.
+
+    python eval/evaluate.py --model runs/default/spiking_pc/model [--config ...] [k=v ...]
+
+Writes `eval.json` next to the model folder (or to --out) with loss, perplexity, next-token
+accuracy and, for spiking heads, the firing rate per domain and split.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from accelerate import Accelerator
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import hybridlm  # noqa: F401  (registers the model with the Auto classes)
+from hybridlm.config import ConfigError, load_config
+from hybridlm.corpora import DataError
+from hybridlm.data import build_corpora, subsample, tokenizer_fingerprint
+from hybridlm.evaluation import Blocks, evaluate
+from hybridlm.io import write_json_atomic
+from hybridlm.modeling import resolve_encoder
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--config", default="configs/default.yaml")
+    p.add_argument("--model", required=True, help="a folder written by save_pretrained")
+    p.add_argument("--out", default=None, help="where to write the JSON (default: next to model)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("overrides", nargs="*", help="section.key=value")
+    args = p.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        folder = Path(args.model)
+        if not (folder / "config.json").is_file():
+            raise ValueError(f"'{folder}' is not a saved model folder (no config.json)")
+        model = AutoModelForCausalLM.from_pretrained(folder)
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        data_tok = AutoTokenizer.from_pretrained(resolve_encoder(cfg.model.encoder)[0])
+        if tokenizer_fingerprint(tokenizer) != tokenizer_fingerprint(data_tok):
+            raise ValueError(
+                f"the model's tokenizer differs from the one of encoder '{cfg.model.encoder}' "
+                "that builds this config's data: evaluate with the config it was trained with"
+            )
+        domains = build_corpora(cfg.data, tokenizer)
+    except (ConfigError, DataError, ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    accelerator = Accelerator()
+    results = {}
+    for split in ("validation", "test"):
+        results[split] = {}
+        for dom in domains:
+            blocks = Blocks(subsample(dom.splits[split], cfg.data.max_eval_tokens_per_domain,
+                                      cfg.data.block_size, cfg.seed))
+            results[split][dom.name] = evaluate(model, blocks, accelerator, args.batch_size, None)
+    out = Path(args.out) if args.out else folder.parent / "eval.json"
+    if accelerator.is_main_process:
+        write_json_atomic(out, {"model": str(folder), **results})
+        for split, res in results.items():
+            ppl = ", ".join(f"{d} {r['perplexity']:.2f}" for d, r in res.items())
+            print(f"{split} perplexity: {ppl}")
+        print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,260 @@
+"""Typed run configuration: dataclasses mirrored 1:1 by the YAML files in `configs/`.
+
+A run config has four sections (`data`, `model`, `train`, `wandb`) plus `output_dir` and
+`seed`. YAML keys and command-line overrides (`section.key=value`) are checked against the
+dataclass fields: an unknown key, a wrong type or an out-of-range value raises `ConfigError`
+naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config key is unknown, has the wrong type, or holds an out-of-range value."""
+
+
+@dataclass
+class DomainConfig:
+    """One text domain. `source` says where its documents come from:
+
+    - `builtin:<name>`: an embedded offline corpus (see `hybridlm.corpora.BUILTIN`);
+    - `files:<glob>[,<glob>...]`: local `.txt` files (one document each) or `.json`/`.jsonl`
+      files (one document per record, text in `text_field`);
+    - `hf:<dataset name>`: a `datasets` Hub dataset (needs the network), with `hf_config`,
+      `hf_split` and `text_field`.
+    """
+
+    name: str = ""
+    source: str = ""
+    text_field: str = "text"
+    hf_config: str | None = None
+    hf_split: str = "train"
+
+
+@dataclass
+class DataConfig:
+    domains: list[DomainConfig] = field(default_factory=list)
+    block_size: int = 128  # tokens per packed block
+    val_fraction: float = 0.05
+    test_fraction: float = 0.05
+    passage_chars: int = 2000  # documents are cut into passages of about this size before splitting
+    max_train_tokens_per_domain: int | None = None  # None: every training token
+    max_eval_tokens_per_domain: int | None = None  # None: every validation/test token
+    cache_dir: str = ".cache/hybridlm"
+
+
+@dataclass
+class ModelConfig:
+    encoder: str = "minilm"  # a local folder, a Hub id, or "minilm" (the offline MiniLM package)
+    head: str = "spiking_pc"  # spiking_pc | mlp | linear
+    n_neurons: int = 512
+    time_steps: int = 8
+    beta: float = 0.9
+    threshold: float = 1.0
+    reset: str = "subtract"  # subtract | zero
+    detach_reset: bool = False
+    surrogate: str = "atan"  # atan | fast_sigmoid
+    surrogate_alpha: float = 2.0  # atan's alpha, or fast_sigmoid's slope
+    trace_decay: float = 0.5  # gamma of the spike trace r_k = gamma r_{k-1} + (1 - gamma) s_k
+    pc_energy_weight: float = 0.0  # weight of the PC energy mean_k ||e_k||^2 added to the loss
+    trainable_encoder_layers: int = 0  # top-k encoder layers that train; the rest is frozen
+
+
+@dataclass
+class TrainConfig:
+    heads: list[str] = field(default_factory=lambda: ["spiking_pc", "mlp"])  # trained in turn
+    epochs: int = 2
+    batch_size: int = 16
+    grad_accum_steps: int = 1
+    lr: float = 2e-3
+    weight_decay: float = 0.01
+    warmup_fraction: float = 0.05
+    max_grad_norm: float = 1.0
+    mixed_precision: str = "no"  # no | bf16 | fp16
+    eval_every: int = 0  # optimizer steps between validations; 0: once per epoch
+    save_every: int = 0  # optimizer steps between checkpoints; 0: once per epoch
+    keep_checkpoints: int = 2
+    cache_features: bool = True  # reuse frozen-encoder outputs for blocks already seen
+
+
+@dataclass
+class WandbConfig:
+    enabled: bool = True
+    mode: str = "offline"  # offline | online | disabled; WANDB_MODE in the environment wins
+    project: str = "hybridlm"
+
+
+@dataclass
+class RunConfig:
+    output_dir: str = "runs/default"
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+HEADS = ("spiking_pc", "mlp", "linear")
+
+
+def _check(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"config key '{key}': {message}")
+
+
+def validate(cfg: RunConfig) -> None:
+    """Range checks; each failure names the key and the allowed values."""
+    d, m, t = cfg.data, cfg.model, cfg.train
+    _check(bool(cfg.output_dir), "output_dir", "must not be empty")
+    _check(len(d.domains) > 0, "data.domains", "list at least one domain")
+    names = [dom.name for dom in d.domains]
+    _check(len(set(names)) == len(names), "data.domains", f"domain names repeat: {names}")
+    for i, dom in enumerate(d.domains):
+        _check(bool(dom.name), f"data.domains[{i}].name", "must not be empty")
+        scheme = dom.source.split(":", 1)[0]
+        _check(
+            scheme in ("builtin", "files", "hf") and ":" in dom.source,
+            f"data.domains[{i}].source",
+            f"'{dom.source}' must look like builtin:<name>, files:<glob> or hf:<dataset>",
+        )
+    _check(d.block_size >= 2, "data.block_size", f"must be >= 2, got {d.block_size}")
+    for key in ("val_fraction", "test_fraction"):
+        v = getattr(d, key)
+        _check(0 < v < 0.5, f"data.{key}", f"must be in (0, 0.5), got {v}")
+    _check(d.passage_chars >= 100, "data.passage_chars", f"must be >= 100, got {d.passage_chars}")
+    for key in ("max_train_tokens_per_domain", "max_eval_tokens_per_domain"):
+        v = getattr(d, key)
+        _check(v is None or v >= d.block_size, f"data.{key}", f"must be >= block_size, got {v}")
+    _check(m.head in HEADS, "model.head", f"'{m.head}' is not one of {HEADS}")
+    _check(m.n_neurons >= 1, "model.n_neurons", f"must be >= 1, got {m.n_neurons}")
+    _check(m.time_steps >= 1, "model.time_steps", f"must be >= 1, got {m.time_steps}")
+    _check(0 < m.beta <= 1, "model.beta", f"must be in (0, 1], got {m.beta}")
+    _check(m.threshold > 0, "model.threshold", f"must be > 0, got {m.threshold}")
+    _check(m.reset in ("subtract", "zero"), "model.reset", f"'{m.reset}' is not subtract|zero")
+    _check(
+        m.surrogate in ("atan", "fast_sigmoid"),
+        "model.surrogate",
+        f"'{m.surrogate}' is not atan|fast_sigmoid",
+    )
+    _check(m.surrogate_alpha > 0, "model.surrogate_alpha", "must be > 0")
+    _check(0 <= m.trace_decay < 1, "model.trace_decay", f"must be in [0, 1), got {m.trace_decay}")
+    _check(m.pc_energy_weight >= 0, "model.pc_energy_weight", "must be >= 0")
+    _check(m.trainable_encoder_layers >= 0, "model.trainable_encoder_layers", "must be >= 0")
+    _check(len(t.heads) > 0, "train.heads", "list at least one head")
+    for h in t.heads:
+        _check(h in HEADS, "train.heads", f"'{h}' is not one of {HEADS}")
+    _check(t.epochs >= 1, "train.epochs", f"must be >= 1, got {t.epochs}")
+    _check(t.batch_size >= 1, "train.batch_size", f"must be >= 1, got {t.batch_size}")
+    _check(t.grad_accum_steps >= 1, "train.grad_accum_steps", "must be >= 1")
+    _check(t.lr > 0 and math.isfinite(t.lr), "train.lr", f"must be > 0, got {t.lr}")
+    _check(t.weight_decay >= 0, "train.weight_decay", "must be >= 0")
+    _check(0 <= t.warmup_fraction < 1, "train.warmup_fraction", "must be in [0, 1)")
+    _check(t.max_grad_norm > 0, "train.max_grad_norm", "must be > 0")
+    _check(
+        t.mixed_precision in ("no", "bf16", "fp16"),
+        "train.mixed_precision",
+        f"'{t.mixed_precision}' is not no|bf16|fp16",
+    )
+    _check(t.eval_every >= 0, "train.eval_every", "must be >= 0")
+    _check(t.save_every >= 0, "train.save_every", "must be >= 0")
+    _check(t.keep_checkpoints >= 1, "train.keep_checkpoints", "must be >= 1")
+    _check(
+        cfg.wandb.mode in ("offline", "online", "disabled"),
+        "wandb.mode",
+        f"'{cfg.wandb.mode}' is not offline|online|disabled",
+    )
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against the annotation `tp`, building nested dataclasses."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0])
+    if origin is list:
+        _check(isinstance(value, list), key, f"expected a list, got {type(value).__name__}")
+        (item_tp,) = typing.get_args(tp)
+        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        _check(isinstance(value, dict), key, f"expected a mapping, got {type(value).__name__}")
+        return _build(tp, value, key)
+    if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads "1e-4" (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        _check(ok, key, f"expected a number, got {value!r}")
+        return float(value)
+    if tp is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+        _check(ok, key, f"expected an integer, got {value!r}")
+        return value
+    _check(isinstance(value, tp), key, f"expected {tp.__name__}, got {value!r}")
+    return value
+
+
+def _build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for k, v in values.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        if k not in hints:
+            allowed = ", ".join(hints)
+            raise ConfigError(f"unknown config key '{key}' (known keys here: {allowed})")
+        kwargs[k] = _coerce(v, hints[k], key)
+    return cls(**kwargs)
+
+
+def _set_override(tree: dict[str, Any], dotted: str, raw: str) -> None:
+    node = tree
+    parts = dotted.split(".")
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override '{dotted}': '{p}' is not a section")
+    node[parts[-1]] = yaml.safe_load(raw) if raw != "" else ""
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML config, apply `section.key=value` overrides, check types and ranges."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file '{p}' does not exist")
+        tree = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        if not isinstance(tree, dict):
+            raise ConfigError(f"config file '{p}' must hold a mapping at the top level")
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' must look like section.key=value")
+        key, raw = item.split("=", 1)
+        _set_override(tree, key.strip(), raw)
+    cfg = _build(RunConfig, tree)
+    validate(cfg)
+    return cfg

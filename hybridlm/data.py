@@ -1,0 +1,195 @@
+"""Build the per-domain corpora: passages -> train/validation/test -> tokens -> packed blocks.
+
+Each domain's documents are cut into passages of about `passage_chars` characters at
+paragraph boundaries, duplicates dropped, and passages assigned to a split by the rank of
+their content hash (deterministic, no passage in two splits). Each split is tokenized with
+the encoder's tokenizer through `datasets`, every passage followed by the separator token,
+and the token stream cut into blocks of `block_size`. Every token is kept: the last block is
+padded and its padding masked out. Built splits are saved with `save_to_disk` under
+`cache_dir` and reused while sources, tokenizer and settings are unchanged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import random
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import datasets
+import numpy as np
+
+from hybridlm.config import DataConfig, DomainConfig
+from hybridlm.corpora import DataError, documents
+
+SPLITS = ("train", "validation", "test")
+FORMAT_VERSION = 1  # bump when the passage/packing rules change: invalidates caches
+
+
+def split_passages(text: str, max_chars: int) -> list[str]:
+    """Cut a document into passages of at most about `max_chars`, at blank lines when
+    possible, else at line ends (a single line longer than that stays whole)."""
+    out: list[str] = []
+    current: list[str] = []
+    size = 0
+    for para in re.split(r"\n\s*\n", text):
+        pieces = [para] if len(para) <= max_chars else para.splitlines()
+        for piece in pieces:
+            if not piece.strip():
+                continue
+            if current and size + len(piece) > max_chars:
+                out.append("\n\n".join(current))
+                current, size = [], 0
+            current.append(piece.strip("\n"))
+            size += len(piece) + 2
+    if current:
+        out.append("\n\n".join(current))
+    return out
+
+
+def _hash(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def assign_splits(passages: list[str], val_fraction: float, test_fraction: float):
+    """Rank passages by content hash: the first `val_fraction` go to validation, the next
+    `test_fraction` to test, the rest to train. Returns {split: [passages in source order]}."""
+    n = len(passages)
+    order = sorted(range(n), key=lambda i: _hash(passages[i]))
+    n_val = max(1, math.ceil(val_fraction * n))
+    n_test = max(1, math.ceil(test_fraction * n))
+    which = {}
+    for rank, i in enumerate(order):
+        which[i] = "validation" if rank < n_val else "test" if rank < n_val + n_test else "train"
+    return {s: [passages[i] for i in range(n) if which[i] == s] for s in SPLITS}
+
+
+def pack(token_lists, block_size: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """Concatenate token lists and cut them into blocks; linear in the number of tokens.
+
+    Returns input_ids (n_blocks, block_size) and attention_mask of the same shape, where the
+    padding of the last block is 0. No token is dropped.
+    """
+    arrays = [np.asarray(t, dtype=np.int64) for t in token_lists]
+    stream = np.concatenate(arrays) if arrays else np.zeros(0, dtype=np.int64)
+    n_blocks = math.ceil(len(stream) / block_size)
+    ids = np.full(n_blocks * block_size, pad_id, dtype=np.int64)
+    ids[: len(stream)] = stream
+    mask = np.zeros(n_blocks * block_size, dtype=np.int8)
+    mask[: len(stream)] = 1
+    return ids.reshape(n_blocks, block_size), mask.reshape(n_blocks, block_size)
+
+
+@dataclass
+class DomainData:
+    """One domain's packed splits (`datasets.Dataset` with input_ids and attention_mask)."""
+
+    name: str
+    splits: dict[str, datasets.Dataset]
+    stats: dict
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """Identifies a tokenizer by class, vocabulary and special tokens (not by its mutable
+    padding/truncation state)."""
+    desc = [type(tokenizer).__name__, sorted(tokenizer.get_vocab().items()),
+            tokenizer.all_special_tokens, getattr(tokenizer, "do_lower_case", None)]
+    return _hash(json.dumps(desc))[:16]
+
+
+def build_domain(dom: DomainConfig, cfg: DataConfig, tokenizer, cache_root: Path) -> DomainData:
+    """Read, split, tokenize and pack one domain, or load it from the cache."""
+    docs = list(documents(dom.source, dom.text_field, dom.hf_config, dom.hf_split))
+    passages, seen = [], set()
+    for _, text in docs:
+        for p in split_passages(text, cfg.passage_chars):
+            key = " ".join(p.split())
+            if key and key not in seen:
+                seen.add(key)
+                passages.append(p)
+    if not passages:
+        raise DataError(
+            f"domain '{dom.name}' ({dom.source}) has no text: "
+            f"{len(docs)} documents, all empty. Point it at files that hold text."
+        )
+    if len(passages) < 3:
+        raise DataError(
+            f"domain '{dom.name}' has {len(passages)} passage(s); train, validation and test "
+            "need at least 3: give it more text or lower data.passage_chars"
+        )
+    settings = [FORMAT_VERSION, cfg.block_size, cfg.val_fraction, cfg.test_fraction,
+                cfg.passage_chars, tokenizer_fingerprint(tokenizer)]
+    key = _hash(json.dumps(settings) + "\0".join(passages))[:16]
+    folder = cache_root / f"{dom.name}-{key}"
+    if (folder / "stats.json").is_file():
+        stats = json.loads((folder / "stats.json").read_text())
+        splits = {s: datasets.load_from_disk(str(folder / s)) for s in SPLITS}
+        return DomainData(dom.name, splits, stats | {"cached": True})
+
+    sep = tokenizer.sep_token_id if tokenizer.sep_token_id is not None else tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else sep
+    if sep is None:
+        raise DataError("the tokenizer has neither a sep nor an eos token to end passages with")
+
+    def tokenize(batch):
+        ids = tokenizer(batch["text"], add_special_tokens=False, verbose=False)["input_ids"]
+        return {"input_ids": [x + [sep] for x in ids]}
+
+    stats = {"documents": len(docs), "passages": {}, "tokens": {}, "blocks": {}}
+    splits = {}
+    for split, texts in assign_splits(passages, cfg.val_fraction, cfg.test_fraction).items():
+        tokenized = datasets.Dataset.from_dict({"text": texts}).map(
+            tokenize, batched=True, remove_columns=["text"], desc=f"tokenize {dom.name}/{split}"
+        )
+        ids, mask = pack(tokenized["input_ids"], cfg.block_size, pad)
+        splits[split] = datasets.Dataset.from_dict({"input_ids": ids, "attention_mask": mask})
+        stats["passages"][split] = len(texts)
+        stats["tokens"][split] = int(mask.sum())
+        stats["blocks"][split] = len(ids)
+    tmp = folder.with_name(folder.name + ".tmp")
+    for split, ds in splits.items():
+        ds.save_to_disk(str(tmp / split))
+    (tmp / "stats.json").write_text(json.dumps(stats, indent=2))
+    if folder.exists():  # a concurrent build finished first: keep it
+        import shutil
+
+        shutil.rmtree(tmp)
+    else:
+        tmp.rename(folder)
+    splits = {s: datasets.load_from_disk(str(folder / s)) for s in SPLITS}
+    return DomainData(dom.name, splits, stats | {"cached": False})
+
+
+def build_corpora(cfg: DataConfig, tokenizer, progress: bool = True) -> list[DomainData]:
+    """Every configured domain, built or loaded from the cache."""
+    cache_root = Path(cfg.cache_dir) / "data"
+    cache_root.mkdir(parents=True, exist_ok=True)
+    if not progress:
+        datasets.disable_progress_bars()
+    return [build_domain(dom, cfg, tokenizer, cache_root) for dom in cfg.domains]
+
+
+def subsample(ds: datasets.Dataset, max_tokens: int | None, block_size: int, seed: int):
+    """A fixed, seeded subset of blocks holding at most `max_tokens` tokens (all if None)."""
+    if max_tokens is None or max_tokens >= len(ds) * block_size:
+        return ds
+    n = max(1, max_tokens // block_size)
+    idx = sorted(random.Random(seed).sample(range(len(ds)), n))
+    return ds.select(idx)
+
+
+def format_report(domains: list[DomainData]) -> str:
+    """A table of documents, passages, tokens and blocks per domain and split."""
+    rows = ["| domain | documents | train tokens | val tokens | test tokens | train blocks |"
+            " val blocks | test blocks | cache |", "|---" * 9 + "|"]
+    for d in domains:
+        t, b = d.stats["tokens"], d.stats["blocks"]
+        rows.append(
+            f"| {d.name} | {d.stats['documents']} | {t['train']:,} | {t['validation']:,} | "
+            f"{t['test']:,} | {b['train']:,} | {b['validation']:,} | {b['test']:,} | "
+            f"{'reused' if d.stats['cached'] else 'built'} |"
+        )
+    return "\n".join(rows)

@@ -1,0 +1,172 @@
+"""The spiking predictive-coding layer.
+
+Per token the encoder gives x (dim D). N leaky integrate-and-fire (LIF) neurons explain x
+over T inner time steps with top-down predictions (Rao & Ballard inference, run with spikes):
+
+    x_hat_k = W_d r_{k-1}                       prediction (W_d: D x N, generative weights)
+    e_k     = x - x_hat_k                        prediction error units
+    I_k     = W_e e_k + b                        input current (W_e: N x D)
+    h_k     = beta v_{k-1} + I_k                 charge
+    s_k     = H(h_k - theta)                     fire (surrogate gradient in backward)
+    v_k     = h_k - theta s_k  | h_k (1 - s_k)   reset: subtract | zero
+    r_k     = gamma r_{k-1} + (1 - gamma) s_k    spike trace (a running firing rate)
+    y       = LayerNorm(x + W_o r_T)             readout, fed to the tied LM head
+
+Symbols: beta membrane decay, theta threshold, gamma trace decay, T `time_steps`.
+The whole T-step loop is differentiable (BPTT through surrogate gradients).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+class _SpikeAtan(torch.autograd.Function):
+    """Heaviside forward; snntorch's `atan` surrogate backward:
+    dS/du = alpha / 2 / (1 + (pi / 2 * alpha * u)^2)."""
+
+    @staticmethod
+    def forward(ctx, u: torch.Tensor, alpha: float) -> torch.Tensor:
+        ctx.save_for_backward(u)
+        ctx.alpha = alpha
+        return (u > 0).to(u.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (u,) = ctx.saved_tensors
+        a = ctx.alpha
+        return grad * (a / 2 / (1 + (math.pi / 2 * a * u) ** 2)), None
+
+
+class _SpikeFastSigmoid(torch.autograd.Function):
+    """Heaviside forward; snntorch's `fast_sigmoid` surrogate backward:
+    dS/du = 1 / (slope |u| + 1)^2."""
+
+    @staticmethod
+    def forward(ctx, u: torch.Tensor, slope: float) -> torch.Tensor:
+        ctx.save_for_backward(u)
+        ctx.slope = slope
+        return (u > 0).to(u.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (u,) = ctx.saved_tensors
+        return grad / (ctx.slope * u.abs() + 1) ** 2, None
+
+
+SURROGATES = {"atan": _SpikeAtan.apply, "fast_sigmoid": _SpikeFastSigmoid.apply}
+
+
+def spike(u: torch.Tensor, surrogate: str = "atan", alpha: float = 2.0) -> torch.Tensor:
+    """H(u) with the named surrogate derivative (`alpha`: atan's alpha or fast_sigmoid's slope)."""
+    return SURROGATES[surrogate](u, alpha)
+
+
+class SpikingPCLayer(nn.Module):
+    """Spiking predictive-coding layer (equations in the module docstring).
+
+    Input x: (B, L, D). Output y: (B, L, D). After each forward, `stats` holds detached
+    diagnostics: `rate` (mean firing rate), `rate_per_step` (T,), `pc_energy` (mean over
+    steps of the per-token ||e_k||^2), `energy_per_step` (T,), and `pc_energy_loss` keeps the
+    differentiable energy for an optional auxiliary loss.
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        n_neurons: int,
+        time_steps: int = 8,
+        beta: float = 0.9,
+        threshold: float = 1.0,
+        reset: str = "subtract",
+        detach_reset: bool = False,
+        surrogate: str = "atan",
+        surrogate_alpha: float = 2.0,
+        trace_decay: float = 0.5,
+    ):
+        super().__init__()
+        self.encode = nn.Linear(d_model, n_neurons)  # W_e, b: error -> current
+        self.decode = nn.Linear(n_neurons, d_model, bias=False)  # W_d: trace -> prediction
+        self.readout = nn.Linear(n_neurons, d_model)  # W_o
+        self.norm = nn.LayerNorm(d_model)
+        nn.init.normal_(self.decode.weight, std=0.02)
+        nn.init.zeros_(self.readout.weight)  # starts as the identity map of x (then normalised)
+        self.time_steps = time_steps
+        self.beta, self.threshold, self.trace_decay = beta, threshold, trace_decay
+        self.reset, self.detach_reset = reset, detach_reset
+        self.surrogate, self.surrogate_alpha = surrogate, surrogate_alpha
+        self.stats: dict[str, torch.Tensor] = {}
+
+    def lif_step(self, current, v, r):
+        """Charge, fire, reset, trace: one inner step for every neuron."""
+        h = self.beta * v + current
+        s = spike(h - self.threshold, self.surrogate, self.surrogate_alpha)
+        s_reset = s.detach() if self.detach_reset else s
+        v = h - self.threshold * s_reset if self.reset == "subtract" else h * (1 - s_reset)
+        r = self.trace_decay * r + (1 - self.trace_decay) * s
+        return s, v, r
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n = self.encode.out_features
+        v = x.new_zeros(*x.shape[:-1], n)  # (B, L, N)
+        r = torch.zeros_like(v)
+        rates, energies = [], []
+        for _ in range(self.time_steps):
+            e = x - self.decode(r)  # (B, L, D) prediction error
+            s, v, r = self.lif_step(self.encode(e), v, r)
+            rates.append(s.detach().mean())
+            energies.append(e.pow(2).sum(-1).mean())
+        energy = torch.stack(energies)
+        self.stats = {
+            "rate": torch.stack(rates).mean(),
+            "rate_per_step": torch.stack(rates),
+            "pc_energy": energy.detach().mean(),
+            "energy_per_step": energy.detach(),
+            "pc_energy_loss": energy.mean(),
+        }
+        return self.norm(x + self.readout(r))
+
+
+class MLPHead(nn.Module):
+    """Non-spiking baseline: y = LayerNorm(x + W_2 GELU(W_1 x + b_1) + b_2).
+    x, y: (B, L, D); hidden size chosen to match the spiking layer's parameter count."""
+
+    def __init__(self, d_model: int, hidden: int):
+        super().__init__()
+        self.up = nn.Linear(d_model, hidden)
+        self.down = nn.Linear(hidden, d_model)
+        self.norm = nn.LayerNorm(d_model)
+        nn.init.zeros_(self.down.weight)
+        self.stats: dict[str, torch.Tensor] = {}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(x + self.down(nn.functional.gelu(self.up(x))))
+
+
+class LinearHead(nn.Module):
+    """Smallest readout: y = LayerNorm(x + W x + b). x, y: (B, L, D)."""
+
+    def __init__(self, d_model: int):
+        super().__init__()
+        self.proj = nn.Linear(d_model, d_model)
+        self.norm = nn.LayerNorm(d_model)
+        nn.init.zeros_(self.proj.weight)
+        self.stats: dict[str, torch.Tensor] = {}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(x + self.proj(x))
+
+
+def spiking_param_count(d_model: int, n_neurons: int) -> int:
+    """Parameters of `SpikingPCLayer`: W_e, b, W_d, W_o, b_o, LayerNorm."""
+    return 3 * d_model * n_neurons + n_neurons + d_model + 2 * d_model
+
+
+def matched_mlp_hidden(d_model: int, n_neurons: int) -> int:
+    """The MLP hidden size whose parameter count is closest to the spiking layer's.
+    MLP parameters: hidden * (2 D + 1) + 3 D, so the two differ by at most D + 1."""
+    target = spiking_param_count(d_model, n_neurons) - 3 * d_model
+    return max(1, round(target / (2 * d_model + 1)))

@@ -1,0 +1,46 @@
+"""Weights & Biases logging: offline by default, main process only, always flushed."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from hybridlm.config import RunConfig
+
+
+class Tracker:
+    """One W&B run (or nothing, when disabled). `log` and `finish` are no-ops when off."""
+
+    def __init__(self, cfg: RunConfig, name: str, folder: Path, enabled: bool):
+        self.run = None
+        mode = os.environ.get("WANDB_MODE", cfg.wandb.mode)
+        if not (enabled and cfg.wandb.enabled) or mode == "disabled":
+            return
+        import wandb
+
+        folder.mkdir(parents=True, exist_ok=True)
+        self.run = wandb.init(
+            project=cfg.wandb.project,
+            name=name,
+            group=Path(cfg.output_dir).name,
+            mode=mode,
+            dir=str(folder),
+            config=cfg.to_dict(),
+            reinit="create_new",
+        )
+
+    def log(self, metrics: dict, step: int) -> None:
+        if self.run is not None:
+            self.run.log(metrics, step=step)
+
+    def summary(self, metrics: dict) -> None:
+        if self.run is not None:
+            self.run.summary.update(metrics)
+
+    def finish(self) -> None:
+        if self.run is not None:
+            import wandb
+
+            self.run.finish()
+            wandb.teardown()  # finish() can return before the offline file is complete
+            self.run = None

@@ -1,0 +1,128 @@
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from transformers import AutoTokenizer
+
+from hybridlm.config import DataConfig, DomainConfig
+from hybridlm.corpora import BUILTIN, DataError, documents
+from hybridlm.data import assign_splits, build_domain, pack, split_passages, subsample
+from hybridlm.modeling import resolve_encoder
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return AutoTokenizer.from_pretrained(resolve_encoder("minilm")[0])
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.lists(st.integers(1, 1000), max_size=40), max_size=30), st.integers(2, 17))
+def test_pack_keeps_every_token_in_order(lists, block):
+    ids, mask = pack(lists, block, pad_id=0)
+    flat = [t for seq in lists for t in seq]
+    assert ids.shape == mask.shape and ids.shape[1:] == (block,) or len(flat) == 0
+    assert ids.reshape(-1)[mask.reshape(-1) == 1].tolist() == flat
+    assert len(ids) == -(-len(flat) // block)  # only the last block may be padded
+    if len(ids):
+        assert mask[:-1].all()
+
+
+def test_pack_is_linear_in_tokens():
+    import time
+
+    def cost(n):
+        lists = [list(range(100))] * n
+        start = time.perf_counter()
+        pack(lists, 128, 0)
+        return time.perf_counter() - start
+
+    cost(1000)
+    small, big = min(cost(2000) for _ in range(3)), min(cost(20000) for _ in range(3))
+    assert big < 30 * small  # 10x the tokens; a quadratic packer would take ~100x
+
+
+@given(st.text(min_size=0, max_size=3000), st.integers(100, 800))
+@settings(max_examples=100, deadline=None)
+def test_passages_keep_the_text(text, max_chars):
+    kept = "".join("".join(p.split()) for p in split_passages(text, max_chars))
+    assert kept == "".join(text.split())
+
+
+def test_splits_are_disjoint_deterministic_and_sized():
+    passages = [f"passage number {i} " * 3 for i in range(200)]
+    a = assign_splits(passages, 0.05, 0.1)
+    b = assign_splits(list(reversed(passages)), 0.05, 0.1)
+    assert {k: sorted(v) for k, v in a.items()} == {k: sorted(v) for k, v in b.items()}
+    sets = {k: set(v) for k, v in a.items()}
+    assert not sets["train"] & sets["validation"] and not sets["train"] & sets["test"]
+    assert not sets["validation"] & sets["test"]
+    assert (len(a["validation"]), len(a["test"]), len(a["train"])) == (10, 20, 170)
+
+
+@pytest.mark.parametrize("name", sorted(BUILTIN))
+def test_builtin_corpora_hold_real_text(name):
+    docs = []
+    for doc in documents(f"builtin:{name}"):
+        docs.append(doc)
+        if len(docs) == 5:
+            break
+    assert len(docs) == 5
+    assert all(text.strip() for _, text in docs)
+    assert sum(len(text) for _, text in docs) > 2000
+
+
+def _cfg(tmp_path, **kw):
+    return DataConfig(domains=[], block_size=16, passage_chars=200,
+                      cache_dir=str(tmp_path / "cache"), **kw)
+
+
+def test_build_domain_from_local_files_and_reuse_the_cache(tmp_path, tokenizer):
+    folder = tmp_path / "txt"
+    folder.mkdir()
+    for i in range(6):
+        (folder / f"doc{i}.txt").write_text(
+            "\n\n".join(f"Paragraph {j} of document {i}: the quick brown fox." for j in range(8))
+        )
+    dom = DomainConfig(name="foxes", source=f"files:{folder}/*.txt")
+    cfg = _cfg(tmp_path)
+    first = build_domain(dom, cfg, tokenizer, tmp_path / "cache")
+    assert first.stats["documents"] == 6 and not first.stats["cached"]
+    total = sum(first.stats["tokens"].values())
+    assert total == sum(int(np.sum(first.splits[s]["attention_mask"])) for s in first.splits)
+    assert all(first.stats["blocks"][s] > 0 for s in ("train", "validation", "test"))
+    second = build_domain(dom, cfg, tokenizer, tmp_path / "cache")
+    assert second.stats["cached"]
+    assert second.splits["train"]["input_ids"] == first.splits["train"]["input_ids"]
+
+
+def test_json_records(tmp_path, tokenizer):
+    p = tmp_path / "d.jsonl"
+    p.write_text("\n".join(f'{{"body": "record {i} says hello world again"}}' for i in range(9)))
+    dom = DomainConfig(name="j", source=f"files:{p}", text_field="body")
+    data = build_domain(dom, _cfg(tmp_path), tokenizer, tmp_path / "cache")
+    assert data.stats["documents"] == 9
+    with pytest.raises(DataError, match="no 'text' field"):
+        list(documents(f"files:{p}", "text"))
+
+
+def test_missing_empty_and_non_utf8_files_are_named(tmp_path, tokenizer):
+    with pytest.raises(DataError, match="no file matches"):
+        list(documents(f"files:{tmp_path}/nothing/*.txt"))
+    empty = tmp_path / "empty.txt"
+    empty.write_text("   \n\n  ")
+    dom = DomainConfig(name="blank", source=f"files:{empty}")
+    with pytest.raises(DataError, match="domain 'blank'.*has no text"):
+        build_domain(dom, _cfg(tmp_path), tokenizer, tmp_path / "cache")
+    bad = tmp_path / "latin1.txt"
+    bad.write_bytes("caf\xe9 cr\xe8me".encode("latin-1"))
+    with pytest.raises(DataError, match="latin1.txt is not valid UTF-8"):
+        list(documents(f"files:{bad}"))
+
+
+def test_subsample_is_fixed_by_the_seed():
+    import datasets
+
+    ds = datasets.Dataset.from_dict({"input_ids": [[i] * 4 for i in range(50)]})
+    a = subsample(ds, 40, 4, seed=3)["input_ids"]
+    assert a == subsample(ds, 40, 4, seed=3)["input_ids"] and len(a) == 10
+    assert subsample(ds, None, 4, seed=3) is ds

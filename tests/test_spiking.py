@@ -1,0 +1,93 @@
+import math
+
+import pytest
+import snntorch.surrogate as sur
+import torch
+
+from hybridlm.spiking import (
+    MLPHead,
+    SpikingPCLayer,
+    matched_mlp_hidden,
+    spike,
+    spiking_param_count,
+)
+
+
+@pytest.mark.parametrize("name, alpha, theirs", [
+    ("atan", 2.0, sur.atan(alpha=2.0)),
+    ("atan", 3.5, sur.atan(alpha=3.5)),
+    ("fast_sigmoid", 25.0, sur.fast_sigmoid(slope=25)),
+    ("fast_sigmoid", 5.0, sur.fast_sigmoid(slope=5)),
+])
+def test_surrogate_matches_snntorch(name, alpha, theirs):
+    u = torch.linspace(-2, 2, 401, dtype=torch.float64, requires_grad=True)
+    ours = spike(u, name, alpha)
+    ref = theirs(u.detach().clone().requires_grad_(True))
+    assert torch.equal(ours, (u > 0).double())
+    (g_ours,) = torch.autograd.grad(ours.sum(), u)
+    u2 = u.detach().clone().requires_grad_(True)
+    (g_ref,) = torch.autograd.grad(theirs(u2).sum(), u2)
+    torch.testing.assert_close(g_ours, g_ref, rtol=1e-12, atol=1e-12)
+    assert torch.equal(ref.detach(), ours.detach())
+
+
+@pytest.mark.parametrize("name, alpha, smooth", [
+    # The surrogate derivative is the exact derivative of a smooth step function.
+    ("atan", 2.0, lambda u, a: torch.atan(math.pi / 2 * a * u) / math.pi + 0.5),
+    ("fast_sigmoid", 25.0, lambda u, k: u / (1 + k * u.abs())),
+])
+def test_surrogate_equals_finite_differences_of_its_smooth_step(name, alpha, smooth):
+    u = torch.tensor([-1.3, -0.4, -0.05, 0.02, 0.3, 0.9], dtype=torch.float64, requires_grad=True)
+    (g,) = torch.autograd.grad(spike(u, name, alpha).sum(), u)
+    h = 1e-6
+    fd = (smooth(u.detach() + h, alpha) - smooth(u.detach() - h, alpha)) / (2 * h)
+    torch.testing.assert_close(g, fd, rtol=1e-6, atol=1e-8)
+
+
+def test_lif_step_by_hand_with_threshold_other_than_one():
+    layer = SpikingPCLayer(4, 3, beta=0.5, threshold=0.7, trace_decay=0.25)
+    v = torch.tensor([0.2, 0.6, 0.0])
+    r = torch.tensor([0.0, 1.0, 0.5])
+    current = torch.tensor([0.7, 0.5, 0.2])
+    s, v2, r2 = layer.lif_step(current, v, r)
+    h = 0.5 * v + current  # [0.8, 0.8, 0.2]
+    assert s.tolist() == [1.0, 1.0, 0.0]
+    torch.testing.assert_close(v2, h - 0.7 * s)
+    torch.testing.assert_close(r2, 0.25 * r + 0.75 * s)
+    layer.reset = "zero"
+    _, v3, _ = layer.lif_step(current, v, r)
+    torch.testing.assert_close(v3, torch.tensor([0.0, 0.0, 0.2]))
+
+
+def test_gradient_flows_through_all_inner_steps():
+    torch.manual_seed(0)
+    layer = SpikingPCLayer(8, 16, time_steps=5, threshold=0.3)
+    torch.nn.init.normal_(layer.readout.weight, std=0.1)
+    x = torch.randn(2, 3, 8, requires_grad=True)
+    layer(x).pow(2).sum().backward()
+    for name, p in layer.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+    # The decoder is only used from the second step on: a non-zero gradient on it means the
+    # loss reached back through the recurrence (BPTT), not just the last step.
+    assert layer.decode.weight.grad.abs().sum() > 0
+    assert 0 < layer.stats["rate"] < 1
+    assert layer.stats["rate_per_step"].shape == (5,)
+
+
+def test_more_steps_change_the_output():
+    torch.manual_seed(0)
+    layer = SpikingPCLayer(8, 16, time_steps=1, threshold=0.3)
+    torch.nn.init.normal_(layer.readout.weight, std=0.5)
+    x = torch.randn(2, 3, 8)
+    y1 = layer(x)
+    layer.time_steps = 6
+    assert not torch.allclose(y1, layer(x))
+
+
+@pytest.mark.parametrize("d, n", [(384, 512), (32, 16), (768, 1000), (64, 7)])
+def test_parameter_counts_match(d, n):
+    layer = SpikingPCLayer(d, n)
+    assert sum(p.numel() for p in layer.parameters()) == spiking_param_count(d, n)
+    mlp = MLPHead(d, matched_mlp_hidden(d, n))
+    diff = abs(sum(p.numel() for p in mlp.parameters()) - spiking_param_count(d, n))
+    assert diff <= d + 1  # within half a hidden unit of (2D + 1) parameters

@@ -1,0 +1,110 @@
+"""End-to-end: the real MiniLM encoder on slices of the real corpora, through train/train.py."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+TRAIN = [sys.executable, str(ROOT / "train" / "train.py")]
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def data_cache(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("data-cache"))
+
+
+def run_train(out, cache, *extra, check=True, env=None):
+    """Run train/train.py on the quick config; returns the finished process."""
+    args = TRAIN + ["--config", "configs/quick.yaml", f"output_dir={out}",
+                    f"data.cache_dir={cache}", *extra]
+    proc = subprocess.run(args, cwd=ROOT, capture_output=True, text=True,
+                          env=(os.environ | (env or {})))
+    if check:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def test_training_lowers_validation_loss_and_writes_results(tmp_path, data_cache):
+    out = tmp_path / "run"
+    run_train(out, data_cache, "train.eval_every=8", "wandb.enabled=true",
+              env={"WANDB_MODE": "offline"})
+    summary = json.loads((out / "metrics.json").read_text())
+    for head in ("spiking_pc", "mlp"):
+        m = json.loads((out / head / "metrics.json").read_text())
+        first, last = m["history"][0], m["validation"]
+        assert first["step"] == 0
+        for domain in ("literature", "docs", "legal"):
+            assert last[domain]["perplexity"] < 0.5 * first[f"eval/{domain}/perplexity"]
+            assert m["test"][domain]["tokens"] > 0
+        assert (out / head / "model" / "model.safetensors").is_file()
+        assert (out / head / "model" / "tokenizer.json").is_file()
+    heads = summary["heads"]
+    diff = heads["spiking_pc"]["trainable_parameters"] - heads["mlp"]["trainable_parameters"]
+    assert abs(diff) <= 257  # matched within half an MLP hidden unit (D + 1)
+    assert set(summary["spiking_pc_vs_mlp"]) == {"literature", "docs", "legal"}
+    assert summary["feature_cache"]["hits"] > 0
+    assert "firing_rate" in heads["spiking_pc"]["validation"]["docs"]
+    assert list((out / "wandb").glob("offline-run-*/run-*.wandb"))
+    # the saved model evaluates the same way from its folder
+    ev = subprocess.run([sys.executable, "eval/evaluate.py", "--config", "configs/quick.yaml",
+                         "--model", str(out / "mlp" / "model"), f"data.cache_dir={data_cache}"],
+                        cwd=ROOT, capture_output=True, text=True)
+    assert ev.returncode == 0, ev.stderr[-2000:]
+    again = json.loads((out / "mlp" / "eval.json").read_text())
+    for domain, r in heads["mlp"]["validation"].items():
+        assert again["validation"][domain]["perplexity"] == pytest.approx(r["perplexity"],
+                                                                          rel=1e-4)
+
+
+def test_killed_run_resumes_to_the_same_result(tmp_path, data_cache):
+    common = ["train.heads=[spiking_pc]", "train.save_every=4", "train.epochs=2"]
+    whole = tmp_path / "whole"
+    run_train(whole, data_cache, *common)
+    part = tmp_path / "part"
+    args = TRAIN + ["--config", "configs/quick.yaml", f"output_dir={part}",
+                    f"data.cache_dir={data_cache}", *common]
+    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    ckpts = part / "spiking_pc" / "checkpoints"
+    while time.time() < deadline and not list(ckpts.glob("step_0000008/progress.yaml")):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (part / "metrics.json").exists()
+    run_train(part, data_cache, *common, "--resume")
+    a = json.loads((whole / "spiking_pc" / "metrics.json").read_text())
+    b = json.loads((part / "spiking_pc" / "metrics.json").read_text())
+    assert a["optimizer_steps"] == b["optimizer_steps"]
+    for domain, r in a["validation"].items():
+        assert b["validation"][domain]["perplexity"] == pytest.approx(r["perplexity"], rel=1e-3)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model.encoder=/no/such/encoder", "encoder folder '/no/such/encoder' does not exist"),
+    ("data.block_size=1024", "data.block_size"),
+    ("data.domains=[{name: x, source: 'files:/no/such/*.txt'}]", "no file matches"),
+    ("model.time_steps=0", "model.time_steps"),
+])
+def test_bad_input_exits_cleanly_and_writes_nothing(tmp_path, data_cache, override, message):
+    out = tmp_path / "bad"
+    proc = run_train(out, data_cache, override, check=False)
+    assert proc.returncode == 2
+    assert message in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not out.exists()
+
+
+def test_existing_output_dir_is_left_untouched(tmp_path, data_cache):
+    out = tmp_path / "taken"
+    out.mkdir()
+    (out / "metrics.json").write_text("{}")
+    proc = run_train(out, data_cache, check=False)
+    assert proc.returncode == 2 and "--resume" in proc.stderr
+    assert (out / "metrics.json").read_text() == "{}"

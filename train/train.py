@@ -1,0 +1,339 @@
+"""Train hybrid language models on the configured text domains.
+
+    python train/train.py --config configs/default.yaml [section.key=value ...] [--resume]
+
+The shape follows transformers' `run_clm_no_trainer.py`: Accelerate, AdamW, warmup + cosine
+schedule, clipping and accumulation, validation at intervals, `save_state` checkpoints, a
+final `save_pretrained` folder and `metrics.json`. Each head in `train.heads` is trained in
+turn on the same blocks, in the same order, from the same seed, so the spiking head and its
+parameter-matched baseline see exactly the same tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import shutil
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+import yaml
+from accelerate import Accelerator
+from accelerate.utils import DataLoaderConfiguration, set_seed
+from torch.utils.data import ConcatDataset, DataLoader
+from tqdm.auto import tqdm
+from transformers import AutoTokenizer, get_cosine_schedule_with_warmup
+
+from hybridlm.config import ConfigError, RunConfig, load_config
+from hybridlm.corpora import DataError
+from hybridlm.data import build_corpora, format_report, subsample
+from hybridlm.evaluation import Blocks, evaluate
+from hybridlm.features import FeatureCache
+from hybridlm.io import write_json_atomic, write_text_atomic
+from hybridlm.modeling import HybridForCausalLM, resolve_encoder
+from hybridlm.tracking import Tracker
+
+
+class IndexedBlocks(torch.utils.data.Dataset):
+    """Several domains' blocks as one training set; `index` is the row in the feature cache."""
+
+    def __init__(self, parts: list[Blocks]):
+        self.data = ConcatDataset(parts)
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.data[i] | {"index": torch.tensor(i)}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--config", default="configs/default.yaml")
+    p.add_argument("--resume", action="store_true", help="continue the run in output_dir")
+    p.add_argument("--no-wandb", action="store_true", help="do not log to Weights & Biases")
+    p.add_argument("overrides", nargs="*", help="section.key=value")
+    return p.parse_args(argv)
+
+
+def model_kwargs(cfg: RunConfig, head: str) -> dict:
+    kw = asdict(cfg.model)
+    kw.pop("encoder")
+    return kw | {"head": head}
+
+
+def latest_checkpoint(folder: Path) -> Path | None:
+    """The newest checkpoint whose progress file was written (i.e. that is complete)."""
+    done = sorted(folder.glob("step_*/progress.yaml"))
+    return done[-1].parent if done else None
+
+
+def make_accelerator(cfg: RunConfig) -> Accelerator:
+    """A fresh Accelerator: it tracks the objects it prepared, and `save_state` writes all of
+    them, so each head gets its own. The seedable sampler makes each epoch's order a function
+    of (seed, epoch) alone, which a resumed run must reproduce."""
+    return Accelerator(
+        mixed_precision=cfg.train.mixed_precision,
+        gradient_accumulation_steps=cfg.train.grad_accum_steps,
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+    )
+
+
+def train_head(head, cfg, args, splits, caches, tokenizer, out: Path) -> dict:
+    """Train one head from the pretrained encoder; returns its metrics."""
+    head_dir = out / head
+    ckpt_dir = head_dir / "checkpoints"
+    t = cfg.train
+    set_seed(cfg.seed)
+    accelerator = make_accelerator(cfg)
+    model = HybridForCausalLM.from_encoder(cfg.model.encoder, **model_kwargs(cfg, head))
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": t.weight_decay},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
+    optimizer = torch.optim.AdamW(groups, lr=t.lr)
+    train_loader = DataLoader(splits["train"], batch_size=t.batch_size, shuffle=True)
+    model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
+    base = accelerator.unwrap_model(model)
+    steps_per_epoch = math.ceil(len(train_loader) / t.grad_accum_steps)
+    total_steps = t.epochs * steps_per_epoch
+    scheduler = get_cosine_schedule_with_warmup(
+        optimizer, int(t.warmup_fraction * total_steps), total_steps
+    )
+    accelerator.register_for_checkpointing(scheduler)
+    eval_every = t.eval_every or steps_per_epoch
+    save_every = t.save_every or steps_per_epoch
+
+    progress = {"step": 0, "epoch": 0, "batches_done": 0, "history": [], "epoch_seconds": [],
+                "skipped_steps": 0}
+    resume_from = latest_checkpoint(ckpt_dir) if args.resume else None
+    if resume_from is not None:
+        accelerator.load_state(str(resume_from))
+        progress = yaml.safe_load((resume_from / "progress.yaml").read_text())
+        accelerator.print(f"[{head}] resumed from {resume_from} (step {progress['step']})")
+
+    tracker = Tracker(cfg, head, out, accelerator.is_main_process and not args.no_wandb)
+    train_cache = caches.get("train")
+
+    def validate(step: int) -> dict:
+        res = {d: evaluate(model, b, accelerator, t.batch_size, caches.get(("validation", d)))
+               for d, b in splits["validation"].items()}
+        row = {f"eval/{d}/perplexity": r["perplexity"] for d, r in res.items()}
+        row |= {f"snn/{d}/firing_rate": r["firing_rate"] for d, r in res.items()
+                if "firing_rate" in r}
+        tracker.log(row, step)
+        progress["history"].append({"step": step} | row)
+        return res
+
+    def save_checkpoint() -> None:
+        folder = ckpt_dir / f"step_{progress['step']:07d}"
+        accelerator.save_state(str(folder))
+        accelerator.wait_for_everyone()  # save_state writes on rank 0 without waiting
+        if accelerator.is_main_process:
+            write_text_atomic(folder / "progress.yaml", yaml.safe_dump(progress))
+            for old in sorted(ckpt_dir.glob("step_*"))[: -t.keep_checkpoints]:
+                shutil.rmtree(old, ignore_errors=True)
+        accelerator.wait_for_everyone()
+
+    if progress["step"] == 0 and not progress["history"]:
+        res = validate(0)  # the untrained head: the reference every later number is read against
+        accelerator.print(f"[{head}] before training, val ppl: "
+                          + ", ".join(f"{d} {r['perplexity']:.1f}" for d, r in res.items()))
+    model.train()
+    bad_in_a_row = 0
+    for epoch in range(progress["epoch"], t.epochs):
+        train_loader.set_epoch(epoch)
+        loader = train_loader
+        if progress["batches_done"]:
+            loader = accelerator.skip_first_batches(train_loader, progress["batches_done"])
+        start = time.perf_counter()
+        eval_seconds = 0.0
+        bar = tqdm(loader, desc=f"{head} epoch {epoch + 1}/{t.epochs}",
+                   disable=not accelerator.is_local_main_process, leave=False,
+                   initial=progress["batches_done"], total=len(train_loader))
+        for batch in bar:
+            with accelerator.accumulate(model):
+                feats = None
+                if train_cache is not None:
+                    feats = train_cache.features(base, batch["index"], batch["input_ids"])
+                with accelerator.autocast():
+                    loss = model(input_ids=batch["input_ids"], labels=batch["labels"],
+                                 features=feats).loss
+                # every rank must agree to skip, or the gradient all-reduce would hang
+                finite = accelerator.reduce(torch.isfinite(loss).float(), "min").item() == 1
+                if finite:
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients:
+                        grad_norm = accelerator.clip_grad_norm_(params, t.max_grad_norm)
+                    optimizer.step()
+                optimizer.zero_grad()
+            progress["batches_done"] += 1
+            if not finite:
+                progress["skipped_steps"] += 1
+                bad_in_a_row += 1
+                if bad_in_a_row >= 10:
+                    raise FloatingPointError(
+                        f"[{head}] loss was NaN/inf for 10 steps in a row (step {progress['step']})"
+                        f"; the last good checkpoint is in {ckpt_dir}. Lower train.lr."
+                    )
+                continue
+            bad_in_a_row = 0
+            if not accelerator.sync_gradients:
+                continue
+            scheduler.step()
+            progress["step"] += 1
+            step = progress["step"]
+            row = {"train/loss": loss.item(), "train/lr": scheduler.get_last_lr()[0],
+                   "train/grad_norm": float(grad_norm), "train/epoch": epoch}
+            if "rate" in base.head.stats:
+                row["snn/firing_rate"] = base.head.stats["rate"].item()
+                row["snn/pc_energy"] = base.head.stats["pc_energy"].item()
+            tracker.log(row, step)
+            bar.set_postfix(loss=f"{row['train/loss']:.3f}")
+            if step % 10 == 0:
+                progress["history"].append({"step": step} | row)
+            if step % eval_every == 0 or step == total_steps:
+                e0 = time.perf_counter()
+                res = validate(step)
+                eval_seconds += time.perf_counter() - e0
+                ppl = ", ".join(f"{d} {r['perplexity']:.1f}" for d, r in res.items())
+                accelerator.print(f"[{head}] step {step}/{total_steps} val ppl: {ppl}")
+            if step % save_every == 0 or step == total_steps:
+                if progress["batches_done"] == len(train_loader):
+                    progress["epoch"], progress["batches_done"] = epoch + 1, 0
+                save_checkpoint()
+        progress["epoch_seconds"].append(time.perf_counter() - start - eval_seconds)
+        progress["epoch"], progress["batches_done"] = epoch + 1, 0
+
+    final = {split: {d: evaluate(model, b, accelerator, t.batch_size, caches.get((split, d)))
+                     for d, b in splits[split].items()} for split in ("validation", "test")}
+    metrics = {
+        "head": head,
+        "trainable_parameters": base.trainable_parameters(),
+        "head_parameters": base.head_parameters(),
+        "optimizer_steps": progress["step"],
+        "skipped_steps": progress["skipped_steps"],
+        "train_tokens_per_epoch": splits["train_tokens"],
+        "epoch_seconds": progress["epoch_seconds"],
+        "validation": final["validation"],
+        "test": final["test"],
+        "history": progress["history"],
+    }
+    tracker.summary({f"final/{s}/{d}/perplexity": r["perplexity"]
+                     for s, res in final.items() for d, r in res.items()})
+    tracker.finish()
+    if accelerator.is_main_process:
+        base.save_pretrained(head_dir / "model")
+        tokenizer.save_pretrained(head_dir / "model")
+        write_json_atomic(head_dir / "metrics.json", metrics)
+    accelerator.wait_for_everyone()
+    return metrics
+
+
+def comparison_table(results: dict, domains: list[str]) -> str:
+    heads = list(results)
+    lines = ["| domain | " + " | ".join(f"{h} val ppl" for h in heads) + " |",
+             "|---" * (len(heads) + 1) + "|"]
+    for d in domains:
+        cells = [f"{results[h]['validation'][d]['perplexity']:.2f}" for h in heads]
+        lines.append(f"| {d} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        out = Path(cfg.output_dir)
+        if not args.resume and out.exists() and any(out.iterdir()):
+            raise ConfigError(
+                f"output_dir '{out}' already holds files: pass --resume to continue that run, "
+                "or choose another output_dir (nothing was changed)"
+            )
+        encoder_path, _ = resolve_encoder(cfg.model.encoder)
+        tokenizer = AutoTokenizer.from_pretrained(encoder_path)
+        from transformers import AutoConfig
+
+        max_pos = getattr(AutoConfig.from_pretrained(encoder_path), "max_position_embeddings", None)
+        if max_pos is not None and cfg.data.block_size > max_pos:
+            raise ConfigError(
+                f"config key 'data.block_size': {cfg.data.block_size} is longer than the "
+                f"encoder's {max_pos} positions; use data.block_size <= {max_pos}"
+            )
+        accelerator = make_accelerator(cfg)
+        with accelerator.main_process_first():
+            domains = build_corpora(cfg.data, tokenizer, accelerator.is_local_main_process)
+    except (ConfigError, DataError, ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+    accelerator.print(format_report(domains))
+    d = cfg.data
+    train_parts = [Blocks(subsample(dom.splits["train"], d.max_train_tokens_per_domain,
+                                    d.block_size, cfg.seed)) for dom in domains]
+    splits = {"train": IndexedBlocks(train_parts),
+              "train_tokens": sum(p.tokens() for p in train_parts)}
+    for split in ("validation", "test"):
+        splits[split] = {dom.name: Blocks(subsample(dom.splits[split], d.max_eval_tokens_per_domain,
+                                                    d.block_size, cfg.seed)) for dom in domains}
+    caches = {}
+    if cfg.train.cache_features:
+        caches["train"] = FeatureCache(len(splits["train"]))
+        caches |= {(s, n): FeatureCache(len(b)) for s in ("validation", "test")
+                   for n, b in splits[s].items()}
+
+    out.mkdir(parents=True, exist_ok=True)
+    if accelerator.is_main_process:
+        write_text_atomic(out / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    run_start = time.perf_counter()
+    results = {}
+    for head in cfg.train.heads:
+        done = out / head / "metrics.json"
+        if args.resume and done.is_file():
+            import json
+
+            results[head] = json.loads(done.read_text())
+            accelerator.print(f"[{head}] already finished: {done}")
+            continue
+        results[head] = train_head(head, cfg, args, splits, caches, tokenizer, out)
+
+    names = [dom.name for dom in domains]
+    summary = {
+        "heads": {h: {k: r[k] for k in ("trainable_parameters", "head_parameters",
+                                         "validation", "test", "epoch_seconds")}
+                  for h, r in results.items()},
+        "data": {dom.name: {k: v for k, v in dom.stats.items() if k != "cached"}
+                 for dom in domains},
+        "train_tokens_per_epoch": splits["train_tokens"],
+        "seconds": time.perf_counter() - run_start,
+        "processes": accelerator.num_processes,
+    }
+    if "train" in caches:
+        summary["feature_cache"] = caches["train"].summary()
+        first = next(iter(results.values()))["epoch_seconds"]
+        if len(first) >= 2:
+            summary["feature_cache"]["first_epoch_over_second"] = first[0] / first[1]
+    if "spiking_pc" in results and "mlp" in results:
+        summary["spiking_pc_vs_mlp"] = {
+            n: {"spiking_pc": results["spiking_pc"]["validation"][n]["perplexity"],
+                "mlp": results["mlp"]["validation"][n]["perplexity"],
+                "relative_change": results["spiking_pc"]["validation"][n]["perplexity"]
+                / results["mlp"]["validation"][n]["perplexity"] - 1}
+            for n in names}
+    if accelerator.is_main_process:
+        table = comparison_table(results, names)
+        params = ", ".join(f"{h}: {r['trainable_parameters']:,} trainable"
+                           for h, r in results.items())
+        write_json_atomic(out / "metrics.json", summary)
+        write_text_atomic(out / "results.md", f"{table}\n\nParameters: {params}\n")
+        print(f"\nValidation perplexity per domain ({params}):\n{table}")
+        print(f"\nWrote {out / 'metrics.json'} and the model folders {out}/<head>/model")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
