@@ -68,6 +68,7 @@ class ModelConfig:
     trace_decay: float = 0.5  # gamma of the spike trace r_k = gamma r_{k-1} + (1 - gamma) s_k
     pc_energy_weight: float = 0.0  # weight of the PC energy mean_k ||e_k||^2 added to the loss
     trainable_encoder_layers: int = 0  # top-k encoder layers that train; the rest is frozen
+    kernel_backend: str = "auto"  # auto | torch | compiled | cpu_shim | cuda (HYBRIDLM_BACKEND)
 
 
 @dataclass
@@ -152,6 +153,9 @@ def validate(cfg: RunConfig) -> None:
     _check(m.surrogate_alpha > 0, "model.surrogate_alpha", "must be > 0")
     _check(0 <= m.trace_decay < 1, "model.trace_decay", f"must be in [0, 1), got {m.trace_decay}")
     _check(m.pc_energy_weight >= 0, "model.pc_energy_weight", "must be >= 0")
+    backends = ("auto", "torch", "compiled", "cpu_shim", "cpu_shim_grid", "cuda")
+    _check(m.kernel_backend in backends, "model.kernel_backend",
+           f"'{m.kernel_backend}' is not one of {backends}")
     _check(m.trainable_encoder_layers >= 0, "model.trainable_encoder_layers", "must be >= 0")
     _check(len(t.heads) > 0, "train.heads", "list at least one head")
     for h in t.heads:

@@ -58,6 +58,7 @@ class HybridConfig(PretrainedConfig):
     trace_decay: float = 0.5
     pc_energy_weight: float = 0.0
     trainable_encoder_layers: int = 0
+    kernel_backend: str = "auto"
     tie_word_embeddings: bool = False  # the LM head reads the encoder's embeddings directly
 
 
@@ -81,7 +82,7 @@ class HybridForCausalLM(PreTrainedModel, GenerationMixin):
             self.head = SpikingPCLayer(
                 d, config.n_neurons, config.time_steps, config.beta, config.threshold,
                 config.reset, config.detach_reset, config.surrogate, config.surrogate_alpha,
-                config.trace_decay,
+                config.trace_decay, config.kernel_backend,
             )
         elif config.head == "mlp":
             self.head = MLPHead(d, matched_mlp_hidden(d, config.n_neurons))

@@ -12,57 +12,28 @@ over T inner time steps with top-down predictions (Rao & Ballard inference, run 
     r_k     = gamma r_{k-1} + (1 - gamma) s_k    spike trace (a running firing rate)
     y       = LayerNorm(x + W_o r_T)             readout, fed to the tied LM head
 
+Because the prediction is linear in the trace, it is updated from the spikes alone:
+x_hat_{k+1} = gamma x_hat_k + (1 - gamma) W_d s_k. That product is spike propagation, done by
+`kernels.spike_matmul` (event-driven below the measured crossover rate, dense above it);
+charge/fire/reset/trace is one fused kernel, `kernels.pc_step`.
+
 Symbols: beta membrane decay, theta threshold, gamma trace decay, T `time_steps`.
 The whole T-step loop is differentiable (BPTT through surrogate gradients).
 """
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
-
-class _SpikeAtan(torch.autograd.Function):
-    """Heaviside forward; snntorch's `atan` surrogate backward:
-    dS/du = alpha / 2 / (1 + (pi / 2 * alpha * u)^2)."""
-
-    @staticmethod
-    def forward(ctx, u: torch.Tensor, alpha: float) -> torch.Tensor:
-        ctx.save_for_backward(u)
-        ctx.alpha = alpha
-        return (u > 0).to(u.dtype)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        (u,) = ctx.saved_tensors
-        a = ctx.alpha
-        return grad * (a / 2 / (1 + (math.pi / 2 * a * u) ** 2)), None
-
-
-class _SpikeFastSigmoid(torch.autograd.Function):
-    """Heaviside forward; snntorch's `fast_sigmoid` surrogate backward:
-    dS/du = 1 / (slope |u| + 1)^2."""
-
-    @staticmethod
-    def forward(ctx, u: torch.Tensor, slope: float) -> torch.Tensor:
-        ctx.save_for_backward(u)
-        ctx.slope = slope
-        return (u > 0).to(u.dtype)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        (u,) = ctx.saved_tensors
-        return grad / (ctx.slope * u.abs() + 1) ** 2, None
-
-
-SURROGATES = {"atan": _SpikeAtan.apply, "fast_sigmoid": _SpikeFastSigmoid.apply}
+from hybridlm import kernels
+from hybridlm.kernels import reference
 
 
 def spike(u: torch.Tensor, surrogate: str = "atan", alpha: float = 2.0) -> torch.Tensor:
-    """H(u) with the named surrogate derivative (`alpha`: atan's alpha or fast_sigmoid's slope)."""
-    return SURROGATES[surrogate](u, alpha)
+    """H(u) with snntorch's surrogate derivative (`alpha`: atan's alpha or fast_sigmoid's
+    slope); defined once, in `hybridlm.kernels.reference`."""
+    return reference.spike(u, surrogate, alpha)
 
 
 class SpikingPCLayer(nn.Module):
@@ -86,6 +57,7 @@ class SpikingPCLayer(nn.Module):
         surrogate: str = "atan",
         surrogate_alpha: float = 2.0,
         trace_decay: float = 0.5,
+        backend: str | None = None,
     ):
         super().__init__()
         self.encode = nn.Linear(d_model, n_neurons)  # W_e, b: error -> current
@@ -98,25 +70,29 @@ class SpikingPCLayer(nn.Module):
         self.beta, self.threshold, self.trace_decay = beta, threshold, trace_decay
         self.reset, self.detach_reset = reset, detach_reset
         self.surrogate, self.surrogate_alpha = surrogate, surrogate_alpha
+        self.backend = None if backend == "auto" else backend  # None: kernels decide
         self.stats: dict[str, torch.Tensor] = {}
 
     def lif_step(self, current, v, r):
-        """Charge, fire, reset, trace: one inner step for every neuron."""
-        h = self.beta * v + current
-        s = spike(h - self.threshold, self.surrogate, self.surrogate_alpha)
-        s_reset = s.detach() if self.detach_reset else s
-        v = h - self.threshold * s_reset if self.reset == "subtract" else h * (1 - s_reset)
-        r = self.trace_decay * r + (1 - self.trace_decay) * s
-        return s, v, r
+        """Charge, fire, reset, trace: one inner step for every neuron -> (s, v, r)."""
+        return kernels.pc_step(
+            current, v, r, self.beta, self.threshold, self.trace_decay, self.reset,
+            self.detach_reset, self.surrogate, self.surrogate_alpha, backend=self.backend,
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        n = self.encode.out_features
+        n, d = self.encode.out_features, x.shape[-1]
         v = x.new_zeros(*x.shape[:-1], n)  # (B, L, N)
         r = torch.zeros_like(v)
+        x_hat = torch.zeros_like(x)  # W_d r_0 = 0
+        w_d = self.decode.weight.t()  # (N, D)
         rates, energies = [], []
         for _ in range(self.time_steps):
-            e = x - self.decode(r)  # (B, L, D) prediction error
-            s, v, r = self.lif_step(self.encode(e), v, r)
+            e = x - x_hat  # (B, L, D) prediction error
+            s, v, r = self.lif_step(self.encode(e).to(v.dtype), v, r)
+            propagated = kernels.spike_matmul(s.reshape(-1, n), w_d.contiguous(),
+                                              backend=self.backend).reshape(*x.shape[:-1], d)
+            x_hat = self.trace_decay * x_hat + (1 - self.trace_decay) * propagated
             rates.append(s.detach().mean())
             energies.append(e.pow(2).sum(-1).mean())
         energy = torch.stack(energies)

@@ -91,3 +91,43 @@ def test_parameter_counts_match(d, n):
     mlp = MLPHead(d, matched_mlp_hidden(d, n))
     diff = abs(sum(p.numel() for p in mlp.parameters()) - spiking_param_count(d, n))
     assert diff <= d + 1  # within half a hidden unit of (2D + 1) parameters
+
+
+def _manual_pc_forward(layer, x):
+    """The layer's equations written out with the dense prediction W_d r_{k-1}."""
+    v = x.new_zeros(*x.shape[:-1], layer.encode.out_features)
+    r = torch.zeros_like(v)
+    for _ in range(layer.time_steps):
+        e = x - layer.decode(r)
+        h = layer.beta * v + layer.encode(e)
+        s = (h > layer.threshold).to(x.dtype)
+        v = h - layer.threshold * s
+        r = layer.trace_decay * r + (1 - layer.trace_decay) * s
+    return layer.norm(x + layer.readout(r))
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu_shim"])
+def test_layer_follows_its_equations_on_every_backend(backend):
+    torch.manual_seed(0)
+    layer = SpikingPCLayer(8, 32, time_steps=6, threshold=0.4, trace_decay=0.3,
+                           backend=backend).double()
+    torch.nn.init.normal_(layer.readout.weight, std=0.3)
+    torch.nn.init.normal_(layer.decode.weight, std=0.3)
+    x = torch.randn(3, 5, 8, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), _manual_pc_forward(layer, x), rtol=1e-9, atol=1e-9)
+    assert 0.05 < layer.stats["rate"] < 0.95
+
+
+def test_backends_agree_on_gradients():
+    torch.manual_seed(0)
+    x = torch.randn(4, 6, 16)
+    grads = {}
+    for backend in ("torch", "cpu_shim"):
+        torch.manual_seed(1)
+        layer = SpikingPCLayer(16, 24, time_steps=4, threshold=0.5, backend=backend)
+        torch.nn.init.normal_(layer.readout.weight, std=0.2)
+        layer(x).pow(2).sum().backward()
+        grads[backend] = {n: p.grad.clone() for n, p in layer.named_parameters()}
+    for name, g in grads["torch"].items():
+        torch.testing.assert_close(grads["cpu_shim"][name], g, rtol=1e-4, atol=1e-5)

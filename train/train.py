@@ -145,6 +145,7 @@ def train_head(head, cfg, args, splits, caches, tokenizer, out: Path) -> dict:
                           + ", ".join(f"{d} {r['perplexity']:.1f}" for d, r in res.items()))
     model.train()
     bad_in_a_row = 0
+    last_validation = None  # reused as the final validation when training ends on one
     for epoch in range(progress["epoch"], t.epochs):
         train_loader.set_epoch(epoch)
         loader = train_loader
@@ -182,6 +183,7 @@ def train_head(head, cfg, args, splits, caches, tokenizer, out: Path) -> dict:
                     )
                 continue
             bad_in_a_row = 0
+            last_validation = None
             if not accelerator.sync_gradients:
                 continue
             scheduler.step()
@@ -198,7 +200,7 @@ def train_head(head, cfg, args, splits, caches, tokenizer, out: Path) -> dict:
                 progress["history"].append({"step": step} | row)
             if step % eval_every == 0 or step == total_steps:
                 e0 = time.perf_counter()
-                res = validate(step)
+                res = last_validation = validate(step)
                 eval_seconds += time.perf_counter() - e0
                 ppl = ", ".join(f"{d} {r['perplexity']:.1f}" for d, r in res.items())
                 accelerator.print(f"[{head}] step {step}/{total_steps} val ppl: {ppl}")
@@ -209,8 +211,9 @@ def train_head(head, cfg, args, splits, caches, tokenizer, out: Path) -> dict:
         progress["epoch_seconds"].append(time.perf_counter() - start - eval_seconds)
         progress["epoch"], progress["batches_done"] = epoch + 1, 0
 
-    final = {split: {d: evaluate(model, b, accelerator, t.batch_size, caches.get((split, d)))
-                     for d, b in splits[split].items()} for split in ("validation", "test")}
+    final = {"validation": last_validation or validate(progress["step"]),
+             "test": {d: evaluate(model, b, accelerator, t.batch_size, caches.get(("test", d)))
+                      for d, b in splits["test"].items()}}
     metrics = {
         "head": head,
         "trainable_parameters": base.trainable_parameters(),
