@@ -1,9 +1,9 @@
 """Typed run configuration: dataclasses mirrored 1:1 by the YAML files in `configs/`.
 
-A run config has four sections (`data`, `model`, `train`, `wandb`) plus `output_dir` and
-`seed`. YAML keys and command-line overrides (`section.key=value`) are checked against the
-dataclass fields: an unknown key, a wrong type or an out-of-range value raises `ConfigError`
-naming the key.
+A run config has sections `data`, `model`, `train`, `wandb` and `continual` (read only by
+`eval/continual.py`) plus `output_dir` and `seed`. YAML keys and command-line overrides
+(`section.key=value`) are checked against the dataclass fields: an unknown key, a wrong type
+or an out-of-range value raises `ConfigError` naming the key.
 """
 
 from __future__ import annotations
@@ -69,6 +69,14 @@ class ModelConfig:
     pc_energy_weight: float = 0.0  # weight of the PC energy mean_k ||e_k||^2 added to the loss
     trainable_encoder_layers: int = 0  # top-k encoder layers that train; the rest is frozen
     kernel_backend: str = "auto"  # auto | torch | compiled | cpu_shim | cuda (HYBRIDLM_BACKEND)
+    # How the generative weights W_d learn (spiking_pc only; see hybridlm/plasticity.py):
+    learning: str = "bptt"  # bptt | hebbian | hybrid
+    hebbian_lr: float = 0.01  # eta of dW_d = eta g (mean(e r^T) - decay W_d)
+    hebbian_decay: float = 0.01  # keeps ||W_d|| bounded
+    gate: str = "surprise"  # constant | surprise
+    gate_min: float = 0.0
+    gate_max: float = 2.0
+    gate_momentum: float = 0.9  # running mean of the loss, for the surprise gate
 
 
 @dataclass
@@ -96,6 +104,33 @@ class WandbConfig:
 
 
 @dataclass
+class MethodConfig:
+    """One continual-learning method (`eval/continual.py`): a head, `model` overrides as
+    `key=value` strings applied to the `model` section, and the classic baselines' knobs."""
+
+    name: str = ""
+    head: str = "mlp"
+    model: list[str] = field(default_factory=list)  # e.g. ["learning=hybrid", "gate=surprise"]
+    ewc_lambda: float = 0.0  # EWC penalty weight (Fisher diagonal after each stage); 0: off
+    replay_size: int = 0  # reservoir buffer of earlier stages' blocks; 0: no replay
+
+
+@dataclass
+class ContinualConfig:
+    """Train through `order` one domain after another; evaluate every test split after each."""
+
+    order: list[str] = field(default_factory=list)  # domain names; []: data.domains in order
+    methods: list[MethodConfig] = field(default_factory=list)
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    tokens_per_stage: int = 32768  # training tokens per stage, equal for every method
+    epochs_per_stage: int = 1
+    replay_fraction: float = 0.25  # share of each batch drawn from the replay buffer
+    fisher_batches: int = 4  # batches for EWC's Fisher diagonal after each stage
+    eval_time_steps: list[int] = field(default_factory=lambda: [1, 2, 4, 8])  # T sweep
+    energy_preset: str = "fp32"  # fp32 | fp16 | int8 (45 nm E_MAC / E_AC)
+
+
+@dataclass
 class RunConfig:
     output_dir: str = "runs/default"
     seed: int = 0
@@ -103,6 +138,7 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
+    continual: ContinualConfig = field(default_factory=ContinualConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -156,6 +192,18 @@ def validate(cfg: RunConfig) -> None:
     backends = ("auto", "torch", "compiled", "cpu_shim", "cpu_shim_grid", "cuda")
     _check(m.kernel_backend in backends, "model.kernel_backend",
            f"'{m.kernel_backend}' is not one of {backends}")
+    _check(m.learning in ("bptt", "hebbian", "hybrid"), "model.learning",
+           f"'{m.learning}' is not bptt|hebbian|hybrid")
+    _check(math.isfinite(m.hebbian_lr) and m.hebbian_lr >= 0, "model.hebbian_lr",
+           f"must be finite and >= 0, got {m.hebbian_lr}")
+    _check(math.isfinite(m.hebbian_decay) and m.hebbian_decay >= 0, "model.hebbian_decay",
+           f"must be finite and >= 0, got {m.hebbian_decay}")
+    _check(m.gate in ("constant", "surprise"), "model.gate", f"'{m.gate}' is not constant|surprise")
+    for key in ("gate_min", "gate_max"):
+        v = getattr(m, key)
+        _check(math.isfinite(v) and v >= 0, f"model.{key}", f"must be finite and >= 0, got {v}")
+    _check(m.gate_min <= m.gate_max, "model.gate_min", "must be <= model.gate_max")
+    _check(0 <= m.gate_momentum < 1, "model.gate_momentum", "must be in [0, 1)")
     _check(m.trainable_encoder_layers >= 0, "model.trainable_encoder_layers", "must be >= 0")
     _check(len(t.heads) > 0, "train.heads", "list at least one head")
     for h in t.heads:
@@ -180,6 +228,33 @@ def validate(cfg: RunConfig) -> None:
         "wandb.mode",
         f"'{cfg.wandb.mode}' is not offline|online|disabled",
     )
+    c = cfg.continual
+    for i, name in enumerate(c.order):
+        _check(name in names, f"continual.order[{i}]",
+               f"'{name}' is not a domain of data.domains {names}")
+    _check(len(set(c.order)) == len(c.order), "continual.order", f"domains repeat: {c.order}")
+    methods = [mt.name for mt in c.methods]
+    _check(len(set(methods)) == len(methods), "continual.methods", f"names repeat: {methods}")
+    for i, mt in enumerate(c.methods):
+        key = f"continual.methods[{i}]"
+        _check(bool(mt.name), f"{key}.name", "must not be empty")
+        _check(mt.head in HEADS, f"{key}.head", f"'{mt.head}' is not one of {HEADS}")
+        for ov in mt.model:
+            _check("=" in ov, f"{key}.model", f"'{ov}' must look like key=value")
+        _check(math.isfinite(mt.ewc_lambda) and mt.ewc_lambda >= 0, f"{key}.ewc_lambda",
+               f"must be finite and >= 0, got {mt.ewc_lambda}")
+        _check(mt.replay_size >= 0, f"{key}.replay_size", f"must be >= 0, got {mt.replay_size}")
+    _check(len(c.seeds) > 0, "continual.seeds", "list at least one seed")
+    _check(len(set(c.seeds)) == len(c.seeds), "continual.seeds", f"seeds repeat: {c.seeds}")
+    _check(c.tokens_per_stage >= d.block_size, "continual.tokens_per_stage",
+           f"must be >= data.block_size ({d.block_size}), got {c.tokens_per_stage}")
+    _check(c.epochs_per_stage >= 1, "continual.epochs_per_stage", "must be >= 1")
+    _check(0 <= c.replay_fraction < 1, "continual.replay_fraction", "must be in [0, 1)")
+    _check(c.fisher_batches >= 1, "continual.fisher_batches", "must be >= 1")
+    _check(all(t >= 1 for t in c.eval_time_steps), "continual.eval_time_steps",
+           f"every T must be >= 1, got {c.eval_time_steps}")
+    _check(c.energy_preset in ("fp32", "fp16", "int8"), "continual.energy_preset",
+           f"'{c.energy_preset}' is not fp32|fp16|int8")
 
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:

@@ -59,6 +59,13 @@ class HybridConfig(PretrainedConfig):
     pc_energy_weight: float = 0.0
     trainable_encoder_layers: int = 0
     kernel_backend: str = "auto"
+    learning: str = "bptt"
+    hebbian_lr: float = 0.01
+    hebbian_decay: float = 0.01
+    gate: str = "surprise"
+    gate_min: float = 0.0
+    gate_max: float = 2.0
+    gate_momentum: float = 0.9
     tie_word_embeddings: bool = False  # the LM head reads the encoder's embeddings directly
 
 
@@ -84,6 +91,9 @@ class HybridForCausalLM(PreTrainedModel, GenerationMixin):
                 config.reset, config.detach_reset, config.surrogate, config.surrogate_alpha,
                 config.trace_decay, config.kernel_backend,
             )
+            # hebbian: W_d learns only from the local rule; hybrid: from both
+            self.head.decode.weight.requires_grad_(config.learning != "hebbian")
+            self.head.collect_hebbian = config.learning != "bptt"
         elif config.head == "mlp":
             self.head = MLPHead(d, matched_mlp_hidden(d, config.n_neurons))
         elif config.head == "linear":
@@ -197,8 +207,22 @@ class HybridForCausalLM(PreTrainedModel, GenerationMixin):
         check_causal(model)
         return model
 
+    def local_learning(self):
+        """The gated Hebbian learner of the spiking head, or None (bptt mode, other heads)."""
+        from hybridlm.plasticity import LocalLearning, NeuromodulatoryGate
+
+        c = self.config
+        if c.head != "spiking_pc" or c.learning == "bptt":
+            return None
+        gate = NeuromodulatoryGate(c.gate, c.gate_min, c.gate_max, c.gate_momentum)
+        return LocalLearning(self.head, c.hebbian_lr, c.hebbian_decay, gate)
+
     def trainable_parameters(self) -> int:
-        return sum(p.numel() for p in self.parameters() if p.requires_grad)
+        """Parameters that learn: by gradient, or (hebbian mode) by the local rule."""
+        n = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        if self.config.head == "spiking_pc" and self.config.learning == "hebbian":
+            n += self.head.decode.weight.numel()
+        return n
 
     def head_parameters(self) -> int:
         return sum(p.numel() for p in self.head.parameters())

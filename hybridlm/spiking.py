@@ -72,6 +72,19 @@ class SpikingPCLayer(nn.Module):
         self.surrogate, self.surrogate_alpha = surrogate, surrogate_alpha
         self.backend = None if backend == "auto" else backend  # None: kernels decide
         self.stats: dict[str, torch.Tensor] = {}
+        # Hebbian statistic sum_k e_k r_{k-1}^T over tokens (D, N), collected in training
+        # forwards when `collect_hebbian` is on (see hybridlm.plasticity).
+        self.collect_hebbian = False
+        self._hebb: torch.Tensor | None = None
+        self._hebb_count = 0
+
+    def take_hebbian_statistic(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sum of e r^T, number of token-steps) since the last call; clears both."""
+        w = self.decode.weight
+        stat = self._hebb if self._hebb is not None else torch.zeros_like(w)
+        count = torch.tensor(float(self._hebb_count), dtype=stat.dtype, device=stat.device)
+        self._hebb, self._hebb_count = None, 0
+        return stat, count
 
     def lif_step(self, current, v, r):
         """Charge, fire, reset, trace: one inner step for every neuron -> (s, v, r)."""
@@ -87,8 +100,14 @@ class SpikingPCLayer(nn.Module):
         x_hat = torch.zeros_like(x)  # W_d r_0 = 0
         w_d = self.decode.weight.t()  # (N, D)
         rates, energies = [], []
-        for _ in range(self.time_steps):
+        collect = self.collect_hebbian and self.training
+        for k in range(self.time_steps):
             e = x - x_hat  # (B, L, D) prediction error
+            if collect and k > 0:  # e_k r_{k-1}^T; r_0 = 0 adds nothing
+                hebb = e.detach().reshape(-1, d).t() @ r.detach().reshape(-1, n)  # (D, N)
+                self._hebb = hebb if self._hebb is None else self._hebb + hebb
+            if collect:
+                self._hebb_count += e.shape[0] * e.shape[1]
             s, v, r = self.lif_step(self.encode(e).to(v.dtype), v, r)
             propagated = kernels.spike_matmul(s.reshape(-1, n), w_d.contiguous(),
                                               backend=self.backend).reshape(*x.shape[:-1], d)

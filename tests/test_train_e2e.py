@@ -78,7 +78,13 @@ def test_killed_run_resumes_to_the_same_result(tmp_path, data_cache):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (part / "metrics.json").exists()
-    run_train(part, data_cache, *common, "--resume")
+    # and the newest checkpoint is corrupt: resuming must notice and take the one before
+    newest = sorted(ckpts.glob("step_*/progress.yaml"))[-1].parent / "model.safetensors"
+    data = bytearray(newest.read_bytes())
+    data[len(data) // 3] ^= 0xFF
+    newest.write_bytes(bytes(data))
+    resumed = run_train(part, data_cache, *common, "--resume")
+    assert "skipped: model.safetensors does not match its checksum" in resumed.stderr
     a = json.loads((whole / "spiking_pc" / "metrics.json").read_text())
     b = json.loads((part / "spiking_pc" / "metrics.json").read_text())
     assert a["optimizer_steps"] == b["optimizer_steps"]
@@ -108,3 +114,30 @@ def test_existing_output_dir_is_left_untouched(tmp_path, data_cache):
     proc = run_train(out, data_cache, check=False)
     assert proc.returncode == 2 and "--resume" in proc.stderr
     assert (out / "metrics.json").read_text() == "{}"
+
+
+def test_two_processes_with_accelerate_launch(tmp_path, data_cache):
+    """A real `accelerate launch` with two CPU ranks (gloo), hybrid local learning on."""
+    out = tmp_path / "ddp"
+    launch = [str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu",
+              "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+              "--dynamo_backend", "no"]
+    args = launch + ["train/train.py", "--config", "configs/quick.yaml", f"output_dir={out}",
+                     f"data.cache_dir={data_cache}", "train.heads=[spiking_pc]",
+                     "train.epochs=1", "model.learning=hybrid"]
+    proc = subprocess.run(args, cwd=ROOT, capture_output=True, text=True,
+                          env=os.environ | {"ACCELERATE_USE_CPU": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((out / "metrics.json").read_text())
+    assert summary["processes"] == 2
+    assert summary["heads"]["spiking_pc"]["ranks_identical"] is True
+    assert summary["heads"]["spiking_pc"]["learning"] == "hybrid"
+
+
+def test_diverging_run_stops_with_a_clear_error(tmp_path, data_cache):
+    out = tmp_path / "nan"
+    proc = run_train(out, data_cache, "train.lr=1e30", "train.heads=[mlp]", "train.epochs=1",
+                     "train.warmup_fraction=0", check=False)
+    assert proc.returncode == 3, proc.stderr[-2000:]
+    assert "NaN/inf for 10 steps in a row" in proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -27,6 +27,7 @@ from torch.utils.data import ConcatDataset, DataLoader
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer, get_cosine_schedule_with_warmup
 
+from hybridlm.checkpoints import PROGRESS, file_checksums, latest_intact
 from hybridlm.config import ConfigError, RunConfig, load_config
 from hybridlm.corpora import DataError
 from hybridlm.data import build_corpora, format_report, subsample
@@ -65,12 +66,6 @@ def model_kwargs(cfg: RunConfig, head: str) -> dict:
     return kw | {"head": head}
 
 
-def latest_checkpoint(folder: Path) -> Path | None:
-    """The newest checkpoint whose progress file was written (i.e. that is complete)."""
-    done = sorted(folder.glob("step_*/progress.yaml"))
-    return done[-1].parent if done else None
-
-
 def make_accelerator(cfg: RunConfig) -> Accelerator:
     """A fresh Accelerator: it tracks the objects it prepared, and `save_state` writes all of
     them, so each head gets its own. The seedable sampler makes each epoch's order a function
@@ -80,6 +75,20 @@ def make_accelerator(cfg: RunConfig) -> Accelerator:
         gradient_accumulation_steps=cfg.train.grad_accum_steps,
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
     )
+
+
+@torch.no_grad()
+def ranks_identical(accelerator: Accelerator, model) -> bool:
+    """True when every process holds bit-identical parameters and buffers (trivially with one
+    process). DDP keeps gradient updates in step; local Hebbian updates are reduced by hand."""
+    if accelerator.num_processes == 1:
+        return True
+    flat = torch.cat([t.detach().flatten().double() for t in model.state_dict().values()])
+    everyone = accelerator.gather(flat.unsqueeze(0))
+    same = bool((everyone == everyone[0]).all())
+    if not same:
+        accelerator.print("warning: the processes' weights differ (see ranks_identical)")
+    return same
 
 
 def train_head(head, cfg, args, splits, caches, tokenizer, out: Path) -> dict:
@@ -104,16 +113,23 @@ def train_head(head, cfg, args, splits, caches, tokenizer, out: Path) -> dict:
     scheduler = get_cosine_schedule_with_warmup(
         optimizer, int(t.warmup_fraction * total_steps), total_steps
     )
-    accelerator.register_for_checkpointing(scheduler)
+    local = base.local_learning()  # gated Hebbian updates of W_d (None in bptt mode)
+
+    def mean_over_processes(t: torch.Tensor) -> torch.Tensor:
+        return accelerator.reduce(t, "mean") if accelerator.num_processes > 1 else t
     eval_every = t.eval_every or steps_per_epoch
     save_every = t.save_every or steps_per_epoch
 
     progress = {"step": 0, "epoch": 0, "batches_done": 0, "history": [], "epoch_seconds": [],
                 "skipped_steps": 0}
-    resume_from = latest_checkpoint(ckpt_dir) if args.resume else None
+    resume_from = latest_intact(ckpt_dir) if args.resume else None
     if resume_from is not None:
         accelerator.load_state(str(resume_from))
-        progress = yaml.safe_load((resume_from / "progress.yaml").read_text())
+        progress = yaml.safe_load((resume_from / PROGRESS).read_text())
+        scheduler.load_state_dict(progress.pop("scheduler"))
+        if local is not None:
+            local.gate.load_state_dict(progress.pop("gate"))
+        progress.pop("files")
         accelerator.print(f"[{head}] resumed from {resume_from} (step {progress['step']})")
 
     tracker = Tracker(cfg, head, out, accelerator.is_main_process and not args.no_wandb)
@@ -134,7 +150,12 @@ def train_head(head, cfg, args, splits, caches, tokenizer, out: Path) -> dict:
         accelerator.save_state(str(folder))
         accelerator.wait_for_everyone()  # save_state writes on rank 0 without waiting
         if accelerator.is_main_process:
-            write_text_atomic(folder / "progress.yaml", yaml.safe_dump(progress))
+            # written last: its presence marks the checkpoint complete
+            state = progress | {"scheduler": scheduler.state_dict(),
+                                "files": file_checksums(folder)}
+            if local is not None:
+                state["gate"] = local.gate.state_dict()
+            write_text_atomic(folder / PROGRESS, yaml.safe_dump(state))
             for old in sorted(ckpt_dir.glob("step_*"))[: -t.keep_checkpoints]:
                 shutil.rmtree(old, ignore_errors=True)
         accelerator.wait_for_everyone()
@@ -165,21 +186,30 @@ def train_head(head, cfg, args, splits, caches, tokenizer, out: Path) -> dict:
                     loss = model(input_ids=batch["input_ids"], labels=batch["labels"],
                                  features=feats).loss
                 # every rank must agree to skip, or the gradient all-reduce would hang
-                finite = accelerator.reduce(torch.isfinite(loss).float(), "min").item() == 1
+                bad = (~torch.isfinite(loss.detach())).float()
+                finite = accelerator.reduce(bad, "sum").item() == 0
                 if finite:
                     accelerator.backward(loss)
                     if accelerator.sync_gradients:
                         grad_norm = accelerator.clip_grad_norm_(params, t.max_grad_norm)
+                        if local is not None:
+                            w_before = base.head.decode.weight.detach().clone()
                     optimizer.step()
+                    if local is not None and accelerator.sync_gradients:
+                        w_d = base.head.decode.weight
+                        plasticity = {"plasticity/grad_step_norm": float((w_d - w_before).norm())}
+                        plasticity |= local.step(loss, mean_over_processes)
                 optimizer.zero_grad()
             progress["batches_done"] += 1
             if not finite:
                 progress["skipped_steps"] += 1
                 bad_in_a_row += 1
                 if bad_in_a_row >= 10:
+                    last = latest_intact(ckpt_dir)
+                    kept = f"the last good checkpoint is {last}" if last else "no checkpoint yet"
                     raise FloatingPointError(
                         f"[{head}] loss was NaN/inf for 10 steps in a row (step {progress['step']})"
-                        f"; the last good checkpoint is in {ckpt_dir}. Lower train.lr."
+                        f"; {kept}. Lower train.lr or check the data, then rerun (--resume)."
                     )
                 continue
             bad_in_a_row = 0
@@ -194,6 +224,9 @@ def train_head(head, cfg, args, splits, caches, tokenizer, out: Path) -> dict:
             if "rate" in base.head.stats:
                 row["snn/firing_rate"] = base.head.stats["rate"].item()
                 row["snn/pc_energy"] = base.head.stats["pc_energy"].item()
+                row["snn/decoder_norm"] = float(base.head.decode.weight.norm())
+            if local is not None:
+                row |= plasticity
             tracker.log(row, step)
             bar.set_postfix(loss=f"{row['train/loss']:.3f}")
             if step % 10 == 0:
@@ -216,10 +249,13 @@ def train_head(head, cfg, args, splits, caches, tokenizer, out: Path) -> dict:
                       for d, b in splits["test"].items()}}
     metrics = {
         "head": head,
+        "ranks_identical": ranks_identical(accelerator, base),
         "trainable_parameters": base.trainable_parameters(),
         "head_parameters": base.head_parameters(),
         "optimizer_steps": progress["step"],
         "skipped_steps": progress["skipped_steps"],
+        "learning": cfg.model.learning if head == "spiking_pc" else "bptt",
+        "skipped_hebbian_updates": local.skipped if local is not None else 0,
         "train_tokens_per_epoch": splits["train_tokens"],
         "epoch_seconds": progress["epoch_seconds"],
         "validation": final["validation"],
@@ -256,6 +292,12 @@ def main(argv=None) -> int:
             raise ConfigError(
                 f"output_dir '{out}' already holds files: pass --resume to continue that run, "
                 "or choose another output_dir (nothing was changed)"
+            )
+        saved = out / "config.yaml"
+        if args.resume and saved.is_file() and yaml.safe_load(saved.read_text()) != cfg.to_dict():
+            raise ConfigError(
+                f"--resume: output_dir '{out}' holds a run with another config ({saved}); "
+                "resume with that config or choose another output_dir"
             )
         encoder_path, _ = resolve_encoder(cfg.model.encoder)
         tokenizer = AutoTokenizer.from_pretrained(encoder_path)
@@ -302,12 +344,17 @@ def main(argv=None) -> int:
             results[head] = json.loads(done.read_text())
             accelerator.print(f"[{head}] already finished: {done}")
             continue
-        results[head] = train_head(head, cfg, args, splits, caches, tokenizer, out)
+        try:
+            results[head] = train_head(head, cfg, args, splits, caches, tokenizer, out)
+        except FloatingPointError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 3
 
     names = [dom.name for dom in domains]
     summary = {
-        "heads": {h: {k: r[k] for k in ("trainable_parameters", "head_parameters",
-                                         "validation", "test", "epoch_seconds")}
+        "heads": {h: {k: r[k] for k in ("trainable_parameters", "head_parameters", "learning",
+                                         "validation", "test", "epoch_seconds",
+                                         "ranks_identical")}
                   for h, r in results.items()},
         "data": {dom.name: {k: v for k, v in dom.stats.items() if k != "cached"}
                  for dom in domains},

@@ -1,0 +1,60 @@
+import random
+
+import pytest
+import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from hybridlm.checkpoints import PROGRESS, file_checksums, latest_intact, verify
+
+
+def _checkpoint(root, step, payload=b"weights" * 1000):
+    folder = root / f"step_{step:07d}"
+    folder.mkdir(parents=True)
+    (folder / "model.safetensors").write_bytes(payload)
+    (folder / "optimizer.bin").write_bytes(payload[::-1])
+    (folder / PROGRESS).write_text(yaml.safe_dump({"step": step,
+                                                   "files": file_checksums(folder)}))
+    return folder
+
+
+def test_intact_checkpoint_verifies(tmp_path):
+    assert verify(_checkpoint(tmp_path, 1)) is None
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(0, 13_999), st.sampled_from(["model.safetensors", "optimizer.bin"]))
+def test_a_flipped_byte_anywhere_is_detected(tmp_path_factory, offset, name):
+    folder = _checkpoint(tmp_path_factory.mktemp("c"), 3, bytes(range(256)) * 55)
+    path = folder / name
+    data = bytearray(path.read_bytes())
+    data[offset % len(data)] ^= 0xFF
+    path.write_bytes(bytes(data))
+    assert "checksum" in verify(folder)
+
+
+def test_truncated_missing_and_unfinished_are_detected(tmp_path):
+    a = _checkpoint(tmp_path / "a", 1)
+    (a / "model.safetensors").write_bytes(b"short")
+    assert "checksum" in verify(a)
+    b = _checkpoint(tmp_path / "b", 1)
+    (b / "optimizer.bin").unlink()
+    assert "missing" in verify(b)
+    c = _checkpoint(tmp_path / "c", 1)
+    (c / PROGRESS).unlink()
+    assert "cut off" in verify(c)
+    d = _checkpoint(tmp_path / "d", 1)
+    (d / PROGRESS).write_text("{{{ not yaml")
+    assert "unreadable" in verify(d)
+
+
+def test_falls_back_to_the_previous_checkpoint_with_a_warning(tmp_path):
+    good = _checkpoint(tmp_path, 4)
+    bad = _checkpoint(tmp_path, 8)
+    path = bad / "model.safetensors"
+    data = bytearray(path.read_bytes())
+    data[random.Random(0).randrange(len(data))] ^= 1
+    path.write_bytes(bytes(data))
+    with pytest.warns(UserWarning, match="step_0000008 skipped"):
+        assert latest_intact(tmp_path) == good
+    assert latest_intact(tmp_path / "nothing") is None

@@ -1,0 +1,71 @@
+"""Local updates under several processes: DDP does not synchronise them, the code does."""
+
+import json
+import os
+
+import pytest
+import torch
+from accelerate import Accelerator, debug_launcher
+
+from tests.conftest import tiny_model
+
+STEPS, GLOBAL_BATCH = 5, 4
+
+
+def _batches():
+    g = torch.Generator().manual_seed(123)
+    return [torch.randint(5, 120, (GLOBAL_BATCH, 12), generator=g) for _ in range(STEPS)]
+
+
+def _train(rank: int, world: int, accelerator=None):
+    model = tiny_model(learning="hybrid", gate="surprise", hebbian_lr=0.5).train()
+    torch.nn.init.normal_(model.head.readout.weight, std=0.2)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    reduce = None
+    if accelerator is not None:
+        model, opt = accelerator.prepare(model, opt)
+        reduce = lambda t: accelerator.reduce(t, "mean")  # noqa: E731
+    base = model.module if hasattr(model, "module") else model
+    local = base.local_learning()
+    per_rank = GLOBAL_BATCH // world
+    for ids in _batches():
+        mine = ids[rank * per_rank : (rank + 1) * per_rank]
+        loss = model(input_ids=mine, labels=mine).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        local.step(loss, reduce)
+    state = {k: v.detach().clone() for k, v in base.state_dict().items()}
+    return state, local.gate.expected
+
+
+def _two_rank_worker():
+    acc = Accelerator(cpu=True)
+    state, expected = _train(acc.process_index, acc.num_processes, acc)
+    flat = torch.cat([v.flatten().double() for v in state.values()])
+    everyone = acc.gather(flat.unsqueeze(0))  # (ranks, n)
+    if acc.is_main_process:
+        out = {
+            "world": acc.num_processes,
+            "ranks_identical": bool((everyone == everyone[0]).all()),
+            "gate_expected": expected,
+            "params": everyone[0].tolist(),
+        }
+        with open(os.environ["HYBRIDLM_TEST_OUT"], "w") as f:
+            json.dump(out, f)
+
+
+@pytest.mark.slow
+def test_two_ranks_stay_bit_identical_and_match_one_process(tmp_path, monkeypatch):
+    out = tmp_path / "ddp.json"
+    monkeypatch.setenv("HYBRIDLM_TEST_OUT", str(out))
+    debug_launcher(_two_rank_worker, num_processes=2)
+    result = json.loads(out.read_text())
+    assert result["world"] == 2
+    assert result["ranks_identical"]
+    single, expected = _train(0, 1)
+    flat = torch.cat([v.flatten().double() for v in single.values()])
+    two = torch.tensor(result["params"], dtype=torch.float64)
+    # Same global batch: equal up to float rounding (gradient all-reduce order, Adam).
+    torch.testing.assert_close(two, flat, rtol=1e-4, atol=1e-5)
+    assert result["gate_expected"] == pytest.approx(expected, rel=1e-5)
