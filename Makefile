@@ -20,7 +20,7 @@ LAUNCH := ACCELERATE_USE_CPU=1 $(VENV)/bin/accelerate launch --multi_gpu --num_p
 	--num_machines 1 --mixed_precision no --dynamo_backend no
 endif
 
-.PHONY: help install data train eval test lint bench bench-quick gpu-check clean
+.PHONY: help install data train eval test lint bench bench-quick gpu-check publish report clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -52,14 +52,22 @@ test: install  ## ruff + the whole test suite (CPU only)
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q tests
 
-bench: install  ## kernel benchmarks: JSON + Markdown table in $(OUT)
+bench: install  ## benchmarks (kernels, local learning, checkpoints): JSON + tables in $(OUT)
 	$(PY) bench/bench_kernels.py --out $(OUT)/bench_kernels.json
+	$(PY) bench/bench_plasticity.py --out $(OUT)/bench_plasticity.json
+	$(PY) bench/bench_checkpoint.py --out $(OUT)/bench_checkpoint.json
 
 bench-quick: install  ## a smaller benchmark set (about 2 minutes)
 	$(PY) bench/bench_kernels.py --quick --threads 1 --out $(OUT)/bench_kernels_quick.json
 
 gpu-check: install  ## on a GPU machine: CUDA tests, GPU-vs-CPU parity, memcheck, benchmarks
 	OUT=$${OUT:-runs/gpu_check} $(PY) bench/gpu_check.py
+
+publish: install  ## upload a model folder: make publish FOLDER=runs/default/spiking_pc/model HUB_REPO=user/name
+	HF_HUB_OFFLINE=0 $(PY) train/publish.py $(FOLDER) $(HUB_REPO) $(ARGS)
+
+report: install  ## report of a run: make report RUN=runs/default (W&B Report if possible, else HTML)
+	$(PY) eval/report.py $(RUN) $(ARGS)
 
 clean:  ## remove the virtual environment, caches and runs
 	rm -rf $(VENV) .cache runs

@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 from hybridlm.config import RunConfig
+from hybridlm.manifest import run_manifest
 
 
 class Tracker:
@@ -25,7 +26,7 @@ class Tracker:
             group=Path(cfg.output_dir).name,
             mode=mode,
             dir=str(folder),
-            config=cfg.to_dict(),
+            config=cfg.to_dict() | {"manifest": run_manifest(cfg.seed)},
             reinit="create_new",
         )
 

@@ -95,7 +95,12 @@ def _records(data: bytes, path: Path):
 
 
 def _key(item) -> str:
-    return "/".join(item.nested_key) if item.nested_key else item.key
+    return item.nested_key[0] if item.nested_key else item.key
+
+
+def _put(d: dict, item) -> None:
+    """Store an item; a nested key (media: ["plots/loss", "path"]) becomes nested dicts."""
+    _set_nested(d, list(item.nested_key) or [item.key], _value(item))
 
 
 def _value(item):
@@ -151,17 +156,20 @@ def read_run(path: str | Path, require_finished: bool = True) -> OfflineRun:
             run.run_id, run.name, run.project, run.group = (
                 r.run_id, r.display_name, r.project, r.run_group)
             for item in r.config.update:
-                _set_nested(run.config, list(item.nested_key) or [item.key], _value(item))
+                _put(run.config, item)
         elif kind == "config":
             for item in rec.config.update:
-                _set_nested(run.config, list(item.nested_key) or [item.key], _value(item))
+                _put(run.config, item)
             for item in rec.config.remove:
                 run.config.pop(_key(item), None)
         elif kind == "history":
-            run.history.append({_key(item): _value(item) for item in rec.history.item})
+            row: dict = {}
+            for item in rec.history.item:
+                _put(row, item)
+            run.history.append(row)
         elif kind == "summary":
             for item in rec.summary.update:
-                run.summary[_key(item)] = _value(item)
+                _put(run.summary, item)
             for item in rec.summary.remove:
                 run.summary.pop(_key(item), None)
         elif kind == "files":

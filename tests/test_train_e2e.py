@@ -33,8 +33,13 @@ def run_train(out, cache, *extra, check=True, env=None):
 
 def test_training_lowers_validation_loss_and_writes_results(tmp_path, data_cache):
     out = tmp_path / "run"
+    secrets = {"HF_TOKEN": "hf_FAKEsecretTOKEN4test", "WANDB_API_KEY": "wandbFAKEkey0123456789"}
     run_train(out, data_cache, "train.eval_every=8", "wandb.enabled=true",
-              env={"WANDB_MODE": "offline"})
+              env={"WANDB_MODE": "offline"} | secrets)
+    for path in out.rglob("*"):  # no token in any log, config, manifest, card or W&B file
+        if path.is_file():
+            data = path.read_bytes()
+            assert not any(v.encode() in data for v in secrets.values()), path
     summary = json.loads((out / "metrics.json").read_text())
     for head in ("spiking_pc", "mlp"):
         m = json.loads((out / head / "metrics.json").read_text())

@@ -27,6 +27,7 @@ from torch.utils.data import ConcatDataset, DataLoader
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer, get_cosine_schedule_with_warmup
 
+from hybridlm import hub
 from hybridlm.checkpoints import PROGRESS, file_checksums, latest_intact
 from hybridlm.config import ConfigError, RunConfig, load_config
 from hybridlm.corpora import DataError
@@ -35,6 +36,7 @@ from hybridlm.evaluation import Blocks, evaluate
 from hybridlm.features import FeatureCache
 from hybridlm.io import write_json_atomic, write_text_atomic
 from hybridlm.modeling import HybridForCausalLM, resolve_encoder
+from hybridlm.report import Run, log_plots
 from hybridlm.tracking import Tracker
 
 
@@ -262,6 +264,7 @@ def train_head(head, cfg, args, splits, caches, tokenizer, out: Path) -> dict:
         "test": final["test"],
         "history": progress["history"],
     }
+    log_plots(tracker.run, Run(out, {}, {head: metrics}, cfg.to_dict()), step=progress["step"])
     tracker.summary({f"final/{s}/{d}/perplexity": r["perplexity"]
                      for s, res in final.items() for d, r in res.items()})
     tracker.finish()
@@ -269,6 +272,7 @@ def train_head(head, cfg, args, splits, caches, tokenizer, out: Path) -> dict:
         base.save_pretrained(head_dir / "model")
         tokenizer.save_pretrained(head_dir / "model")
         write_json_atomic(head_dir / "metrics.json", metrics)
+        hub.write_model_card(head_dir / "model", metrics, None, cfg)
     accelerator.wait_for_everyone()
     return metrics
 
@@ -379,6 +383,8 @@ def main(argv=None) -> int:
         params = ", ".join(f"{h}: {r['trainable_parameters']:,} trainable"
                            for h, r in results.items())
         write_json_atomic(out / "metrics.json", summary)
+        for h, r in results.items():  # the cards again, now with the head-vs-baseline table
+            hub.write_model_card(out / h / "model", r, summary, cfg)
         write_text_atomic(out / "results.md", f"{table}\n\nParameters: {params}\n")
         print(f"\nValidation perplexity per domain ({params}):\n{table}")
         print(f"\nWrote {out / 'metrics.json'} and the model folders {out}/<head>/model")

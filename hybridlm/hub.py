@@ -1,0 +1,669 @@
+"""Model folders that Hugging Face clients accept: check, save, load, export, card, publish.
+
+A model folder holds `config.json` (model_type "hybridlm"), `model.safetensors`,
+`generation_config.json`, the tokenizer files and a model card (`README.md`). Importing
+`hybridlm` registers the classes with `AutoConfig` / `AutoModelForCausalLM`, so
+`AutoModelForCausalLM.from_pretrained(folder)` works without remote code. With
+`export_remote_code(folder)` the folder also carries a self-contained `modeling_hybridlm.py`
+(plain torch + transformers) and an `auto_map` in `config.json`, so people without hybridlm
+installed can load it with `trust_remote_code=True`.
+
+`check_model_folder` is the one validator: publishing and `load_model` call it first, and it
+names the file or field that is wrong.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import re
+import struct
+from pathlib import Path
+from typing import Any
+
+MODEL_TYPE = "hybridlm"
+CONFIG = "config.json"
+WEIGHTS = "model.safetensors"
+WEIGHTS_INDEX = "model.safetensors.index.json"
+CARD = "README.md"
+REMOTE_CODE = "modeling_hybridlm.py"
+AUTO_MAP = {
+    "AutoConfig": "modeling_hybridlm.HybridConfig",
+    "AutoModelForCausalLM": "modeling_hybridlm.HybridForCausalLM",
+}
+EMBEDDINGS = "encoder.embeddings.word_embeddings.weight"
+REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}$")
+TAGS = ["hybridlm", "spiking-neural-network", "predictive-coding", "causal-lm", "text-generation"]
+UPLOAD_IGNORE = [".*", "**/.*", "checkpoints/*", "__pycache__/*"]
+
+
+class CheckpointError(ValueError):
+    """A model folder is incomplete or inconsistent; the message names the file or field."""
+
+
+class PublishError(ValueError):
+    """Publishing can't start: no token, bad repo id, offline mode, or a bad folder."""
+
+
+# ---- validation ----------------------------------------------------------------------------
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from e
+
+
+def safetensors_header(path: Path) -> dict:
+    """The tensor table of a safetensors file ({name: {dtype, shape, data_offsets}}), after
+    checking that the file is complete (its size matches the header's last offset)."""
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise CheckpointError(f"{path}: corrupt safetensors file ({size} bytes)")
+            (n,) = struct.unpack("<Q", head)
+            if n > min(size - 8, 100 * 2**20):
+                raise CheckpointError(f"{path}: corrupt safetensors file (header length {n})")
+            header = json.loads(f.read(n))
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: corrupt safetensors header ({e})") from e
+    header.pop("__metadata__", None)
+    end = max((t["data_offsets"][1] for t in header.values()), default=0)
+    if size != 8 + n + end:
+        raise CheckpointError(
+            f"{path}: truncated or corrupt safetensors file ({size} bytes, the header "
+            f"describes {8 + n + end})"
+        )
+    return header
+
+
+def _tokenizer_max_id(folder: Path) -> tuple[int, str] | None:
+    """(largest token id, file it came from) of the tokenizer in `folder`, or None."""
+    tj = folder / "tokenizer.json"
+    if tj.is_file():
+        data = _read_json(tj)
+        vocab = (data.get("model") or {}).get("vocab") or {}
+        ids = list(vocab.values()) if isinstance(vocab, dict) else list(range(len(vocab)))
+        ids += [t["id"] for t in data.get("added_tokens") or []]
+        return (max(ids) if ids else -1), "tokenizer.json"
+    vt = folder / "vocab.txt"
+    if vt.is_file():
+        return len(vt.read_text(encoding="utf-8").splitlines()) - 1, "vocab.txt"
+    return None
+
+
+def check_model_folder(
+    folder: str | Path, *, require_card: bool = False, require_tokenizer: bool = True
+) -> dict:
+    """Check a hybridlm model folder before loading or publishing it; returns `config.json`.
+
+    Checks: the folder exists; `config.json` is JSON with model_type "hybridlm" and an
+    encoder_config; `model.safetensors` (or its index and shards) is complete and holds the
+    word embeddings with the config's vocab_size x hidden_size; the tokenizer's ids fit in
+    the embeddings; the remote code named by `auto_map` is there; the card parses.
+    Raises `CheckpointError` naming the file or field.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder}: not a model folder (no such directory)")
+    cfg = _read_json(folder / CONFIG)
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"{folder / CONFIG}: not a JSON object")
+    mt = cfg.get("model_type")
+    if mt != MODEL_TYPE:
+        raise CheckpointError(
+            f"{folder / CONFIG}: field 'model_type' is {mt!r}, expected '{MODEL_TYPE}' "
+            "(this is not a hybridlm model folder)"
+        )
+    enc = cfg.get("encoder_config")
+    if not isinstance(enc, dict):
+        raise CheckpointError(f"{folder / CONFIG}: field 'encoder_config' is missing")
+    for key in ("vocab_size", "hidden_size"):
+        if not isinstance(enc.get(key), int) or enc[key] <= 0:
+            raise CheckpointError(
+                f"{folder / CONFIG}: field 'encoder_config.{key}' is {enc.get(key)!r}"
+            )
+    vocab, hidden = enc["vocab_size"], enc["hidden_size"]
+
+    # weights: a single file, or an index and its shards
+    if (folder / WEIGHTS).exists():
+        tensors = safetensors_header(folder / WEIGHTS)
+        where = {name: folder / WEIGHTS for name in tensors}
+    elif (folder / WEIGHTS_INDEX).exists():
+        index = _read_json(folder / WEIGHTS_INDEX).get("weight_map") or {}
+        tensors, where = {}, {}
+        for shard in sorted(set(index.values())):
+            header = safetensors_header(folder / shard)
+            tensors |= header
+            where |= {name: folder / shard for name in header}
+    else:
+        raise CheckpointError(f"{folder / WEIGHTS}: missing (no weights in {folder})")
+    for name, shape in ((EMBEDDINGS, [vocab, hidden]), ("lm_bias", [vocab])):
+        if name not in tensors:
+            raise CheckpointError(f"{folder / WEIGHTS}: tensor '{name}' is missing")
+        if tensors[name]["shape"] != shape:
+            raise CheckpointError(
+                f"{where[name]}: tensor '{name}' has shape {tensors[name]['shape']}, but "
+                f"{CONFIG} says {shape} (encoder_config.vocab_size, hidden_size)"
+            )
+
+    if require_tokenizer:
+        found = _tokenizer_max_id(folder)
+        if found is None:
+            raise CheckpointError(
+                f"{folder}: no tokenizer (tokenizer.json or vocab.txt); save it with "
+                "tokenizer.save_pretrained(folder)"
+            )
+        max_id, file = found
+        if max_id >= vocab:
+            raise CheckpointError(
+                f"{folder / file}: the tokenizer has ids up to {max_id}, but the embeddings "
+                f"have {vocab} rows ({CONFIG} field 'encoder_config.vocab_size'): the "
+                "tokenizer does not belong to this model"
+            )
+
+    for name, ref in (cfg.get("auto_map") or {}).items():
+        module = ref.split("--")[-1].split(".")[0] + ".py"
+        if not (folder / module).is_file():
+            raise CheckpointError(
+                f"{folder / CONFIG}: field 'auto_map.{name}' names {module}, which is missing"
+            )
+
+    if require_card:
+        if not (folder / CARD).is_file():
+            raise CheckpointError(
+                f"{folder / CARD}: missing model card; write it with "
+                "hybridlm.hub.write_model_card (train/train.py does)"
+            )
+        from huggingface_hub import ModelCard
+
+        try:
+            card = ModelCard.load(folder / CARD)
+        except Exception as e:  # yaml errors, bad metadata
+            raise CheckpointError(f"{folder / CARD}: unreadable model card ({e})") from e
+        if not card.data.to_dict().get("license"):
+            raise CheckpointError(f"{folder / CARD}: metadata field 'license' is missing")
+    return cfg
+
+
+# ---- save / load ---------------------------------------------------------------------------
+def load_model(folder: str | Path, **kwargs):
+    """`AutoModelForCausalLM.from_pretrained(folder)` after `check_model_folder`."""
+    check_model_folder(folder, require_tokenizer=False)
+    from transformers import AutoModelForCausalLM
+
+    import hybridlm.modeling  # noqa: F401  (registers the Auto classes)
+
+    return AutoModelForCausalLM.from_pretrained(folder, **kwargs)
+
+
+def save_model(
+    model,
+    folder: str | Path,
+    tokenizer=None,
+    *,
+    metrics: dict | None = None,
+    summary: dict | None = None,
+    cfg=None,
+    remote_code: bool = False,
+) -> Path:
+    """Write a complete model folder: weights, config, generation config, tokenizer, a card
+    (when `metrics` is given) and, with `remote_code`, the self-contained modeling source."""
+    folder = Path(folder)
+    model.save_pretrained(folder)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+    if metrics is not None:
+        write_model_card(folder, metrics, summary, cfg)
+    if remote_code:
+        export_remote_code(folder)
+    return folder
+
+
+# ---- remote code ---------------------------------------------------------------------------
+def _is_registration(node: ast.AST) -> bool:
+    return (isinstance(node, ast.Expr) and isinstance(node.value, ast.Call)
+            and isinstance(node.value.func, ast.Attribute) and node.value.func.attr == "register")
+
+
+def _module_file(name: str) -> Path | None:
+    import importlib.util
+
+    try:
+        spec = importlib.util.find_spec(name)
+    except (ModuleNotFoundError, ValueError):  # a name inside a module, not a module
+        return None
+    return Path(spec.origin) if spec and spec.origin and spec.origin.endswith(".py") else None
+
+
+def _rewrite(name: str, path: Path) -> tuple[str, set[str], set[str]]:
+    """Source of module `name` with every `from hybridlm... import` turned into a lookup in
+    the bundle and Auto registrations removed; returns (source, modules it needs, the ops it
+    calls as `kernels.<op>`)."""
+    text = path.read_text()
+    lines = text.splitlines(keepends=True)
+    tree = ast.parse(text)
+    edits: list[tuple[int, int, str]] = []  # (first line, last line, replacement)
+    deps: set[str] = set()
+    kernels_names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import) and any(a.name.split(".")[0] == "hybridlm"
+                                                for a in node.names):
+            raise CheckpointError(f"cannot export {path}: use 'from hybridlm... import' "
+                                  f"instead of '{ast.unparse(node)}'")
+        if not (isinstance(node, ast.ImportFrom) and node.level == 0
+                and (node.module or "").split(".")[0] == "hybridlm"):
+            continue
+        parts = []
+        for a in node.names:
+            full = f"{node.module}.{a.name}"
+            target = full if _module_file(full) or full == "hybridlm.kernels" else node.module
+            if target == "hybridlm":
+                raise CheckpointError(f"cannot export {path}: '{ast.unparse(node)}' imports "
+                                      "from the hybridlm package itself, not a module")
+            deps.add(target)
+            if target == "hybridlm.kernels":
+                kernels_names.add(a.asname or a.name)
+            value = f"_bundle({target!r})" + ("" if target == full else f".{a.name}")
+            parts.append(f"{a.asname or a.name} = {value}")
+        indent = " " * node.col_offset
+        edits.append((node.lineno, node.end_lineno, indent + "; ".join(parts) + "\n"))
+    for node in tree.body:
+        if _is_registration(node):
+            edits.append((node.lineno, node.end_lineno, "pass  # Auto registration: "
+                          "the folder's auto_map does it\n"))
+    ops = {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute)
+           and isinstance(n.value, ast.Name) and n.value.id in kernels_names}
+    for first, last, repl in sorted(edits, reverse=True):
+        lines[first - 1 : last] = [repl]
+    return "".join(lines), deps, ops
+
+
+def modeling_source() -> str:
+    """One self-contained modeling file (plain torch + transformers) for remote code.
+
+    It bundles, verbatim except for their imports, `hybridlm.modeling` and every hybridlm
+    module it needs (found by following `from hybridlm... import` statements, including those
+    inside functions), each run as a private in-file module. `hybridlm.kernels` (compiled
+    CPU/CUDA kernels) is replaced by its plain-torch reference: each `kernels.<op>` the model
+    calls becomes `hybridlm.kernels.reference.<op>_reference`, the same function.
+    Raises `CheckpointError` when the model uses something this can't carry.
+    """
+    import hybridlm
+
+    sources: dict[str, str] = {}
+    ops: set[str] = set()
+    todo = ["hybridlm.modeling"]
+    while todo:
+        name = todo.pop()
+        if name in sources or name == "hybridlm.kernels":
+            continue
+        path = _module_file(name)
+        if path is None:
+            raise CheckpointError(f"cannot export: module {name} has no Python source")
+        sources[name], deps, used = _rewrite(name, path)
+        ops |= used
+        todo += sorted(deps)
+    if ops:
+        ref = "hybridlm.kernels.reference"
+        if ref not in sources:
+            sources[ref], _, _ = _rewrite(ref, _module_file(ref))
+        ref_names = {n.name for n in ast.parse(sources[ref]).body
+                     if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
+        missing = sorted(op for op in ops if op != "reference"
+                         and f"{op}_reference" not in ref_names)
+        if missing:
+            raise CheckpointError(
+                f"cannot export: the model calls kernels.{missing[0]}, which has no plain-torch "
+                f"{missing[0]}_reference in hybridlm/kernels/reference.py"
+            )
+    for name in sources:
+        mod = name.split(".")
+        if mod[:2] == ["hybridlm", "kernels"] and name != "hybridlm.kernels.reference":
+            raise CheckpointError(f"cannot export: {name} is a compiled-kernel module")
+    kernel_ops = "".join(
+        f"    {op} = _bundle('hybridlm.kernels.{op}')\n" if f"hybridlm.kernels.{op}" in sources
+        else f"    {op} = staticmethod(_torch_backend(_bundle('hybridlm.kernels.reference')"
+        f".{op}_reference))\n" for op in sorted(ops)
+    )
+    table = "".join(f"    {k!r}: {v!r},\n" for k, v in sorted(sources.items()))
+    return f'''"""hybridlm {hybridlm.__version__}: HybridConfig and HybridForCausalLM as one
+self-contained file (plain torch + transformers), for `trust_remote_code=True` where hybridlm
+is not installed.
+
+Generated by hybridlm.hub.export_remote_code. `_SOURCES` holds the hybridlm modules the model
+needs, verbatim except that `from hybridlm... import x` became `x = _bundle(...).x`; each runs
+as a private module. The compiled kernels are replaced by their plain-torch reference.
+"""
+
+from __future__ import annotations
+
+import sys
+import types
+
+_SOURCES = {{
+{table}}}
+_MODULES: dict[str, types.ModuleType] = {{}}
+
+
+def _torch_backend(fn):
+    def call(*args, backend=None, method=None, **kwargs):
+        return fn(*args, **kwargs)  # the plain-torch backend computes the same function
+
+    return call
+
+
+def _bundle(name: str):
+    """The bundled module `name` (run on first use), or the kernels namespace."""
+    if name == "hybridlm.kernels":
+        return _Kernels
+    if name not in _MODULES:
+        module = types.ModuleType(f"{{__name__}}.{{name.replace('.', '_')}}")
+        _MODULES[name] = module
+        sys.modules[module.__name__] = module
+        module._bundle = _bundle
+        exec(compile(_SOURCES[name], name.replace(".", "/") + ".py", "exec"), module.__dict__)
+    return _MODULES[name]
+
+
+class _Kernels:
+    """The `hybridlm.kernels` ops the model calls, on the plain-torch backend."""
+{kernel_ops}
+
+_modeling = _bundle("hybridlm.modeling")
+HybridConfig = _modeling.HybridConfig
+HybridForCausalLM = _modeling.HybridForCausalLM
+for _cls in (HybridConfig, HybridForCausalLM):
+    _cls.__module__ = __name__  # save_pretrained copies this file, not a bundled module
+'''
+
+
+def export_remote_code(folder: str | Path) -> Path:
+    """Write `modeling_hybridlm.py` into `folder` and an `auto_map` into its `config.json`, so
+    the folder loads with `trust_remote_code=True` where hybridlm is not installed."""
+    from hybridlm.io import write_json_atomic, write_text_atomic
+
+    folder = Path(folder)
+    cfg = _read_json(folder / CONFIG)
+    source = modeling_source()
+    compile(source, REMOTE_CODE, "exec")  # a syntax error here, not on the user's machine
+    write_text_atomic(folder / REMOTE_CODE, source)
+    write_json_atomic(folder / CONFIG, cfg | {"auto_map": AUTO_MAP})
+    return folder / REMOTE_CODE
+
+
+# ---- model card ----------------------------------------------------------------------------
+def _cfg_dict(cfg) -> dict:
+    if cfg is None:
+        return {}
+    if hasattr(cfg, "to_dict"):
+        return cfg.to_dict()
+    return dict(cfg)
+
+
+def _fmt(x, digits: int = 2) -> str:
+    if x is None:
+        return "n/a"
+    if isinstance(x, float):
+        return f"{x:.{digits}f}" if abs(x) >= 10 ** -digits or x == 0 else f"{x:.2e}"
+    if isinstance(x, int):
+        return f"{x:,}"
+    return str(x)
+
+
+def card_data(config: dict, metrics: dict, cfg: dict, model_name: str):
+    """`ModelCardData` with license, base model, datasets, tags and a model-index of the
+    measured per-domain perplexities (test and validation)."""
+    from huggingface_hub import EvalResult, ModelCardData
+
+    base = (config.get("encoder_config") or {}).get("_name_or_path") or None
+    if base and not REPO_ID.match(base):
+        base = None  # a local folder's name, not a Hub id: the Hub would reject it
+    sources = {d.get("name"): d.get("source", "") for d in (cfg.get("data") or {}).get("domains",
+                                                                                      [])}
+    datasets = sorted({s[3:] for s in sources.values() if s.startswith("hf:")}) or None
+    results = []
+    for split in ("test", "validation"):
+        for domain, r in (metrics.get(split) or {}).items():
+            src = sources.get(domain) or domain
+            results.append(EvalResult(
+                task_type="text-generation", task_name="Causal language modeling",
+                dataset_type=src[3:] if src.startswith("hf:") else domain,
+                dataset_name=f"{domain} ({src})" if src != domain else domain,
+                dataset_split=split, metric_type="perplexity",
+                metric_name=f"{split} perplexity", metric_value=round(r["perplexity"], 4),
+            ))
+    head = config.get("head", metrics.get("head", ""))
+    return ModelCardData(
+        language="en", license="apache-2.0", library_name="transformers",
+        pipeline_tag="text-generation", base_model=base, datasets=datasets,
+        tags=TAGS + ([f"head-{head}"] if head else []),
+        model_name=model_name, eval_results=results or None,
+    )
+
+
+HEADS = {
+    "spiking_pc": "a spiking predictive-coding layer ({n} leaky integrate-and-fire neurons, "
+                  "{t} inner time steps, surrogate-gradient training)",
+    "mlp": "a non-spiking MLP head (the parameter-matched baseline of the spiking layer)",
+    "linear": "a linear residual head",
+}
+
+
+def card_text(config: dict, metrics: dict, summary: dict | None, cfg: dict,
+              model_name: str, repo_id: str | None, remote_code: bool,
+              lower_case: bool | None = None) -> str:
+    """The card's Markdown body, built only from the measured metrics and the configs."""
+    import yaml
+
+    summary = summary or {}
+    head = config.get("head", metrics.get("head", "?"))
+    enc = config.get("encoder_config") or {}
+    base = enc.get("_name_or_path") or "a BERT-family encoder"
+    n_top = config.get("trainable_encoder_layers", 0)
+    desc = HEADS.get(head, f"a '{head}' head").format(n=config.get("n_neurons"),
+                                                      t=config.get("time_steps"))
+    where = repo_id or "path/to/model"
+    lines = [
+        f"# {model_name}", "",
+        f"A hybrid transformer + spiking language model built with hybridlm: the pretrained "
+        f"encoder `{base}` ({enc.get('num_hidden_layers', '?')} layers, hidden size "
+        f"{enc.get('hidden_size', '?')}) run causally, "
+        + ("frozen" if not n_top else f"frozen except its top {n_top} layer(s)")
+        + f", topped with {desc}, and an LM head tied to the encoder's word embeddings.",
+        "", "All numbers below were measured by `train/train.py` and copied from its "
+        "`metrics.json`; nothing is estimated.", "",
+        "## Results", "",
+    ]
+    val, test = metrics.get("validation") or {}, metrics.get("test") or {}
+    if val or test:
+        spiking = any("firing_rate" in r for r in list(val.values()) + list(test.values()))
+        cols = ["domain", "val perplexity", "val accuracy", "test perplexity", "test accuracy",
+                "test tokens"] + (["val firing rate", "test firing rate"] if spiking else [])
+        lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+        for d in dict.fromkeys(list(val) + list(test)):
+            v, t = val.get(d, {}), test.get(d, {})
+            cells = [d, _fmt(v.get("perplexity")), _fmt(v.get("accuracy"), 4),
+                     _fmt(t.get("perplexity")), _fmt(t.get("accuracy"), 4), _fmt(t.get("tokens"))]
+            if spiking:
+                cells += [_fmt(v.get("firing_rate"), 4), _fmt(t.get("firing_rate"), 4)]
+            lines.append("| " + " | ".join(cells) + " |")
+    else:
+        lines.append("No evaluation results were recorded.")
+    cmp_ = summary.get("spiking_pc_vs_mlp")
+    if cmp_:
+        lines += ["", "Spiking head vs its parameter-matched MLP baseline (validation "
+                  "perplexity, same encoder, same tokens, same seed):", "",
+                  "| domain | spiking_pc | mlp | relative change |", "|---|---|---|---|"]
+        for d, r in cmp_.items():
+            lines.append(f"| {d} | {_fmt(r['spiking_pc'])} | {_fmt(r['mlp'])} | "
+                         f"{r['relative_change']:+.1%} |")
+    facts = [("trainable parameters", metrics.get("trainable_parameters")),
+             ("head parameters", metrics.get("head_parameters")),
+             ("optimizer steps", metrics.get("optimizer_steps")),
+             ("skipped (non-finite) steps", metrics.get("skipped_steps")),
+             ("training tokens per epoch", metrics.get("train_tokens_per_epoch")),
+             ("seconds per epoch", ", ".join(f"{s:.1f}" for s in metrics.get("epoch_seconds")
+                                               or []) or None),
+             ("training processes", summary.get("processes"))]
+    lines += ["", "| training fact | value |", "|---|---|"]
+    lines += [f"| {k} | {_fmt(v)} |" for k, v in facts if v is not None]
+
+    rates = [(r["step"], r["snn/firing_rate"]) for r in metrics.get("history") or []
+             if "snn/firing_rate" in r]
+    if head == "spiking_pc":
+        lines += ["", "## Firing rates", "",
+                  "Mean fraction of neurons spiking per inner time step (0 = silent, 1 = every "
+                  "neuron every step), measured on the evaluation sets above."]
+        if rates:
+            lines += ["", "During training (`snn/firing_rate`, training batches): "
+                      + ", ".join(f"step {s}: {r:.4f}" for s, r in rates[:: max(1, len(rates)
+                                                                            // 8)]) + "."]
+        lines += ["", "Energy use was not measured: on conventional hardware the spiking layer "
+                  "runs as dense matrix products and saves nothing."]
+
+    if cfg:
+        lines += ["", "## Training configuration", "", "```yaml",
+                  yaml.safe_dump(cfg, sort_keys=False).rstrip(), "```"]
+    data = summary.get("data") or {}
+    if data:
+        lines += ["", "Data (per domain, as built by `hybridlm.data`):", ""]
+        keys = sorted({k for s in data.values() for k, v in s.items()
+                       if isinstance(v, (int, float, str)) and not isinstance(v, bool)})
+        lines += ["| domain | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
+        for d, s in data.items():
+            lines.append(f"| {d} | " + " | ".join(_fmt(s.get(k)) for k in keys) + " |")
+
+    lines += [
+        "", "## How to use", "", "```python",
+        "import hybridlm  # registers the model with the Auto classes",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline", "",
+        f'model = AutoModelForCausalLM.from_pretrained("{where}")',
+        f'tokenizer = AutoTokenizer.from_pretrained("{where}")',
+        'generate = pipeline("text-generation", model=model, tokenizer=tokenizer)',
+        'print(generate("the king said", max_new_tokens=20)[0]["generated_text"])', "```",
+    ]
+    if remote_code:
+        lines += ["", "Without hybridlm installed, the folder's own `modeling_hybridlm.py` "
+                  "(plain torch) is used:", "", "```python",
+                  f'model = AutoModelForCausalLM.from_pretrained("{where}", '
+                  "trust_remote_code=True)", "```"]
+    lines += [
+        "", "## Intended use", "",
+        "Research on hybrid transformer / spiking networks: comparing a spiking "
+        "predictive-coding head with a parameter-matched non-spiking baseline on top of the "
+        "same frozen encoder, and studying firing rates and predictive-coding energy. It is "
+        "not a general-purpose or production text generator.", "",
+        "## Limitations", "",
+        f"- The encoder `{base}` was pretrained bidirectionally for sentence embeddings; it is "
+        "run here with a causal mask it was not trained with, so its features are weaker than "
+        "a causal LM's and the perplexities above are far from those of comparable LMs.",
+        "- The results hold for the domains and the evaluation slices listed above only (see "
+        "the token counts); other text may behave differently.",
+        "- The vocabulary is the encoder's WordPiece vocabulary"
+        + (" (lower-cased input)" if lower_case else "")
+        + "; generation recomputes the whole prefix at every step (no key/value cache), so it "
+        f"is slow, and the context is limited to {enc.get('max_position_embeddings', '?')} "
+        "tokens.",
+        "- No safety filtering or alignment: generated text may be wrong, offensive or "
+        "reproduce training text.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def write_model_card(
+    folder: str | Path,
+    metrics: dict,
+    summary: dict | None = None,
+    cfg=None,
+    repo_id: str | None = None,
+):
+    """Write `folder/README.md` from a head's `metrics.json` dict, the run's summary
+    (`<output_dir>/metrics.json`) and the run config; returns the `ModelCard`."""
+    from huggingface_hub import ModelCard
+
+    folder = Path(folder)
+    config = _read_json(folder / CONFIG)
+    cfg_d = _cfg_dict(cfg)
+    tok_cfg = folder / "tokenizer_config.json"
+    lower = _read_json(tok_cfg).get("do_lower_case") if tok_cfg.is_file() else None
+    head = config.get("head", metrics.get("head", "model"))
+    name = repo_id.split("/")[-1] if repo_id else f"hybridlm-{head}"
+    data = card_data(config, metrics, cfg_d, name)
+    body = card_text(config, metrics, summary, cfg_d, name, repo_id,
+                     remote_code="auto_map" in config, lower_case=lower)
+    card = ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}")
+    card.save(folder / CARD)
+    return card
+
+
+def write_card_for_run(run_dir: str | Path, head: str, repo_id: str | None = None,
+                       folder: str | Path | None = None):
+    """Card for `folder` (default `<run_dir>/<head>/model`) from the files train.py wrote in
+    `run_dir`: `<head>/metrics.json`, `metrics.json` and `config.yaml`."""
+    import yaml
+
+    run_dir = Path(run_dir)
+    metrics = _read_json(run_dir / head / "metrics.json")
+    summary = _read_json(run_dir / "metrics.json") if (run_dir / "metrics.json").is_file() else {}
+    cfg_file = run_dir / "config.yaml"
+    cfg = yaml.safe_load(cfg_file.read_text()) if cfg_file.is_file() else None
+    return write_model_card(folder or run_dir / head / "model", metrics, summary, cfg, repo_id)
+
+
+# ---- publish -------------------------------------------------------------------------------
+def check_repo_id(repo_id: str) -> str:
+    """`user/name` with letters, digits, '-', '_', '.'; raises `PublishError` otherwise."""
+    if not isinstance(repo_id, str) or not REPO_ID.match(repo_id) or ".." in repo_id \
+            or "--" in repo_id or repo_id.endswith((".", "-")) or repo_id.endswith(".git"):
+        raise PublishError(
+            f"malformed Hub repo id {repo_id!r}: expected 'user/name' (letters, digits, "
+            "'-', '_', '.'; at most 96 characters each; no '--' or '..')"
+        )
+    return repo_id
+
+
+def publish(
+    folder: str | Path,
+    repo_id: str,
+    *,
+    token: str | None = None,
+    private: bool = False,
+    commit_message: str | None = None,
+    endpoint: str | None = None,
+):
+    """Upload a checked model folder (with its card) to the Hub as ONE commit.
+
+    Creates the repo if needed. The endpoint is `endpoint`, else `HF_ENDPOINT`. Returns the
+    `CommitInfo` of the commit. Raises `PublishError` / `CheckpointError` before any upload
+    when the repo id, the token or the folder is wrong.
+    """
+    check_repo_id(repo_id)
+    try:
+        check_model_folder(folder, require_card=True)
+    except CheckpointError as e:
+        raise PublishError(f"refusing to publish: {e}") from e
+    from huggingface_hub import HfApi, constants, get_token
+
+    if constants.HF_HUB_OFFLINE:
+        raise PublishError("HF_HUB_OFFLINE=1 is set: publishing needs the network; "
+                           "run with HF_HUB_OFFLINE=0")
+    token = token or get_token()
+    if not token:
+        raise PublishError(
+            "no Hugging Face token: set HF_TOKEN to a write token, or run `hf auth login` "
+            "(nothing was uploaded)"
+        )
+    api = HfApi(endpoint=endpoint or os.environ.get("HF_ENDPOINT") or None, token=token)
+    api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
+    return api.upload_folder(
+        folder_path=str(folder), repo_id=repo_id, repo_type="model",
+        commit_message=commit_message or f"Upload hybridlm model from {Path(folder).name}",
+        ignore_patterns=UPLOAD_IGNORE,
+    )

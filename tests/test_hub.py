@@ -1,0 +1,263 @@
+"""Model folders: fresh-process loading, remote code without hybridlm, the model card, the
+folder validator, and publishing through huggingface_hub to a loopback fake Hub."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from huggingface_hub import ModelCard
+from transformers import AutoTokenizer, BertConfig
+
+from hybridlm import hub
+from hybridlm.modeling import HybridConfig, HybridForCausalLM, resolve_encoder
+
+try:
+    from tests.fake_hub import FakeHub
+except ImportError:  # tests/ is not a package
+    from fake_hub import FakeHub
+
+ROOT = Path(__file__).resolve().parent.parent
+DOMAINS = ("literature", "docs")
+PROMPT = "the king said that"
+
+
+def fake_metrics(head: str = "spiking_pc") -> dict:
+    """A head's metrics.json in train.py's format, with made-up but plausible numbers."""
+    def split(base):
+        return {d: {"loss": 3.0 + i, "perplexity": base + 10 * i, "accuracy": 0.25 - i / 100,
+                    "tokens": 2048, "firing_rate": 0.125 + i / 100} for i, d in enumerate(DOMAINS)}
+    hist = [{"step": 0, "eval/literature/perplexity": 900.0, "eval/docs/perplexity": 950.0},
+            {"step": 10, "train/loss": 4.5, "train/lr": 1e-3, "snn/firing_rate": 0.1875}]
+    return {"head": head, "trainable_parameters": 12345, "head_parameters": 1234,
+            "optimizer_steps": 20, "skipped_steps": 0, "train_tokens_per_epoch": 8192,
+            "epoch_seconds": [3.5, 2.5], "validation": split(40.5), "test": split(42.25),
+            "history": hist}
+
+
+CFG = {"output_dir": "runs/x", "seed": 0,
+       "data": {"domains": [{"name": "literature", "source": "builtin:shakespeare"},
+                            {"name": "docs", "source": "hf:acme/python-docs"}]},
+       "model": {"encoder": "minilm", "n_neurons": 16}, "train": {"lr": 0.003}}
+
+
+def make_model() -> HybridForCausalLM:
+    """A small random model with MiniLM's vocabulary, so the real tokenizer fits."""
+    torch.manual_seed(0)
+    enc = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2,
+                     num_attention_heads=4, intermediate_size=64,
+                     max_position_embeddings=64).to_dict()
+    enc["_name_or_path"] = "sentence-transformers/all-MiniLM-L6-v2"
+    cfg = HybridConfig(encoder_config=enc, n_neurons=16, time_steps=4, threshold=0.7)
+    return HybridForCausalLM(cfg).eval()
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """(folder, input ids, reference logits) of a saved model with tokenizer and card."""
+    folder = tmp_path_factory.mktemp("model") / "model"
+    model = make_model()
+    tok = AutoTokenizer.from_pretrained(resolve_encoder("minilm")[0])
+    hub.save_model(model, folder, tok, metrics=fake_metrics(), summary={"processes": 1},
+                   cfg=CFG)
+    ids = tok(PROMPT, return_tensors="pt", add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        logits = model(ids).logits
+    torch.save({"ids": ids, "logits": logits}, folder.parent / "ref.pt")
+    return folder
+
+
+def copy(folder: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(folder, tmp_path / "copy"))
+
+
+CHILD = r"""
+import sys, torch
+ref = torch.load(sys.argv[2])
+{prelude}
+from transformers import AutoModelForCausalLM, pipeline
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1]{kw}).eval()
+with torch.no_grad():
+    diff = (model(ref["ids"]).logits - ref["logits"]).abs().max().item()
+out = model.generate(ref["ids"], max_new_tokens=4, do_sample=False)
+gen = pipeline("text-generation", model=sys.argv[1], {pkw}max_new_tokens=4, do_sample=False)
+text = gen("{prompt}")[0]["generated_text"]
+shape = "x".join(map(str, out.shape))
+print("RESULT", diff, shape, text.startswith("{prompt}"), "hybridlm" in sys.modules)
+"""
+
+# hybridlm is installed in editable mode (a meta-path finder): drop it and any sys.path entry
+# that holds the package, so `import hybridlm` fails in the child.
+NO_HYBRIDLM = r"""
+import os
+sys.meta_path = [f for f in sys.meta_path if "editable" not in repr(f).lower()]
+sys.path = [p for p in sys.path if not os.path.isdir(os.path.join(p or ".", "hybridlm"))]
+try:
+    import hybridlm
+    raise SystemExit("hybridlm is importable")
+except ImportError:
+    pass
+"""
+
+
+def run_child(tmp_path, folder, prelude, kw="", pkw="", isolated=False):
+    script = tmp_path / "child.py"
+    script.write_text(CHILD.format(prelude=prelude, kw=kw, pkw=pkw, prompt=PROMPT))
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env |= {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf-home")}
+    cmd = [sys.executable] + (["-I"] if isolated else []) + [str(script), str(folder),
+                                                           str(folder.parent / "ref.pt")]
+    proc = subprocess.run(cmd, cwd=tmp_path if isolated else ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT")][-1]
+    return line.split()[1:]
+
+
+def test_saved_folder_is_complete_and_needs_no_remote_code(saved):
+    names = {p.name for p in saved.iterdir()}
+    assert {"config.json", "model.safetensors", "generation_config.json", "tokenizer.json",
+            "tokenizer_config.json", "README.md"} <= names
+    assert not any(n.endswith(".py") for n in names)
+    assert "auto_map" not in json.loads((saved / "config.json").read_text())
+    assert hub.check_model_folder(saved, require_card=True)["model_type"] == "hybridlm"
+
+
+def test_fresh_process_loads_same_logits_generates_and_pipelines(saved, tmp_path):
+    diff, shape, prefix, _ = run_child(tmp_path, saved, "import hybridlm")
+    assert float(diff) == 0.0
+    assert prefix == "True" and shape == f"1x{4 + len(PROMPT.split())}"
+
+
+def test_remote_code_export_loads_without_hybridlm(saved, tmp_path):
+    folder = copy(saved, tmp_path)
+    shutil.copy(saved.parent / "ref.pt", tmp_path / "ref.pt")
+    hub.export_remote_code(folder)
+    assert json.loads((folder / "config.json").read_text())["auto_map"] == hub.AUTO_MAP
+    src = (folder / hub.REMOTE_CODE).read_text()
+    assert "import hybridlm" not in src.replace("from hybridlm", "")  # only inside _SOURCES
+    hub.check_model_folder(folder)
+    diff, _, prefix, imported = run_child(tmp_path, folder, NO_HYBRIDLM,
+                                          kw=", trust_remote_code=True",
+                                          pkw="trust_remote_code=True, ", isolated=True)
+    assert imported == "False"
+    assert float(diff) <= 1e-5  # plain-torch reference vs the default kernels
+    assert prefix == "True"
+
+
+def test_model_card_is_read_back_with_measured_results(saved):
+    card = ModelCard.load(saved / "README.md")
+    data = card.data.to_dict()
+    assert data["license"] == "apache-2.0"
+    assert data["base_model"] == "sentence-transformers/all-MiniLM-L6-v2"
+    assert data["pipeline_tag"] == "text-generation"
+    assert {"spiking-neural-network", "predictive-coding"} <= set(data["tags"])
+    assert data["datasets"] == ["acme/python-docs"]
+    results = {(r.dataset_name.split(" ")[0], r.dataset_split): r.metric_value
+               for r in card.data.eval_results}
+    m = fake_metrics()
+    for split in ("validation", "test"):
+        for d in DOMAINS:
+            assert results[(d, split)] == pytest.approx(m[split][d]["perplexity"])
+    text = card.text
+    assert "0.1250" in text and "0.1350" in text  # firing rates of the two domains
+    assert "## Training configuration" in text and "lr: 0.003" in text
+    assert "## Intended use" in text and "## Limitations" in text
+    assert "12,345" in text  # trainable parameters
+
+
+def truncate(f: Path):
+    f.write_bytes(f.read_bytes()[:-100])
+
+
+def garbage(f: Path):
+    f.write_bytes(b"\x00" * 64)
+
+
+def edit_config(**fields):
+    def fn(f: Path):
+        cfg = json.loads(f.read_text())
+        for k, v in fields.items():
+            if k.startswith("encoder_config."):
+                cfg["encoder_config"][k.split(".", 1)[1]] = v
+            else:
+                cfg[k] = v
+        f.write_text(json.dumps(cfg))
+    return fn
+
+
+@pytest.mark.parametrize("file, damage, message", [
+    ("model.safetensors", Path.unlink, "model.safetensors: missing"),
+    ("model.safetensors", truncate, "model.safetensors: truncated or corrupt"),
+    ("model.safetensors", garbage, "model.safetensors: corrupt"),
+    ("config.json", Path.unlink, "config.json: missing"),
+    ("config.json", lambda f: f.write_text("{not json"), "config.json: not valid JSON"),
+    ("config.json", edit_config(model_type="bert"), "field 'model_type' is 'bert'"),
+    ("config.json", edit_config(**{"encoder_config.vocab_size": 30000}),
+     "tensor 'encoder.embeddings.word_embeddings.weight' has shape [30522, 32]"),
+    ("config.json", edit_config(auto_map=hub.AUTO_MAP), "modeling_hybridlm.py, which is missing"),
+    ("tokenizer.json", lambda f: f.write_text(json.dumps(
+        {"model": {"vocab": {"a": 0, "b": 40000}}, "added_tokens": []})),
+     "tokenizer.json: the tokenizer has ids up to 40000, but the embeddings have 30522"),
+    ("README.md", Path.unlink, "README.md: missing model card"),
+])
+def test_bad_folders_name_the_file_or_field(saved, tmp_path, file, damage, message):
+    folder = copy(saved, tmp_path)
+    damage(folder / file)
+    with pytest.raises(hub.CheckpointError) as e:
+        hub.check_model_folder(folder, require_card=True)
+    assert message in str(e.value)
+    if file == "model.safetensors" or file == "config.json":
+        with pytest.raises(hub.CheckpointError):
+            hub.load_model(folder)
+
+
+def publish_cli(folder, repo, env):
+    base = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
+    return subprocess.run([sys.executable, "train/publish.py", str(folder), repo], cwd=ROOT,
+                          env=base | env, capture_output=True, text=True, timeout=300)
+
+
+def test_publish_uploads_one_commit_with_our_card(saved, tmp_path):
+    with FakeHub() as fake:
+        env = {"HF_ENDPOINT": fake.url, "HF_TOKEN": "hf_fake_token", "HF_HUB_OFFLINE": "0",
+               "HF_HOME": str(tmp_path / "hf-home")}
+        proc = publish_cli(saved, "someone/tiny-hybrid", env)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert "published" in proc.stdout and fake.url in proc.stdout
+        assert len(fake.commits) == 1
+        commit = fake.commits[0]
+        assert commit["repo"] == "someone/tiny-hybrid" and commit["token"] == "hf_fake_token"
+        local = {p.name: p.read_bytes() for p in saved.iterdir()}
+        assert commit["files"] == local  # every file, byte for byte, in that one commit
+        card = ModelCard(commit["files"]["README.md"].decode())
+        assert card.data.license == "apache-2.0"
+
+
+def test_publish_without_token_fails_clearly_and_sends_nothing(saved, tmp_path):
+    with FakeHub() as fake:
+        env = {"HF_ENDPOINT": fake.url, "HF_HUB_OFFLINE": "0",
+               "HF_HOME": str(tmp_path / "empty-hf-home")}
+        proc = publish_cli(saved, "someone/tiny-hybrid", env)
+        assert proc.returncode == 2
+        assert "no Hugging Face token" in proc.stderr and "Traceback" not in proc.stderr
+        assert fake.requests == []
+
+
+@pytest.mark.parametrize("repo", ["no-slash", "a/b/c", "user/bad name", "user/x..y", "/name",
+                                  "user/" + "x" * 97, "user/name--x"])
+def test_malformed_repo_id_is_refused(saved, repo):
+    with pytest.raises(hub.PublishError, match="malformed Hub repo id"):
+        hub.publish(saved, repo, token="hf_x", endpoint="http://127.0.0.1:9")
+
+
+@pytest.mark.parametrize("missing", ["model.safetensors", "config.json", "README.md"])
+def test_publish_refuses_incomplete_folder(saved, tmp_path, missing):
+    folder = copy(saved, tmp_path)
+    (folder / missing).unlink()
+    with pytest.raises(hub.PublishError, match=f"refusing to publish: .*{missing}"):
+        hub.publish(folder, "someone/x", token="hf_x", endpoint="http://127.0.0.1:9")

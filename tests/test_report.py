@@ -1,0 +1,84 @@
+"""Local HTML report from a run folder's metrics.json files, and the card for a run."""
+
+import base64
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from hybridlm import report
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def write_run(root: Path) -> Path:
+    """A run folder in train.py's format (two heads, two domains)."""
+    run = root / "demo"
+    cfg = {"output_dir": str(run), "seed": 0, "wandb": {"project": "hybridlm"}}
+    summary = {"heads": {}, "data": {"legal": {"documents": 10, "train_tokens": 4096},
+                                     "docs": {"documents": 12, "train_tokens": 5120}},
+               "spiking_pc_vs_mlp": {}}
+    for i, head in enumerate(("spiking_pc", "mlp")):
+        hist = [{"step": 0, "eval/legal/perplexity": 900.0, "eval/docs/perplexity": 950.0}]
+        hist += [{"step": s, "train/loss": 6.0 - s / 10 - i / 10, "train/lr": 1e-3}
+                 | ({"snn/firing_rate": 0.1 + s / 1000} if head == "spiking_pc" else {})
+                 for s in range(10, 60, 10)]
+        hist += [{"step": 50, "eval/legal/perplexity": 60.5 + i, "eval/docs/perplexity": 70.25}]
+        res = {d: {"perplexity": p + i, "accuracy": 0.2, "tokens": 512}
+               | ({"firing_rate": 0.1234} if head == "spiking_pc" else {})
+               for d, p in (("legal", 60.5), ("docs", 70.25))}
+        m = {"head": head, "trainable_parameters": 1000 + i, "head_parameters": 100,
+             "optimizer_steps": 50, "skipped_steps": 0, "epoch_seconds": [1.5],
+             "validation": res, "test": res, "history": hist}
+        (run / head).mkdir(parents=True)
+        (run / head / "metrics.json").write_text(json.dumps(m))
+        summary["heads"][head] = m
+    for d in ("legal", "docs"):
+        s, b = summary["heads"]["spiking_pc"], summary["heads"]["mlp"]
+        a, c = s["validation"][d]["perplexity"], b["validation"][d]["perplexity"]
+        summary["spiking_pc_vs_mlp"][d] = {"spiking_pc": a, "mlp": c, "relative_change": a / c - 1}
+    (run / "metrics.json").write_text(json.dumps(summary))
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    return run
+
+
+def test_local_html_report_is_self_contained_with_tables_and_plots(tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    run = write_run(tmp_path)
+    env = {k: v for k, v in os.environ.items() if k != "WANDB_API_KEY"} | {
+        "HOME": str(tmp_path), "WANDB_MODE": "online"}
+    proc = subprocess.run([sys.executable, "eval/report.py", str(run)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "made a local HTML report" in proc.stdout and "no W&B API key" in proc.stdout
+    page = (run / "report.html").read_text()
+    assert "60.5000" not in page and "60.50" in page  # val perplexity of legal, spiking_pc
+    assert "+" in page and "spiking_pc" in page and "firing rate" in page
+    assert not re.search(r"(src|href)=['\"]https?:", page)  # nothing to fetch
+    images = re.findall(r"data:image/png;base64,([A-Za-z0-9+/=]+)", page)
+    assert len(images) == 4  # loss, eval perplexity, per-domain bars, firing rate
+    assert all(base64.b64decode(i).startswith(b"\x89PNG") for i in images)
+
+
+def test_offline_mode_never_tries_wandb(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    kind, where, why = report.build_report(write_run(tmp_path), tmp_path / "r.html")
+    assert kind == "html" and why == "WANDB_MODE=offline" and Path(where).is_file()
+    with pytest.raises(report.ReportError, match="cannot make a W&B Report"):
+        report.build_report(tmp_path / "demo", kind="wandb")
+
+
+def test_missing_metrics_is_a_clear_error(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(report.ReportError, match="no <head>/metrics.json"):
+        report.load_run(tmp_path / "empty")
+    proc = subprocess.run([sys.executable, "eval/report.py", str(tmp_path / "nope")], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "no such run folder" in proc.stderr
