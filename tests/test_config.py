@@ -67,3 +67,19 @@ def test_missing_config_file():
 def test_override_without_equals():
     with pytest.raises(ConfigError, match="section.key=value"):
         load_config("configs/default.yaml", ["model.beta"])
+
+
+def test_model_section_mirrors_the_checkpoint_config():
+    """ModelConfig (YAML) and HybridConfig (saved with every checkpoint) list the same
+    hyper-parameters with the same defaults; `encoder` is where the weights come from."""
+    import dataclasses
+
+    from hybridlm.config import ModelConfig
+    from hybridlm.modeling import HybridConfig
+
+    hybrid = HybridConfig()
+    for f in dataclasses.fields(ModelConfig):
+        if f.name == "encoder":
+            continue
+        assert hasattr(hybrid, f.name), f.name
+        assert getattr(hybrid, f.name) == f.default, f.name

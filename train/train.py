@@ -178,7 +178,8 @@ def train_head(head, cfg, args, splits, caches, tokenizer, out: Path) -> dict:
         eval_seconds = 0.0
         bar = tqdm(loader, desc=f"{head} epoch {epoch + 1}/{t.epochs}",
                    disable=not accelerator.is_local_main_process, leave=False,
-                   initial=progress["batches_done"], total=len(train_loader))
+                   initial=progress["batches_done"], total=len(train_loader),
+                   mininterval=0.1 if sys.stderr.isatty() else 30)  # logs: a line per 30 s
         for batch in bar:
             with accelerator.accumulate(model):
                 feats = None
