@@ -6,6 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 CONFIG ?= configs/default.yaml
+CL_CONFIG ?= configs/continual.yaml
 ARGS ?=
 NPROC ?= 1
 OUT ?= bench/results
@@ -20,7 +21,7 @@ LAUNCH := ACCELERATE_USE_CPU=1 $(VENV)/bin/accelerate launch --multi_gpu --num_p
 	--num_machines 1 --mixed_precision no --dynamo_backend no
 endif
 
-.PHONY: help install data train eval test lint bench bench-quick gpu-check publish report clean
+.PHONY: help install data train eval test lint bench bench-quick gpu-check publish report continual clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -44,6 +45,9 @@ train: data  ## build data, train the spiking head and its matched baseline, eva
 
 eval: install  ## evaluate a saved model folder: make eval MODEL=runs/default/spiking_pc/model
 	$(PY) eval/evaluate.py --config $(CONFIG) --model $(MODEL) $(ARGS)
+
+continual: install  ## forgetting across domains: make continual [CL_CONFIG=configs/continual_quick.yaml]
+	$(LAUNCH) eval/continual.py --config $(CL_CONFIG) $(ARGS)
 
 lint: install  ## ruff
 	$(VENV)/bin/ruff check .

@@ -1,0 +1,457 @@
+"""Continual learning: train one model through a sequence of domains, scoring every domain's
+TEST split before any training and after each stage (the matrices R of `hybridlm.cl_metrics`).
+
+A method is data, not code (`continual.methods` in the config): a head, `model` overrides
+(e.g. `learning=hybrid`, `gate=surprise`) and two classic baselines that work with any head:
+
+- EWC (Kirkpatrick et al. 2017): after each stage, the diagonal of the empirical Fisher on
+  that stage's blocks (squared gradients of batch losses) and the weights are stored; later
+  stages add (lambda / 2) sum_t sum_i F_t,i (w_i - w*_t,i)^2 to the loss.
+- Experience replay: a reservoir buffer (Vitter's algorithm R) of earlier stages' blocks;
+  a fraction `replay_fraction` of every batch is drawn from it once it holds any.
+
+Every method sees the same number of optimizer steps and tokens per stage, the same stage
+blocks in the same order, from the same seed; with replay, part of each batch is replayed
+blocks instead of new ones (same tokens, fewer new-domain tokens). Each stage starts a fresh
+AdamW with a warmup + cosine schedule (fine-tuning on each domain in turn); the Hebbian
+learner and its gate persist across stages (the gate sees the loss jump at a domain switch).
+
+Frozen-encoder features come from one `FeatureCache` per domain split, shared by all
+stages, methods and seeds of a process.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import random
+import time
+import typing
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch.utils.data import DataLoader
+from transformers import get_cosine_schedule_with_warmup
+
+from hybridlm.cl_metrics import HIGHER_IS_BETTER, all_metrics
+from hybridlm.config import (
+    ConfigError,
+    ContinualConfig,
+    MethodConfig,
+    ModelConfig,
+    RunConfig,
+    TrainConfig,
+    _coerce,
+    validate,
+)
+from hybridlm.corpora import DataError
+from hybridlm.evaluation import Blocks, evaluate, token_stats
+from hybridlm.features import FeatureCache
+
+SCORES = tuple(HIGHER_IS_BETTER)  # accuracy, loss, perplexity
+# Model keys a method may not change: they would change the shared frozen encoder's
+# features (and so the cache) or contradict the method's own `head` field.
+FIXED_MODEL_KEYS = ("encoder", "trainable_encoder_layers", "head")
+
+
+class TaggedBlocks(Blocks):
+    """`Blocks` that know their domain and split, so evaluation can refuse a non-test split."""
+
+    def __init__(self, hf_dataset, domain: str, split: str):
+        super().__init__(hf_dataset)
+        self.domain, self.split = domain, split
+
+
+def require_test(blocks) -> None:
+    """Raise unless `blocks` is a test split (an explicit raise: survives `python -O`)."""
+    if getattr(blocks, "split", None) != "test":
+        raise AssertionError(
+            f"continual evaluation must use TEST splits, got split "
+            f"'{getattr(blocks, 'split', None)}' of domain '{getattr(blocks, 'domain', None)}'"
+        )
+
+
+# ---- methods ---------------------------------------------------------------------------------
+def method_model_config(cfg: RunConfig, index: int) -> ModelConfig:
+    """The `model` section with method `index`'s head and overrides applied, type- and
+    range-checked; a bad override raises ConfigError naming `continual.methods[i].model`."""
+    method = cfg.continual.methods[index]
+    key = f"continual.methods[{index}].model"
+    hints = typing.get_type_hints(ModelConfig)
+    changes: dict[str, typing.Any] = {"head": method.head}
+    import yaml
+
+    for ov in method.model:
+        name, raw = (s.strip() for s in ov.split("=", 1))
+        if name.startswith("model."):
+            name = name[len("model."):]
+        if name not in hints:
+            raise ConfigError(f"config key '{key}': unknown model key '{name}' in '{ov}' "
+                              f"(known: {', '.join(hints)})")
+        if name in FIXED_MODEL_KEYS:
+            raise ConfigError(f"config key '{key}': '{name}' cannot differ between methods "
+                              f"(the encoder and its cached features are shared; set the head "
+                              f"with continual.methods[{index}].head)")
+        changes[name] = _coerce(yaml.safe_load(raw), hints[name], f"{key}:{name}")
+    model = dataclasses.replace(cfg.model, **changes)
+    try:
+        validate(dataclasses.replace(cfg, model=model, continual=ContinualConfig()))
+    except ConfigError as e:
+        raise ConfigError(f"config key '{key}' (method '{method.name}'): {e}") from e
+    return model
+
+
+def model_kwargs(model: ModelConfig) -> dict:
+    kw = dataclasses.asdict(model)
+    kw.pop("encoder")
+    return kw
+
+
+# ---- data ------------------------------------------------------------------------------------
+@dataclass
+class Stream:
+    """The domain sequence: per domain a training pool and a test split (TaggedBlocks), and
+    the shared feature caches (None: no caching)."""
+
+    order: list[str]
+    train: dict[str, TaggedBlocks]
+    test: dict[str, TaggedBlocks]
+    train_caches: dict[str, FeatureCache] | None = None
+    test_caches: dict[str, FeatureCache] | None = None
+
+    @classmethod
+    def build(cls, order: list[str], train: dict, test: dict, tokens_per_stage: int,
+              cache: bool = True) -> Stream:
+        """Check the sequence and wrap the splits. `train`/`test`: domain -> HF dataset."""
+        if not order:
+            raise ConfigError("config key 'continual.order': the sequence has no domain")
+        for i, d in enumerate(order):
+            if d not in train or d not in test:
+                raise ConfigError(f"config key 'continual.order[{i}]': unknown domain '{d}' "
+                                  f"(known: {sorted(train)})")
+        tr = {d: TaggedBlocks(train[d], d, "train") for d in order}
+        te = {d: TaggedBlocks(test[d], d, "test") for d in order}
+        for i, d in enumerate(order):
+            if len(tr[d]) == 0 or tr[d].tokens() == 0:
+                raise DataError(f"continual.order[{i}]: stage {i} (domain '{d}') has no "
+                                "training data")
+            if len(te[d]) == 0 or te[d].tokens() == 0:
+                raise DataError(f"continual.order[{i}]: domain '{d}' has no test data")
+            block = tr[d].ids.shape[1]
+            need = max(1, tokens_per_stage // block)
+            if len(tr[d]) < need:
+                raise ConfigError(
+                    f"config key 'continual.tokens_per_stage': {tokens_per_stage} tokens need "
+                    f"{need} blocks but domain '{d}' has a training pool of {len(tr[d])}; "
+                    "lower it or raise data.max_train_tokens_per_domain")
+        caches = (lambda sets: {d: FeatureCache(len(b)) for d, b in sets.items()}) if cache \
+            else (lambda sets: None)
+        return cls(list(order), tr, te, caches(tr), caches(te))
+
+    def overlap(self) -> dict[str, int]:
+        """Per domain, test blocks whose tokens equal a training-pool block (should be 0)."""
+        out = {}
+        for d in self.order:
+            seen = {bytes(row.numpy()) for row in self.train[d].ids}
+            out[d] = sum(bytes(row.numpy()) in seen for row in self.test[d].ids)
+        return out
+
+    def cache_summary(self) -> dict:
+        """Encoder seconds spent, blocks served, and the measured cost of recomputing."""
+        caches = [c for group in (self.train_caches, self.test_caches) if group
+                  for c in group.values()]
+        hits = sum(c.hits for c in caches)
+        misses = sum(c.misses for c in caches)
+        spent = sum(c.encode_seconds for c in caches)
+        per_block = spent / misses if misses else 0.0
+        return {"encoder_seconds": spent, "blocks_encoded": misses, "blocks_served_from_cache":
+                hits, "seconds_per_block": per_block,
+                "seconds_without_cache": per_block * (hits + misses),
+                "seconds_saved": per_block * hits}
+
+
+def stage_blocks(pool_size: int, n: int, seed: int, stage: int) -> list[int]:
+    """The `n` pool rows stage `stage` trains on, in a seeded order (same for every method)."""
+    rng = random.Random(seed * 1_000_003 + stage)
+    return rng.sample(range(pool_size), min(n, pool_size))
+
+
+class Reservoir:
+    """Reservoir sample (algorithm R) of at most `size` items from everything offered."""
+
+    def __init__(self, size: int, seed: int):
+        self.size, self.items, self.seen = size, [], 0
+        self.rng = random.Random(seed + 7)
+
+    def add(self, item) -> None:
+        self.seen += 1
+        if len(self.items) < self.size:
+            self.items.append(item)
+        else:
+            j = self.rng.randrange(self.seen)
+            if j < self.size:
+                self.items[j] = item
+
+    def draw(self, k: int) -> list:
+        return self.rng.choices(self.items, k=k) if self.items and k > 0 else []
+
+
+class EWC:
+    """Elastic weight consolidation over the parameters that get gradients."""
+
+    def __init__(self, lam: float):
+        self.lam = lam
+        self.terms: list[tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]] = []
+
+    def consolidate(self, base, batches: list[tuple], reduce: Callable) -> None:
+        """Store (Fisher diagonal, weights) from `batches` of (ids, labels, features)."""
+        named = [(n, p) for n, p in base.named_parameters() if p.requires_grad]
+        fisher = {n: torch.zeros_like(p) for n, p in named}
+        was_training = base.training
+        base.eval()
+        for ids, labels, feats in batches:
+            loss = base(input_ids=ids, labels=labels, features=feats).loss
+            grads = torch.autograd.grad(loss, [p for _, p in named], allow_unused=True)
+            for (n, _), g in zip(named, grads, strict=True):
+                if g is not None:
+                    fisher[n] += g.detach() ** 2 / len(batches)
+        base.train(was_training)
+        fisher = {n: reduce(f) for n, f in fisher.items()}
+        self.terms.append((fisher, {n: p.detach().clone() for n, p in named}))
+
+    def penalty(self, base) -> torch.Tensor | None:
+        if not self.terms or self.lam == 0:
+            return None
+        params = dict(base.named_parameters())
+        total = 0.0
+        for fisher, anchor in self.terms:
+            for n, f in fisher.items():
+                total = total + (f * (params[n] - anchor[n]) ** 2).sum()
+        return 0.5 * self.lam * total
+
+
+# ---- evaluation -----------------------------------------------------------------------------
+def evaluate_row(model, stream: Stream, accelerator, batch_size: int) -> dict[str, dict]:
+    """Every domain's TEST split scored by `evaluate` (gather_for_metrics inside)."""
+    row = {}
+    for d in stream.order:
+        blocks = stream.test[d]
+        require_test(blocks)
+        cache = stream.test_caches[d] if stream.test_caches else None
+        row[d] = evaluate(model, blocks, accelerator, batch_size, cache)
+    return row
+
+
+@torch.no_grad()
+def pc_diagnostics(model, stream: Stream, accelerator, batch_size: int,
+                   time_steps: list[int]) -> dict:
+    """Spiking head only: per T (inner steps at evaluation) and domain, test loss,
+    perplexity, accuracy, firing rate, and PC energy / firing rate per inner step."""
+    base = accelerator.unwrap_model(model)
+    trained_t = base.head.time_steps
+    was_training = base.training
+    base.eval()
+    out = {}
+    try:
+        for t in time_steps:
+            base.head.time_steps = t
+            out[t] = {}
+            for d in stream.order:
+                blocks = stream.test[d]
+                require_test(blocks)
+                cache = stream.test_caches[d] if stream.test_caches else None
+                loader = accelerator.prepare(DataLoader(blocks, batch_size=batch_size))
+                totals = torch.zeros(3 + 2 * t, dtype=torch.float64)
+                for batch in loader:
+                    feats = cache.features(base, batch["index"], batch["input_ids"]) \
+                        if cache else None
+                    o = base(input_ids=batch["input_ids"], features=feats)
+                    stats = token_stats(o.logits, batch["labels"])  # (B, 3)
+                    n = stats[:, 1:2]
+                    e = base.head.stats["energy_per_step"].reshape(1, t).float().cpu()
+                    r = base.head.stats["rate_per_step"].reshape(1, t).float().cpu()
+                    per_block = torch.cat([stats.cpu(), e * n.cpu(), r * n.cpu()], 1)
+                    totals += accelerator.gather_for_metrics(
+                        per_block.to(stats.device)).double().sum(0).cpu()
+                nll, n, correct = totals[:3].tolist()
+                loss = nll / n
+                e_step = (totals[3:3 + t] / n).tolist()
+                r_step = (totals[3 + t:] / n).tolist()
+                out[t][d] = {"loss": loss, "perplexity": math.exp(loss), "accuracy": correct / n,
+                             "firing_rate": sum(r_step) / t, "energy_per_step": e_step,
+                             "rate_per_step": r_step}
+    finally:
+        base.head.time_steps = trained_t
+        base.train(was_training)
+    return out
+
+
+# ---- training -------------------------------------------------------------------------------
+def run_sequence(model, method: MethodConfig, stream: Stream, cc: ContinualConfig,
+                 tc: TrainConfig, seed: int, accelerator, diagnostics: bool = False,
+                 log: Callable[[dict], None] | None = None) -> dict:
+    """Train `model` through `stream.order` with `method`; returns the matrices R (rows:
+    stages, columns: domains in training order) of test loss, perplexity and accuracy, the
+    untrained row b, per-stage tokens, steps and timings, and the metrics of each score."""
+    model = accelerator.prepare(model)
+    base = accelerator.unwrap_model(model)
+    device = accelerator.device
+    order = stream.order
+    block = stream.train[order[0]].ids.shape[1]
+    n_stage_blocks = max(1, cc.tokens_per_stage // block)
+    b = min(tc.batch_size, n_stage_blocks)
+    steps_per_epoch = max(1, n_stage_blocks // b)
+    world, rank = accelerator.num_processes, accelerator.process_index
+    local = base.local_learning()
+    ewc = EWC(method.ewc_lambda) if method.ewc_lambda > 0 else None
+    reservoir = Reservoir(method.replay_size, seed) if method.replay_size > 0 else None
+
+    def reduce_mean(t: torch.Tensor) -> torch.Tensor:
+        return accelerator.reduce(t, "mean") if world > 1 else t
+
+    def make_batch(items: list[tuple[str, int]]):
+        ids = torch.stack([stream.train[d].ids[i] for d, i in items])  # (B, L)
+        mask = torch.stack([stream.train[d].mask[i] for d, i in items])
+        labels = ids.masked_fill(~mask, -100)
+        feats = None
+        if stream.train_caches is not None:
+            parts: dict[str, list[tuple[int, int]]] = {}
+            for pos, (d, i) in enumerate(items):
+                parts.setdefault(d, []).append((pos, i))
+            rows: list[torch.Tensor | None] = [None] * len(items)
+            for d, lst in parts.items():
+                pos, idx = zip(*lst, strict=True)
+                f = stream.train_caches[d].features(base, torch.tensor(idx), ids[list(pos)])
+                for k, p in enumerate(pos):
+                    rows[p] = f[k]
+            feats = torch.stack(rows).to(device)  # (B, L, D)
+        return ids.to(device), labels.to(device), feats, int(mask.sum())
+
+    timings = {"train": 0.0, "eval": 0.0, "fisher": 0.0, "diagnostics": 0.0}
+    rows = []
+    t0 = time.perf_counter()
+    rows.append(evaluate_row(model, stream, accelerator, tc.batch_size))  # b: untrained
+    timings["eval"] += time.perf_counter() - t0
+    stages = []
+    bad_in_a_row = 0
+    for s, dom in enumerate(order):
+        t0 = time.perf_counter()
+        idx = stage_blocks(len(stream.train[dom]), n_stage_blocks, seed, s)
+        params = [p for p in base.parameters() if p.requires_grad]
+        groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": tc.weight_decay},
+                  {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+        optimizer = accelerator.prepare(torch.optim.AdamW(groups, lr=tc.lr))
+        total_steps = cc.epochs_per_stage * steps_per_epoch
+        scheduler = get_cosine_schedule_with_warmup(
+            optimizer, int(tc.warmup_fraction * total_steps), total_steps)
+        n_replay = round(cc.replay_fraction * b) if reservoir and reservoir.items else 0
+        # The plan is the same for every process; each takes its share of whole batches.
+        plan = []
+        for epoch in range(cc.epochs_per_stage):
+            perm = random.Random(seed * 7919 + s * 31 + epoch).sample(idx, len(idx))
+            cursor = 0
+            for _ in range(steps_per_epoch):
+                new = [(dom, perm[(cursor + k) % len(perm)]) for k in range(b - n_replay)]
+                cursor += b - n_replay
+                plan.append(new + reservoir.draw(n_replay) if n_replay else new)
+        plan = plan[: len(plan) // world * world] or plan[:1]
+        mine = plan[rank::world]
+        model.train()
+        tokens = 0
+        losses, gates, penalties, skipped = [], [], [], 0
+        for items in mine:
+            ids, labels, feats, n_tok = make_batch(items)
+            tokens += n_tok
+            with accelerator.autocast():
+                loss = model(input_ids=ids, labels=labels, features=feats).loss
+            total = loss
+            penalty = ewc.penalty(base) if ewc else None
+            if penalty is not None:
+                total = loss + penalty
+                penalties.append(penalty.item())
+            finite = accelerator.reduce(torch.isfinite(total).float(), "min").item() == 1
+            if not finite:
+                optimizer.zero_grad()
+                skipped += 1
+                bad_in_a_row += 1
+                if bad_in_a_row >= 10:
+                    raise FloatingPointError(
+                        f"[{method.name} seed {seed}] loss NaN/inf for 10 steps in a row in "
+                        f"stage {s} ({dom}); lower train.lr")
+                continue
+            bad_in_a_row = 0
+            accelerator.backward(total)
+            accelerator.clip_grad_norm_(params, tc.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad()
+            if local is not None:
+                gates.append(local.step(loss, reduce_mean)["plasticity/gate"])
+            losses.append(loss.item())
+        tokens = int(accelerator.reduce(torch.tensor(tokens, device=device), "sum").item()) \
+            if world > 1 else tokens
+        timings["train"] += time.perf_counter() - t0
+        if ewc is not None:
+            t0 = time.perf_counter()
+            ewc.consolidate(base, [make_batch(items)[:3] for items in mine[: cc.fisher_batches]],
+                            reduce_mean)
+            timings["fisher"] += time.perf_counter() - t0
+        if reservoir is not None:
+            for i in idx:
+                reservoir.add((dom, i))
+        t0 = time.perf_counter()
+        row = evaluate_row(model, stream, accelerator, tc.batch_size)
+        timings["eval"] += time.perf_counter() - t0
+        rows.append(row)
+        stage = {"domain": dom, "steps": len(plan), "tokens": tokens,
+                 "token_slots": len(plan) * b * block,  # equal for every method by design
+                 "replayed_per_batch": n_replay, "skipped_steps": skipped,
+                 "train_loss": sum(losses) / len(losses) if losses else None,
+                 "gate_mean": sum(gates) / len(gates) if gates else None,
+                 "ewc_penalty_mean": sum(penalties) / len(penalties) if penalties else None}
+        stages.append(stage)
+        if log is not None:
+            log({"stage": s, "domain": dom, "row": row} | stage)
+        accelerator.print(f"[{method.name} seed {seed}] stage {s + 1}/{len(order)} ({dom}): "
+                          + ", ".join(f"{d} {r['loss']:.3f}" for d, r in row.items()))
+
+    result = {"method": method.name, "seed": seed, "order": order,
+              "trainable_parameters": base.trainable_parameters(),
+              "head_parameters": base.head_parameters(),
+              "baseline": {k: [rows[0][d][k] for d in order] for k in SCORES},
+              "R": {k: [[rows[i + 1][d][k] for d in order] for i in range(len(order))]
+                    for k in SCORES},
+              "stages": stages}
+    if "firing_rate" in rows[0][order[0]]:
+        result["firing_rate"] = [[rows[i][d]["firing_rate"] for d in order]
+                                 for i in range(len(rows))]  # row 0: untrained
+    result["metrics"] = {k: all_metrics(result["R"][k], result["baseline"][k], k)
+                         for k in SCORES}
+    if diagnostics and "firing_rate" in result:
+        t0 = time.perf_counter()
+        ts = sorted(set(cc.eval_time_steps) | {base.config.time_steps})
+        by_t = pc_diagnostics(model, stream, accelerator, tc.batch_size, ts)
+        result["diagnostics"] = {"trained_time_steps": base.config.time_steps,  # keys: str(T),
+                                 "by_T": {str(t): v for t, v in by_t.items()}}  # as in JSON
+        timings["diagnostics"] += time.perf_counter() - t0
+    result["seconds"] = timings
+    accelerator.free_memory()  # drop the references prepare() kept to this run's objects
+    return result
+
+
+def check_checkpoint_tokenizer(folder, data_tokenizer) -> None:
+    """Raise DataError when a saved model folder's tokenizer differs from the data's."""
+    from transformers import AutoTokenizer
+
+    from hybridlm.data import tokenizer_fingerprint
+
+    try:
+        tok = AutoTokenizer.from_pretrained(str(folder))
+    except (OSError, ValueError) as e:
+        raise DataError(f"checkpoint '{folder}' has no readable tokenizer: {e}") from e
+    if tokenizer_fingerprint(tok) != tokenizer_fingerprint(data_tokenizer):
+        raise DataError(
+            f"checkpoint '{folder}' was saved with a different tokenizer than the one of "
+            "config key 'model.encoder' that builds this config's data: its token ids would "
+            "mean other words; evaluate it with the config it was trained with")
