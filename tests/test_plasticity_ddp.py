@@ -2,6 +2,9 @@
 
 import json
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -56,10 +59,13 @@ def _two_rank_worker():
 
 
 @pytest.mark.slow
-def test_two_ranks_stay_bit_identical_and_match_one_process(tmp_path, monkeypatch):
+def test_two_ranks_stay_bit_identical_and_match_one_process(tmp_path):
+    # debug_launcher forks; forking a process whose OpenMP pool already ran (as pytest's has,
+    # after other tests) can deadlock, so the two ranks start from a fresh interpreter.
     out = tmp_path / "ddp.json"
-    monkeypatch.setenv("HYBRIDLM_TEST_OUT", str(out))
-    debug_launcher(_two_rank_worker, num_processes=2)
+    root = Path(__file__).resolve().parent.parent
+    subprocess.run([sys.executable, "-m", "tests.test_plasticity_ddp"], cwd=root, check=True,
+                   timeout=300, env=os.environ | {"HYBRIDLM_TEST_OUT": str(out)})
     result = json.loads(out.read_text())
     assert result["world"] == 2
     assert result["ranks_identical"]
@@ -69,3 +75,7 @@ def test_two_ranks_stay_bit_identical_and_match_one_process(tmp_path, monkeypatc
     # Same global batch: equal up to float rounding (gradient all-reduce order, Adam).
     torch.testing.assert_close(two, flat, rtol=1e-4, atol=1e-5)
     assert result["gate_expected"] == pytest.approx(expected, rel=1e-5)
+
+
+if __name__ == "__main__":
+    debug_launcher(_two_rank_worker, num_processes=2)
