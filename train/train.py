@@ -227,7 +227,7 @@ def train_head(head, cfg, args, splits, caches, tokenizer, out: Path) -> dict:
             if "rate" in base.head.stats:
                 row["snn/firing_rate"] = base.head.stats["rate"].item()
                 row["snn/pc_energy"] = base.head.stats["pc_energy"].item()
-                row["snn/decoder_norm"] = float(base.head.decode.weight.norm())
+                row["snn/decoder_norm"] = float(base.head.decode.weight.detach().norm())
             if local is not None:
                 row |= plasticity
             tracker.log(row, step)
