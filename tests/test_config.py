@@ -1,6 +1,8 @@
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from hybridlm.config import ConfigError, RunConfig, load_config
 
@@ -83,3 +85,21 @@ def test_model_section_mirrors_the_checkpoint_config():
             continue
         assert hasattr(hybrid, f.name), f.name
         assert getattr(hybrid, f.name) == f.default, f.name
+
+
+_KEYS = ["model.time_steps", "model.beta", "model.threshold", "model.head", "train.lr",
+         "train.heads", "data.block_size", "model.detach_reset", "model.gate_max", "nope.key",
+         "model", "output_dir", "data.domains"]
+_VALUES = ["0", "1", "-3", "2.5", "1e-4", ".nan", ".inf", "true", "abc", "[]", "[mlp]", "{a: 1}",
+           "", "null", "[1, 2]", "'x'"]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(_KEYS), st.sampled_from(_VALUES)), max_size=4))
+def test_any_override_either_loads_or_raises_a_config_error(pairs):
+    try:
+        cfg = load_config("configs/default.yaml", [f"{k}={v}" for k, v in pairs])
+    except ConfigError as e:
+        assert "config" in str(e) or "override" in str(e)
+    else:
+        assert isinstance(cfg, RunConfig)
