@@ -98,7 +98,7 @@ class SpikingPCLayer(nn.Module):
         v = x.new_zeros(*x.shape[:-1], n)  # (B, L, N)
         r = torch.zeros_like(v)
         x_hat = torch.zeros_like(x)  # W_d r_0 = 0
-        w_d = self.decode.weight.t()  # (N, D)
+        w_d = self.decode.weight.t().contiguous()  # (N, D), once per forward, not per step
         rates, energies = [], []
         collect = self.collect_hebbian and self.training
         for k in range(self.time_steps):
@@ -109,7 +109,7 @@ class SpikingPCLayer(nn.Module):
             if collect:
                 self._hebb_count += e.shape[0] * e.shape[1]
             s, v, r = self.lif_step(self.encode(e).to(v.dtype), v, r)
-            propagated = kernels.spike_matmul(s.reshape(-1, n), w_d.contiguous(),
+            propagated = kernels.spike_matmul(s.reshape(-1, n), w_d,
                                               backend=self.backend).reshape(*x.shape[:-1], d)
             x_hat = self.trace_decay * x_hat + (1 - self.trace_decay) * propagated
             rates.append(s.detach().mean())

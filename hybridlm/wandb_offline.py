@@ -103,6 +103,14 @@ def _put(d: dict, item) -> None:
     _set_nested(d, list(item.nested_key) or [item.key], _value(item))
 
 
+def _apply(d: dict, record) -> None:
+    """A config or summary record: its `update` items set keys, its `remove` items drop them."""
+    for item in record.update:
+        _put(d, item)
+    for item in record.remove:
+        d.pop(_key(item), None)
+
+
 def _value(item):
     return json.loads(item.value_json) if item.value_json else None
 
@@ -158,20 +166,14 @@ def read_run(path: str | Path, require_finished: bool = True) -> OfflineRun:
             for item in r.config.update:
                 _put(run.config, item)
         elif kind == "config":
-            for item in rec.config.update:
-                _put(run.config, item)
-            for item in rec.config.remove:
-                run.config.pop(_key(item), None)
+            _apply(run.config, rec.config)
         elif kind == "history":
             row: dict = {}
             for item in rec.history.item:
                 _put(row, item)
             run.history.append(row)
         elif kind == "summary":
-            for item in rec.summary.update:
-                _put(run.summary, item)
-            for item in rec.summary.remove:
-                run.summary.pop(_key(item), None)
+            _apply(run.summary, rec.summary)
         elif kind == "files":
             run.files += [f.path for f in rec.files.files]
         elif kind == "exit":
