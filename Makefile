@@ -9,6 +9,7 @@ CONFIG ?= configs/default.yaml
 CL_CONFIG ?= configs/continual.yaml
 ARGS ?=
 NPROC ?= 1
+SOAK_KILLS ?= 25
 OUT ?= bench/results
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
@@ -21,7 +22,7 @@ LAUNCH := ACCELERATE_USE_CPU=1 $(VENV)/bin/accelerate launch --multi_gpu --num_p
 	--num_machines 1 --mixed_precision no --dynamo_backend no
 endif
 
-.PHONY: help install data train eval test lint bench bench-quick gpu-check publish report continual clean
+.PHONY: help install data train eval test lint soak bench bench-quick gpu-check publish report continual clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -56,10 +57,14 @@ test: install  ## ruff + the whole test suite (CPU only)
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q tests
 
-bench: install  ## benchmarks (kernels, local learning, checkpoints): JSON + tables in $(OUT)
+soak: install  ## kill a training run at random moments SOAK_KILLS times (default 25), resume each time
+	HYBRIDLM_SOAK_KILLS=$(SOAK_KILLS) $(PY) -m pytest -q -s tests/test_soak.py
+
+bench: install  ## benchmarks (kernels, local learning, checkpoints, resume): JSON + tables in $(OUT)
 	$(PY) bench/bench_kernels.py --out $(OUT)/bench_kernels.json
 	$(PY) bench/bench_plasticity.py --out $(OUT)/bench_plasticity.json
 	$(PY) bench/bench_checkpoint.py --out $(OUT)/bench_checkpoint.json
+	$(PY) bench/bench_resume.py --out $(OUT)/bench_resume.json
 
 bench-quick: install  ## a smaller benchmark set (about 2 minutes)
 	$(PY) bench/bench_kernels.py --quick --threads 1 --out $(OUT)/bench_kernels_quick.json

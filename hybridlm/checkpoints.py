@@ -15,7 +15,10 @@ from pathlib import Path
 
 import yaml
 
+from hybridlm.config import ConfigError
+
 PROGRESS = "progress.yaml"
+MODEL_TYPE = "hybridlm"  # HybridConfig.model_type, without importing the model here
 
 
 def file_checksums(folder: Path) -> dict[str, str]:
@@ -58,3 +61,34 @@ def latest_intact(ckpt_dir: Path) -> Path | None:
         warnings.warn(f"checkpoint {folder} skipped: {problem}; trying the previous one",
                       stacklevel=2)
     return None
+
+
+def run_identity(head: str, model_config: dict, tokenizer) -> dict:
+    """What a checkpoint must have been trained as for a run to resume it: model type, head,
+    model config and tokenizer (class, size and a SHA-256 of its vocabulary)."""
+    vocab = "\n".join(f"{t}\t{i}" for t, i in sorted(tokenizer.get_vocab().items()))
+    return {"model_type": MODEL_TYPE, "head": head, "model": dict(model_config),
+            "tokenizer": {"class": type(tokenizer).__name__, "vocab_size": len(tokenizer),
+                          "vocab_sha256": hashlib.sha256(vocab.encode()).hexdigest()}}
+
+
+def resume_point(ckpt_dir: Path, identity: dict) -> Path | None:
+    """The newest intact checkpoint in `ckpt_dir`, or None. A checkpoint trained as something
+    else than `identity` (see run_identity) is refused with a ConfigError naming what differs."""
+    folder = latest_intact(ckpt_dir)
+    if folder is None:
+        return None
+    saved = yaml.safe_load((folder / PROGRESS).read_text()).get("identity")
+    if saved == identity:
+        return folder
+    if not isinstance(saved, dict):
+        what = "records no model identity (saved by another program or an older version)"
+    else:
+        differ = [k for k in identity if k != "model" and saved.get(k) != identity[k]]
+        saved_model = saved.get("model") if isinstance(saved.get("model"), dict) else {}
+        differ += [f"model.{k}" for k, v in identity["model"].items() if saved_model.get(k) != v]
+        what = f"was trained with another {', '.join(differ) or 'setup'} than this run"
+    raise ConfigError(
+        f"--resume: checkpoint {folder} {what}; resume with the config and tokenizer it was "
+        "made with, or choose another output_dir (nothing was changed)"
+    )

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import random
 import re
 from dataclasses import dataclass
@@ -149,7 +150,8 @@ def build_domain(dom: DomainConfig, cfg: DataConfig, tokenizer, cache_root: Path
         stats["passages"][split] = len(texts)
         stats["tokens"][split] = int(mask.sum())
         stats["blocks"][split] = len(ids)
-    tmp = folder.with_name(folder.name + ".tmp")
+    # a folder of this process's own: a build killed midway leaves only an unused .tmp folder
+    tmp = folder.with_name(f"{folder.name}.tmp{os.getpid()}")
     for split, ds in splits.items():
         ds.save_to_disk(str(tmp / split))
     (tmp / "stats.json").write_text(json.dumps(stats, indent=2))

@@ -5,17 +5,36 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hybridlm.checkpoints import PROGRESS, file_checksums, latest_intact, verify
+from hybridlm.checkpoints import (
+    PROGRESS,
+    file_checksums,
+    latest_intact,
+    resume_point,
+    run_identity,
+    verify,
+)
+from hybridlm.config import ConfigError
 
 
-def _checkpoint(root, step, payload=b"weights" * 1000):
+def _checkpoint(root, step, payload=b"weights" * 1000, identity=None):
     folder = root / f"step_{step:07d}"
     folder.mkdir(parents=True)
     (folder / "model.safetensors").write_bytes(payload)
     (folder / "optimizer.bin").write_bytes(payload[::-1])
-    (folder / PROGRESS).write_text(yaml.safe_dump({"step": step,
+    (folder / PROGRESS).write_text(yaml.safe_dump({"step": step, "identity": identity,
                                                    "files": file_checksums(folder)}))
     return folder
+
+
+class _Tokenizer:
+    def __init__(self, words):
+        self.vocab = {w: i for i, w in enumerate(words)}
+
+    def get_vocab(self):
+        return self.vocab
+
+    def __len__(self):
+        return len(self.vocab)
 
 
 def test_intact_checkpoint_verifies(tmp_path):
@@ -58,3 +77,27 @@ def test_falls_back_to_the_previous_checkpoint_with_a_warning(tmp_path):
     with pytest.warns(UserWarning, match="step_0000008 skipped"):
         assert latest_intact(tmp_path) == good
     assert latest_intact(tmp_path / "nothing") is None
+
+
+def test_resume_point_accepts_its_own_run_and_names_what_differs_otherwise(tmp_path):
+    words = ["[PAD]", "the", "cat"]
+    model = {"n_neurons": 256, "time_steps": 4}
+    ours = run_identity("spiking_pc", model, _Tokenizer(words))
+    folder = _checkpoint(tmp_path, 4, identity=yaml.safe_load(yaml.safe_dump(ours)))
+    assert resume_point(tmp_path, ours) == folder
+    assert resume_point(tmp_path / "none", ours) is None
+    cases = [
+        (run_identity("mlp", model, _Tokenizer(words)), "another head"),
+        (run_identity("spiking_pc", model | {"n_neurons": 512}, _Tokenizer(words)),
+         "another model.n_neurons"),
+        (run_identity("spiking_pc", model, _Tokenizer(words[::-1])), "another tokenizer"),
+    ]
+    for theirs, message in cases:
+        with pytest.raises(ConfigError, match=message):
+            resume_point(tmp_path, theirs)
+
+
+def test_resume_point_refuses_a_checkpoint_without_identity(tmp_path):
+    _checkpoint(tmp_path, 4)
+    with pytest.raises(ConfigError, match="records no model identity"):
+        resume_point(tmp_path, run_identity("mlp", {}, _Tokenizer(["a"])))

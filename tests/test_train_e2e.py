@@ -2,6 +2,8 @@
 
 import json
 import os
+import pickle
+import shutil
 import signal
 import subprocess
 import sys
@@ -9,6 +11,11 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from hybridlm.checkpoints import PROGRESS, file_checksums
 
 ROOT = Path(__file__).resolve().parent.parent
 TRAIN = [sys.executable, str(ROOT / "train" / "train.py")]
@@ -68,6 +75,14 @@ def test_training_lowers_validation_loss_and_writes_results(tmp_path, data_cache
                                                                           rel=1e-4)
 
 
+class _RunsCode:
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.path),))
+
+
 def test_killed_run_resumes_to_the_same_result(tmp_path, data_cache):
     common = ["train.heads=[spiking_pc]", "train.save_every=4", "train.epochs=2"]
     whole = tmp_path / "whole"
@@ -84,17 +99,46 @@ def test_killed_run_resumes_to_the_same_result(tmp_path, data_cache):
     proc.wait()
     assert not (part / "metrics.json").exists()
     # and the newest checkpoint is corrupt: resuming must notice and take the one before
-    newest = sorted(ckpts.glob("step_*/progress.yaml"))[-1].parent / "model.safetensors"
+    newest = sorted(ckpts.glob("step_*/progress.yaml"))[-1].parent
+    newest_step = int(newest.name.removeprefix("step_"))
+    newest = newest / "model.safetensors"
     data = bytearray(newest.read_bytes())
     data[len(data) // 3] ^= 0xFF
     newest.write_bytes(bytes(data))
     resumed = run_train(part, data_cache, *common, "--resume")
     assert "skipped: model.safetensors does not match its checksum" in resumed.stderr
-    a = json.loads((whole / "spiking_pc" / "metrics.json").read_text())
-    b = json.loads((part / "spiking_pc" / "metrics.json").read_text())
-    assert a["optimizer_steps"] == b["optimizer_steps"]
-    for domain, r in a["validation"].items():
-        assert b["validation"][domain]["perplexity"] == pytest.approx(r["perplexity"], rel=1e-3)
+    # bit for bit: weights, losses, perplexities and the order of the batches trained on
+    a, b = (load_file(run / "spiking_pc" / "model" / "model.safetensors") for run in (whole, part))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    a, b = (json.loads((run / "spiking_pc" / "metrics.json").read_text()) for run in (whole, part))
+    for key in a.keys() - {"epoch_seconds", "resumes"}:
+        assert a[key] == b[key], key
+    assert [r["from_step"] for r in b["resumes"]] == [newest_step - 4]
+    assert 0 < b["resumes"][0]["seconds_to_first_step"] < 120
+
+    # a checkpoint whose optimizer state would run code when unpickled (checksums updated, as
+    # an attacker would) is refused by torch.load(weights_only=True): the code never runs
+    marker = tmp_path / "pwned"
+    newest = sorted(ckpts.glob("step_*"))[-1]
+    (newest / "optimizer.bin").write_bytes(pickle.dumps(_RunsCode(str(marker)), protocol=2))
+    state = yaml.safe_load((newest / PROGRESS).read_text())
+    state["files"] = file_checksums(newest)
+    (newest / PROGRESS).write_text(yaml.safe_dump(state))
+    (part / "spiking_pc" / "metrics.json").unlink()
+    proc = run_train(part, data_cache, *common, "--resume", check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "cannot be loaded into this model (UnpicklingError" in proc.stderr
+    assert not marker.exists()
+
+    # a checkpoint of another head (model type) is refused before anything is touched
+    other = tmp_path / "other"
+    (other / "mlp").mkdir(parents=True)
+    shutil.copytree(ckpts, other / "mlp" / "checkpoints")
+    proc = run_train(other, data_cache, "train.heads=[mlp]", "--resume", check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "was trained with another head than this run" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert sorted(p.name for p in other.iterdir()) == ["mlp"]
 
 
 @pytest.mark.parametrize("override, message", [

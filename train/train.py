@@ -12,13 +12,16 @@ parameter-matched baseline see exactly the same tokens.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import math
+import pickle
 import shutil
 import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
 
+import psutil
 import torch
 import yaml
 from accelerate import Accelerator
@@ -28,7 +31,7 @@ from tqdm.auto import tqdm
 from transformers import AutoTokenizer, get_cosine_schedule_with_warmup
 
 from hybridlm import hub
-from hybridlm.checkpoints import PROGRESS, file_checksums, latest_intact
+from hybridlm.checkpoints import PROGRESS, file_checksums, latest_intact, resume_point, run_identity
 from hybridlm.config import ConfigError, RunConfig, load_config
 from hybridlm.corpora import DataError
 from hybridlm.data import build_corpora, format_report, subsample
@@ -93,8 +96,10 @@ def ranks_identical(accelerator: Accelerator, model) -> bool:
     return same
 
 
-def train_head(head, cfg, args, splits, caches, tokenizer, out: Path) -> dict:
-    """Train one head from the pretrained encoder; returns its metrics."""
+def train_head(head, cfg, args, splits, caches, tokenizer, out: Path, identity: dict,
+               resume_from: Path | None) -> dict:
+    """Train one head from the pretrained encoder, or continue it from the checkpoint
+    `resume_from`; returns its metrics."""
     head_dir = out / head
     ckpt_dir = head_dir / "checkpoints"
     t = cfg.train
@@ -122,15 +127,28 @@ def train_head(head, cfg, args, splits, caches, tokenizer, out: Path) -> dict:
     eval_every = t.eval_every or steps_per_epoch
     save_every = t.save_every or steps_per_epoch
 
+    # data_sha256 chains the block indices of every batch trained on, in order (all ranks'):
+    # equal digests mean a resumed run saw exactly the batches of an uninterrupted one.
     progress = {"step": 0, "epoch": 0, "batches_done": 0, "history": [], "epoch_seconds": [],
-                "skipped_steps": 0}
-    resume_from = latest_intact(ckpt_dir) if args.resume else None
+                "skipped_steps": 0, "data_sha256": "", "resumes": []}
     if resume_from is not None:
-        accelerator.load_state(str(resume_from))
+        try:
+            accelerator.load_state(str(resume_from))
+        except (RuntimeError, KeyError, ValueError, pickle.UnpicklingError) as e:
+            reason = str(e).strip().splitlines()[0][:300]
+            if isinstance(e, pickle.UnpicklingError):  # from torch.load(weights_only=True)
+                reason = "a state file holds objects that would run code when unpickled; refused"
+            raise ConfigError(
+                f"--resume: checkpoint {resume_from} cannot be loaded into this model "
+                f"({type(e).__name__}: {reason}); resume with the config it was made with, "
+                "or choose another output_dir"
+            ) from e
         progress = yaml.safe_load((resume_from / PROGRESS).read_text())
+        progress.pop("identity")
         scheduler.load_state_dict(progress.pop("scheduler"))
         if local is not None:
             local.gate.load_state_dict(progress.pop("gate"))
+            local.skipped = progress.pop("hebbian_skipped")
         progress.pop("files")
         accelerator.print(f"[{head}] resumed from {resume_from} (step {progress['step']})")
 
@@ -153,10 +171,11 @@ def train_head(head, cfg, args, splits, caches, tokenizer, out: Path) -> dict:
         accelerator.wait_for_everyone()  # save_state writes on rank 0 without waiting
         if accelerator.is_main_process:
             # written last: its presence marks the checkpoint complete
-            state = progress | {"scheduler": scheduler.state_dict(),
+            state = progress | {"scheduler": scheduler.state_dict(), "identity": identity,
                                 "files": file_checksums(folder)}
             if local is not None:
                 state["gate"] = local.gate.state_dict()
+                state["hebbian_skipped"] = local.skipped
             write_text_atomic(folder / PROGRESS, yaml.safe_dump(state))
             for old in sorted(ckpt_dir.glob("step_*"))[: -t.keep_checkpoints]:
                 shutil.rmtree(old, ignore_errors=True)
@@ -167,6 +186,7 @@ def train_head(head, cfg, args, splits, caches, tokenizer, out: Path) -> dict:
         accelerator.print(f"[{head}] before training, val ppl: "
                           + ", ".join(f"{d} {r['perplexity']:.1f}" for d, r in res.items()))
     model.train()
+    resuming = resume_from is not None
     bad_in_a_row = 0
     last_validation = None  # reused as the final validation when training ends on one
     for epoch in range(progress["epoch"], t.epochs):
@@ -181,6 +201,11 @@ def train_head(head, cfg, args, splits, caches, tokenizer, out: Path) -> dict:
                    initial=progress["batches_done"], total=len(train_loader),
                    mininterval=0.1 if sys.stderr.isatty() else 30)  # logs: a line per 30 s
         for batch in bar:
+            index = batch["index"]
+            if accelerator.num_processes > 1:
+                index = accelerator.gather(index)
+            progress["data_sha256"] = hashlib.sha256(
+                (progress["data_sha256"] + str(index.tolist())).encode()).hexdigest()
             with accelerator.accumulate(model):
                 feats = None
                 if train_cache is not None:
@@ -232,6 +257,13 @@ def train_head(head, cfg, args, splits, caches, tokenizer, out: Path) -> dict:
                 row |= plasticity
             tracker.log(row, step)
             bar.set_postfix(loss=f"{row['train/loss']:.3f}")
+            if resuming:  # restart to first new step: the cost of a crash, besides lost steps
+                resuming = False
+                seconds = time.time() - psutil.Process().create_time()
+                progress["resumes"].append({"from_step": step - 1,
+                                            "seconds_to_first_step": round(seconds, 2)})
+                accelerator.print(f"[{head}] resumed: first new step {step} done {seconds:.1f} s "
+                                  "after the process started")
             if step % 10 == 0:
                 progress["history"].append({"step": step} | row)
             if step % eval_every == 0 or step == total_steps:
@@ -264,6 +296,8 @@ def train_head(head, cfg, args, splits, caches, tokenizer, out: Path) -> dict:
         "validation": final["validation"],
         "test": final["test"],
         "history": progress["history"],
+        "data_sha256": progress["data_sha256"],
+        "resumes": progress["resumes"],
     }
     log_plots(tracker.run, Run(out, {}, {head: metrics}, cfg.to_dict()), step=progress["step"])
     tracker.summary({f"final/{s}/{d}/perplexity": r["perplexity"]
@@ -314,6 +348,11 @@ def main(argv=None) -> int:
                 f"config key 'data.block_size': {cfg.data.block_size} is longer than the "
                 f"encoder's {max_pos} positions; use data.block_size <= {max_pos}"
             )
+        identities = {h: run_identity(h, asdict(cfg.model), tokenizer)
+                      for h in cfg.train.heads}
+        resume_from = {h: resume_point(out / h / "checkpoints", identities[h])
+                       if args.resume else None
+                       for h in cfg.train.heads}
         accelerator = make_accelerator(cfg)
         with accelerator.main_process_first():
             domains = build_corpora(cfg.data, tokenizer, accelerator.is_local_main_process)
@@ -350,7 +389,11 @@ def main(argv=None) -> int:
             accelerator.print(f"[{head}] already finished: {done}")
             continue
         try:
-            results[head] = train_head(head, cfg, args, splits, caches, tokenizer, out)
+            results[head] = train_head(head, cfg, args, splits, caches, tokenizer, out,
+                                       identities[head], resume_from[head])
+        except ConfigError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
         except FloatingPointError as e:
             print(f"error: {e}", file=sys.stderr)
             return 3
