@@ -8,11 +8,22 @@ ours (hybridlm.kernels, auto backend) vs snntorch.Leaky stepped in a loop (tutor
 indexing x[t]), SpikingJelly 2.0 multistep LIFNode (if installed), the plain torch loop over
 x.unbind(0), and that loop under torch.compile. Each case runs in a fresh subprocess so that
 one peer's allocations do not change the next one's page-fault costs; times are medians.
+Every peer gets the same x and grad_s (seeded), runs the same step (x.grad = None; forward;
+backward(grad_s); the spikes are dropped after the backward, x.grad is kept until the next
+step) and the same warm-up rule.
 
-Byte model (fused fp32 layer): forward reads x, writes s and h (12 T N bytes); backward reads
-grad_s and h, writes grad_x (12 T N bytes): effective GB/s = 24 T N / time, compared with the
-copy bandwidth measured in the same run (1 GiB y.copy_(x), read + write counted).
-Peak memory: peak RSS growth during one forward+backward (VmHWM after /proc/self/clear_refs).
+Byte model (the least any fused fp32 layer moves): forward reads x, writes s (8 T N bytes);
+backward reads x (or a saved copy of the membrane) and grad_s, writes grad_x (12 T N bytes):
+effective GB/s = 20 T N / time, compared with the copy bandwidth measured in the same run
+(1 GiB y.copy_(x), read + write counted).
+Times are wall-clock medians; "CPU ms" is the median process CPU time of the same steps (all
+threads), which on a shared machine leaves out the time the process was descheduled.
+Peak extra memory: the most bytes of tensors allocated during one forward+backward that are
+alive at the same time (torch's CPU allocator counts them for the profiler: profile_memory),
+outputs included; the floor for any implementation is s + grad_x = 8 T N bytes. Allocator
+independent, so the same measure for every peer. Also recorded: RSS growth (VmHWM after
+/proc/self/clear_refs, minus VmRSS before the step), which depends on what the allocator kept
+from earlier steps and is not comparable across peers.
 
 Propagation: out = S @ W, M = 1024, K = 2048, N = 1024, float32, spike rate 0.1% .. 20%:
 event-driven (ours), dense (torch matmul), CSR (S.to_sparse_csr() @ W, conversion included).
@@ -32,6 +43,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PEERS = ("ours", "ours_kernels", "snntorch", "spikingjelly", "torch_loop", "compiled")
+BYTES_PER_NEURON_STEP = 20  # the byte model (module docstring)
 N_SMALL, N_LARGE = 98_304, 1_572_864
 
 
@@ -47,9 +59,10 @@ def _rss_kib(field: str) -> int:
 
 
 def _make_step(peer: str, T: int, N: int):
-    """Return (fn, x, g): fn() runs one forward+backward."""
+    """Return (step, x): step() runs one forward+backward (x.grad = None first)."""
     import torch
 
+    torch.manual_seed(0)
     x = torch.randn(T, N).requires_grad_()
     g = torch.randn(T, N)
     if peer in ("ours", "torch_loop", "compiled"):
@@ -67,16 +80,16 @@ def _make_step(peer: str, T: int, N: int):
         from hybridlm.kernels import _build
 
         shim = _build.load_shim()
-        s, h, gx = torch.empty_like(x), torch.empty_like(x), torch.empty_like(x)
+        s, gx = torch.empty_like(x), torch.empty_like(x)
         xd = x.detach()
         grid = -(-N // _build.SHIM_TILE)
         f32 = np.float32
 
         def fn():
-            shim.launch("hl::lif_fwd_tile<float,0,0,1>", grid, 1,
-                        (xd, s, h, np.int32(T), np.int64(N), f32(0.9), f32(1.0)))
-            shim.launch("hl::lif_bwd_tile<float,0,0,0>", grid, 1,
-                        (g, h, gx, np.int32(T), np.int64(N), f32(0.9), f32(1.0), f32(1.0),
+            shim.launch("hl::lif_fwd_tile<float,0,0>", grid, 1,
+                        (xd, s, np.int32(T), np.int64(N), f32(0.9), f32(1.0)))
+            shim.launch("hl::lif_bwd_tile<float,0,0,0,0>", grid, 1,
+                        (xd, g, gx, np.int32(T), np.int64(N), f32(0.9), f32(1.0), f32(1.0),
                          f32(np.pi)))
     elif peer == "snntorch":
         import snntorch as snn
@@ -105,7 +118,30 @@ def _make_step(peer: str, T: int, N: int):
     def step():
         x.grad = None
         fn()
-    return step
+    return step, x
+
+
+def _peak_live_mib(step, x) -> float | None:
+    """Peak bytes of tensors allocated during one step() and alive at once (MiB), from the
+    CPU allocator's own count (torch.profiler profile_memory). Allocator independent."""
+    import tempfile
+
+    from torch.profiler import ProfilerActivity, profile
+
+    x.grad = None  # freed before profiling starts: the step starts from the same live set
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "trace.json")
+        prof.export_chrome_trace(path)
+        events = json.loads(Path(path).read_text())["traceEvents"]
+    mem = [e["args"] for e in events if e.get("name") == "[memory]"
+           and e.get("args", {}).get("Device Type", 0) == 0]
+    if not mem:
+        return 0.0  # nothing allocated (the preallocated kernels-only case)
+    mem.sort(key=lambda a: a.get("Ev Idx", 0))
+    base = mem[0]["Total Allocated"] - mem[0]["Bytes"]
+    return (max(a["Total Allocated"] for a in mem) - base) / 2**20
 
 
 def run_case(peer: str, T: int, N: int, repeats: int) -> dict:
@@ -114,35 +150,48 @@ def run_case(peer: str, T: int, N: int, repeats: int) -> dict:
     if os.environ.get("OMP_NUM_THREADS"):
         torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
     try:
-        step = _make_step(peer, T, N)
+        step, x = _make_step(peer, T, N)
     except ImportError as e:
         return {"peer": peer, "T": T, "N": N, "skipped": f"{type(e).__name__}: {e}"}
     t0 = time.perf_counter()
     step()  # warm-up (compiles for torch.compile and the shim)
     first = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    step()
-    second = time.perf_counter() - t0
-    if second < 1.0:  # fast peers: settle the allocator (heap growth) before timing
-        for _ in range(4):
-            step()
-    times = []
-    for _ in range(repeats if second < 1.0 else max(3, repeats // 2)):
+    warm = [first]
+    if first < 20.0:
         t0 = time.perf_counter()
         step()
+        warm.append(time.perf_counter() - t0)
+    # Fast peers (under 1 s a step): settle the allocator (heap growth, page faults) before
+    # timing: at least 6 warm-up steps, then until the last 3 agree within 30% (at most 30).
+    # The same rule for every peer.
+    while warm[-1] < 1.0 and (len(warm) < 6 or max(warm[-3:]) > 1.3 * min(warm[-3:])) \
+            and len(warm) < 30:
+        t0 = time.perf_counter()
+        step()
+        warm.append(time.perf_counter() - t0)
+    times, cpu = [], []
+    for _ in range(repeats if warm[-1] < 1.0 else max(3, repeats // 2)):
+        t0, c0 = time.perf_counter(), time.process_time()
+        step()
         times.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
+    x.grad = None
     base = _rss_kib("VmRSS")
     try:
         Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM
         step()
-        peak = (_rss_kib("VmHWM") - base) / 1024
+        rss = (_rss_kib("VmHWM") - base) / 1024
     except OSError:
-        peak = None
+        rss = None
+    peak = _peak_live_mib(step, x)
     med = statistics.median(times)
     return {"peer": peer, "T": T, "N": N, "median_ms": med * 1e3,
             "times_ms": [t * 1e3 for t in times], "first_ms": first * 1e3,
-            "min_ms": min(times) * 1e3, "gbps": 24 * T * N / med / 1e9,
-            "peak_extra_mib": peak, "loadavg": os.getloadavg()[0],
+            "cpu_median_ms": statistics.median(cpu) * 1e3,
+            "warmup_ms": [t * 1e3 for t in warm],
+            "min_ms": min(times) * 1e3, "gbps": BYTES_PER_NEURON_STEP * T * N / med / 1e9,
+            "peak_extra_mib": peak, "rss_growth_mib": rss,
+            "floor_mib": 8 * T * N / 2**20, "loadavg": os.getloadavg()[0],
             "threads": torch.get_num_threads()}
 
 
@@ -210,24 +259,29 @@ def _sub(args: list[str], env_extra: dict | None = None, timeout: int = 900) -> 
 def markdown(result: dict) -> str:
     copy = result["copy"]["gbps"]
     out = [f"Copy bandwidth: {copy:.1f} GB/s (1 GiB y.copy_(x), read+write). Byte model "
-           "24*T*N bytes for forward+backward. Load average start/end: "
+           f"{BYTES_PER_NEURON_STEP}*T*N bytes for forward+backward. Peak extra: live tensor "
+           "bytes (floor s + grad_x = 8*T*N). Load average start/end: "
            f"{result.get('loadavg_start_end')}", "",
-           "| T | N | peer | fwd+bwd median ms | ours is Nx faster | effective GB/s "
-           "| % of copy | peak extra MiB |", "|---|---|---|---|---|---|---|---|"]
+           "| T | N | peer | fwd+bwd median ms | CPU ms | ours is Nx faster | effective GB/s "
+           "| % of copy | peak extra MiB | RSS growth MiB |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
     ours = {(r["T"], r["N"]): r["median_ms"] for r in result["lif"]
             if r.get("peer") == "ours" and "median_ms" in r and not r.get("variant")}
     for r in result["lif"]:
         if "median_ms" not in r:
             why = r.get("skipped") or r.get("error", "")[:60].replace("\n", " ")
             out.append(f"| {r.get('T')} | {r.get('N')} | {r.get('peer')} | skipped: {why} "
-                       "| | | | |")
+                       "| | | | | | |")
             continue
         o = ours.get((r["T"], r["N"]))
         ratio = f"{r['median_ms'] / o:.1f}x" if o else ""
         peak = f"{r['peak_extra_mib']:.0f}" if r.get("peak_extra_mib") is not None else ""
+        rss = f"{r['rss_growth_mib']:.0f}" if r.get("rss_growth_mib") is not None else ""
         label = r["peer"] + (" (" + r["variant"] + ")" if r.get("variant") else "")
-        out.append(f"| {r['T']} | {r['N']:,} | {label} | {r['median_ms']:.1f} | {ratio} | "
-                   f"{r['gbps']:.1f} | {100 * r['gbps'] / copy:.0f}% | {peak} |")
+        cpu = f"{r['cpu_median_ms']:.1f}" if r.get("cpu_median_ms") is not None else ""
+        out.append(f"| {r['T']} | {r['N']:,} | {label} | {r['median_ms']:.1f} | {cpu} | "
+                   f"{ratio} | {r['gbps']:.1f} | {100 * r['gbps'] / copy:.0f}% | {peak} | "
+                   f"{rss} |")
     out += ["", "| spike rate | event-driven ms | dense ms | CSR ms | fastest |",
             "|---|---|---|---|---|"]
     for r in result["propagation"]:
@@ -273,7 +327,8 @@ def main() -> None:
     load0 = os.getloadavg()
     result = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
                           "torch": torch.__version__, "threads": torch.get_num_threads()},
-              "byte_model": "24*T*N bytes for LIF forward+backward (fp32)",
+              "byte_model": f"{BYTES_PER_NEURON_STEP}*T*N bytes for LIF forward+backward "
+                            "(fp32)",
               "copy": _sub(["--copy"]), "lif": []}
     Ts = (16,) if a.quick else (8, 16, 32)
     peers = a.peers.split(",")

@@ -13,7 +13,9 @@ Steps (each one's outcome is recorded even when an earlier one failed):
    gradients max abs difference.
 4. sanitizer: compute-sanitizer --tool memcheck on a small run of every kernel.
 5. bench: LIF forward+backward (T = 16, 32; N = 1.57M, 16.8M) ours vs torch loop, the loop
-   under torch.compile, snntorch; effective GB/s (24*T*N bytes) vs device copy bandwidth;
+   under torch.compile, snntorch; effective GB/s (20*T*N bytes: forward reads x, writes s;
+   backward reads x and grad_s, writes grad_x) vs device copy bandwidth; peak extra memory
+   (torch.cuda.max_memory_allocated over the timed steps, from x.grad = None);
    spike propagation event vs dense cuBLAS vs CSR over spike rates -> the CUDA crossover to
    store in hybridlm/kernels/ops.py SPIKE_MATMUL_CROSSOVER["cuda"].
 """
@@ -138,8 +140,10 @@ def sanitizer_subset() -> None:
 
     for dyn in ("standard", "snntorch"):
         for reset in ("subtract", "zero"):
-            x = torch.randn(5, 3, 1001, device="cuda", requires_grad=True)
-            lif_multistep(x, 0.9, 0.7, reset=reset, dynamics=dyn, backend="cuda").sum().backward()
+            for T in (5, 37):  # 37: the backward's checkpoint pass and a partial segment
+                x = torch.randn(T, 3, 1001, device="cuda", requires_grad=True)
+                lif_multistep(x, 0.9, 0.7, reset=reset, dynamics=dyn,
+                              backend="cuda").sum().backward()
     I, v, r = (torch.randn(3, 777, device="cuda", requires_grad=True) for _ in range(3))  # noqa: E741
     sum(o.sum() for o in pc_step(I, v, r, 0.9, 0.7, 0.8, backend="cuda")).backward()
     S = (torch.rand(33, 300, device="cuda") < 0.1).float().requires_grad_()
@@ -220,11 +224,13 @@ def _bench_lif(T: int, N: int, copy_gbps: float) -> list[dict]:
         pass
     for name, fn in fns.items():
         try:
+            x.grad = None  # every peer starts from the same live set
+            torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
             base = torch.cuda.memory_allocated()
             ms = _cuda_time(fn, 3 if name == "snntorch" else 10)
             peak = (torch.cuda.max_memory_allocated() - base) / 2**20
-            gbps = 24 * T * N / ms / 1e6
+            gbps = 20 * T * N / ms / 1e6
             rows.append({"T": T, "N": N, "peer": name, "median_ms": ms, "gbps": gbps,
                          "pct_copy": 100 * gbps / copy_gbps, "peak_extra_mib": peak})
         except Exception as e:  # noqa: BLE001
@@ -253,7 +259,7 @@ def _bench_propagation() -> list[dict]:
 
 def step_bench(quick: bool) -> dict:
     copy_gbps = _copy_gbps()
-    out = {"copy_gbps": copy_gbps, "byte_model": "24*T*N bytes (LIF fwd+bwd, fp32)", "lif": []}
+    out = {"copy_gbps": copy_gbps, "byte_model": "20*T*N bytes (LIF fwd+bwd, fp32)", "lif": []}
     sizes = [(16, 1_572_864), (32, 16_777_216)] if not quick else [(16, 1_572_864)]
     for T, N in sizes:
         out["lif"] += _bench_lif(T, N, copy_gbps)

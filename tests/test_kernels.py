@@ -79,12 +79,12 @@ def test_signature_table_matches_compiled_sources():
 def test_shim_insists_on_exact_scalar_types():
     shim = _build.load_shim()
     x = torch.zeros(2, 5)
-    s, h = torch.empty_like(x), torch.empty_like(x)
-    name = "hl::lif_fwd<float,0,0,1>"
-    good = (x, s, h, np.int32(2), np.int64(5), np.float32(0.9), np.float32(0.7))
+    s = torch.empty_like(x)
+    name = "hl::lif_fwd<float,0,0>"
+    good = (x, s, np.int32(2), np.int64(5), np.float32(0.9), np.float32(0.7))
     shim.launch(name, 1, 32, good)
     assert torch.equal(s, torch.zeros_like(x))
-    for j, bad in ((3, 2), (3, np.int64(2)), (4, 5), (5, 0.9), (5, np.float64(0.9))):
+    for j, bad in ((2, 2), (2, np.int64(2)), (3, 5), (4, 0.9), (4, np.float64(0.9))):
         args = list(good)
         args[j] = bad
         with pytest.raises(TypeError, match=f"argument {j} .*expected numpy"):
@@ -95,7 +95,7 @@ def test_shim_insists_on_exact_scalar_types():
         shim.launch(name, 1, 32, (x.double(), *good[1:]))
     with pytest.raises(TypeError, match="not contiguous"):
         shim.launch(name, 1, 32, (torch.zeros(5, 2).t(), *good[1:]))
-    with pytest.raises(TypeError, match="takes 7 arguments"):
+    with pytest.raises(TypeError, match="takes 6 arguments"):
         shim.launch(name, 1, 32, good[:-1])
 
 
@@ -153,9 +153,46 @@ def test_lif_large_multithreaded_tiles():
 
 @needs_cxx
 @pytest.mark.parametrize("backend", SHIM_BACKENDS)
+@pytest.mark.parametrize("T", [1, 16, 17, 37, 100])
+@pytest.mark.parametrize("dynamics,reset,detach", [("standard", "subtract", False),
+                                                   ("standard", "zero", False),
+                                                   ("standard", "zero", True),
+                                                   ("snntorch", "subtract", False),
+                                                   ("snntorch", "zero", False)])
+def test_lif_backward_recompute_any_T(backend, T, dynamics, reset, detach):
+    # The backward recomputes h from x: on the GPU kernels in segments of HL_SEG = 16 steps
+    # (checkpoints in gx when T > 16; T = 17, 37 leave a partial last segment), on the CPU
+    # tiles in sub-tiles narrower than the tile when T is large (T = 100: 640 of 1024 lanes).
+    x = _x((T, 1311), seed=20 + T)
+    kw = dict(reset=reset, detach_reset=detach, dynamics=dynamics)
+    s_ref = ref.lif_multistep_reference(x, 0.9, THETA, **kw)
+    s = lif_multistep(x, 0.9, THETA, backend=backend, **kw)
+    assert torch.equal(s, s_ref)
+    g = torch.randn_like(s)
+    torch.testing.assert_close(torch.autograd.grad(s, x, g)[0],
+                               torch.autograd.grad(s_ref, x, g)[0], rtol=0, atol=1e-5)
+
+
+@needs_cxx
+def test_lif_saves_only_x_and_checks_versions():
+    # Nothing is allocated for the backward: autograd holds x itself (same storage).
+    x = _x((4, 300))
+    s = lif_multistep(x, 0.9, THETA, backend="cpu_shim")
+    (saved,) = s.grad_fn.saved_tensors
+    assert saved.data_ptr() == x.data_ptr() and saved.shape == x.shape
+    y = x.detach().clone().requires_grad_()
+    s = lif_multistep(y, 0.9, THETA, backend="cpu_shim")
+    with torch.no_grad():
+        y.add_(1.0)  # h can no longer be recomputed from y: autograd must refuse
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        s.sum().backward()
+
+
+@needs_cxx
+@pytest.mark.parametrize("backend", SHIM_BACKENDS)
 @pytest.mark.parametrize("reset", ref.RESETS)
 def test_lif_float64_gradients_exact(backend, reset):
-    x = _x((6, 257), seed=3, dtype=torch.float64)
+    x = _x((37, 257), seed=3, dtype=torch.float64)  # 3 GPU segments, one partial
     s_ref = ref.lif_multistep_reference(x, 0.8, THETA, reset=reset)
     s = lif_multistep(x, 0.8, THETA, reset=reset, backend=backend)
     assert s.dtype == torch.float64 and torch.equal(s, s_ref)
@@ -406,7 +443,8 @@ asan = pytest.mark.skipif(not HAVE_CXX or _libasan() is None or os.environ.get(
 def test_shim_under_address_sanitizer(tmp_path):
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--capture=sys",
            __file__, "-k", "shim_matches_reference or "
-           "large_multithreaded or pc_step_matches or spike_matmul_event or float64"]
+           "large_multithreaded or pc_step_matches or spike_matmul_event or float64 or "
+           "recompute"]
     res = subprocess.run(cmd, env=_asan_env(tmp_path), capture_output=True, text=True,
                          timeout=300)
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
@@ -422,9 +460,9 @@ def test_address_sanitizer_catches_overflow(tmp_path):
     code = (
         "import numpy as np, torch\n"
         "from hybridlm.kernels import _build\n"
-        "x = torch.zeros(2, 100); s = torch.empty_like(x); h = torch.empty_like(x)\n"
-        "_build.load_shim().launch('hl::lif_fwd<float,0,0,1>', 1, 128,\n"
-        "    (x, s, h, np.int32(2), np.int64(128), np.float32(0.9), np.float32(0.7)))\n")
+        "x = torch.zeros(2, 100); s = torch.empty_like(x)\n"
+        "_build.load_shim().launch('hl::lif_fwd<float,0,0>', 1, 128,\n"
+        "    (x, s, np.int32(2), np.int64(128), np.float32(0.9), np.float32(0.7)))\n")
     res = subprocess.run([sys.executable, "-c", code], env=_asan_env(tmp_path),
                          capture_output=True, text=True, timeout=300)
     assert res.returncode != 0

@@ -47,12 +47,18 @@ def _bits(n: int) -> list[tuple[int, ...]]:
     return list(itertools.product((0, 1), repeat=n))
 
 
+def _lif_bwd_bits() -> list[tuple[int, ...]]:
+    """(DYN, RESET, DETACH, SURR) of the LIF backward: the snntorch dynamics (DYN = 1) are
+    always detached, so only DETACH = 1 is instantiated for them."""
+    return [b for b in _bits(4) if not (b[0] == 1 and b[2] == 0)]
+
+
 def gpu_kernel_names() -> list[str]:
     """Name expressions of every GPU kernel instantiation (as NVRTC/CuPy spell them)."""
     names = []
     for c in CTYPES.values():
-        names += [f"hl::lif_fwd<{c},{d},{r},{sv}>" for d, r, sv in _bits(3)]
-        names += [f"hl::lif_bwd<{c},{r},{dt},{sg}>" for r, dt, sg in _bits(3)]
+        names += [f"hl::lif_fwd<{c},{d},{r}>" for d, r in _bits(2)]
+        names += [f"hl::lif_bwd<{c},{d},{r},{dt},{sg}>" for d, r, dt, sg in _lif_bwd_bits()]
         names += [f"hl::pc_fwd<{c},{r}>" for (r,) in _bits(1)]
         names += [f"hl::pc_bwd<{c},{r},{dt},{sg}>" for r, dt, sg in _bits(3)]
         names += [f"hl::spike_matmul_fwd<{c}>", f"hl::spike_matmul_grad_w<{c}>"]
@@ -63,8 +69,9 @@ def cpu_kernel_names() -> list[str]:
     """Name expressions of the CPU-only tile kernels (compiled only by the shim)."""
     names = []
     for c in CTYPES.values():
-        names += [f"hl::lif_fwd_tile<{c},{d},{r},{sv}>" for d, r, sv in _bits(3)]
-        names += [f"hl::lif_bwd_tile<{c},{r},{dt},{sg}>" for r, dt, sg in _bits(3)]
+        names += [f"hl::lif_fwd_tile<{c},{d},{r}>" for d, r in _bits(2)]
+        names += [f"hl::lif_bwd_tile<{c},{d},{r},{dt},{sg}>"
+                  for d, r, dt, sg in _lif_bwd_bits()]
         names += [f"hl::pc_fwd_tile<{c},{r}>" for (r,) in _bits(1)]
         names += [f"hl::pc_bwd_tile<{c},{r},{dt},{sg}>" for r, dt, sg in _bits(3)]
         names += [f"hl::spike_matmul_fwd_rows<{c}>", f"hl::spike_matmul_grad_w_rows<{c}>"]
@@ -75,8 +82,8 @@ def cpu_kernel_names() -> list[str]:
 # launchers check scalars against this table on every backend; a test checks it against the
 # signatures the C++ compiler derives from the sources, so the two cannot drift apart.
 _PARAMS = {
-    "lif_fwd": "F*,F*,F*,int32,int64,F,F",
-    "lif_bwd": "F*,F*,F*,int32,int64,F,F,F,F",
+    "lif_fwd": "F*,F*,int32,int64,F,F",  # x, s, T, N, beta, theta
+    "lif_bwd": "F*,F*,F*,int32,int64,F,F,F,F",  # x, gs, gx, T, N, beta, theta, sa, sb
     "pc_fwd": "F*,F*,F*,F*,F*,F*,F*,int64,F,F,F,F",
     "pc_bwd": "F*,F*,F*,F*,F*,F*,F*,int64,F,F,F,F,F,F",
     "spike_matmul_fwd": "F*,F*,F*,int32,int32,int32",

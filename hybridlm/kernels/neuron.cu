@@ -21,8 +21,18 @@
 // FMA: spikes then equal a float32 torch loop (and snntorch) bit for bit on CPU and GPU,
 // whatever NVRTC's --fmad setting.
 //
+// Saved state: none. The forward writes only s; the backward takes x again (the caller holds
+// it) and recomputes h_t with the same step function, bit for bit, before walking time down:
+//   GPU (one thread per neuron): time in segments of HL_SEG steps. When T > HL_SEG, a first
+//     pass runs the forward and leaves the state entering each later segment in gx, at that
+//     segment's first row (overwritten later by that row's own gradient); then, last segment
+//     first, the segment's h is recomputed into registers (HL_SEG of them, unrolled) and the
+//     segment is walked backward. T <= HL_SEG: x is read once, no first pass.
+//   CPU (under the shim): the same, with a 64-byte vector of neurons (16 floats, 8 doubles)
+//     in place of a thread and the 16 steps of a segment unrolled (h in vector registers).
+//
 // Template parameters: F (float|double), DYN (0 standard, 1 snntorch), RESET (0 subtract,
-// 1 zero), SAVE_H (write h for backward), DETACH (reset carries no gradient), SURR (0 atan,
+// 1 zero), DETACH (reset carries no gradient; forced on for DYN = 1), SURR (0 atan,
 // 1 fast_sigmoid).
 
 namespace hl {
@@ -78,30 +88,64 @@ __device__ __forceinline__ F lif_bwd_step(F gs, F h, F& gv, F beta, F theta, F s
 
 // ---- GPU kernels: one thread per neuron, looping over time, state in registers. ----
 
-template <typename F, int DYN, int RESET, int SAVE_H>
-__global__ void lif_fwd(const F* __restrict__ x, F* __restrict__ s, F* __restrict__ h,
-                        int T, long long N, F beta, F theta) {
+#ifndef HL_SEG
+#define HL_SEG 16
+#endif
+
+template <typename F, int DYN, int RESET>
+__global__ void lif_fwd(const F* __restrict__ x, F* __restrict__ s, int T, long long N, F beta,
+                        F theta) {
   const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
   if (i >= N) return;
   F v = F(0), sp = F(0);
   for (int t = 0; t < T; ++t) {
     const long long o = (long long)t * N + i;
-    const F ht = lif_fwd_step<F, DYN, RESET>(x[o], v, sp, beta, theta);
+    lif_fwd_step<F, DYN, RESET>(x[o], v, sp, beta, theta);
     s[o] = sp;
-    if (SAVE_H) h[o] = ht;
   }
 }
 
-// snntorch dynamics use DETACH = 1 here (their reset is detached by construction).
-template <typename F, int RESET, int DETACH, int SURR>
-__global__ void lif_bwd(const F* __restrict__ gs, const F* __restrict__ h,
-                        F* __restrict__ gx, int T, long long N, F beta, F theta, F sa, F sb) {
+// The state a segment starts from, as stored by the first pass: v (standard: v_{t0-1};
+// snntorch: h_{t0-1}); the snntorch dynamics also need the previous spike, H(v - theta) with
+// the forward's own expression (exact: v is that step's h).
+template <typename F, int DYN>
+__device__ __forceinline__ F lif_prev_spike(F v, F theta) {
+  return (DYN == 1 && v - theta > F(0)) ? F(1) : F(0);
+}
+
+// snntorch dynamics take DETACH = 1 (their reset is detached by construction; forced here).
+template <typename F, int DYN, int RESET, int DETACH, int SURR>
+__global__ void lif_bwd(const F* __restrict__ x, const F* __restrict__ gs, F* __restrict__ gx,
+                        int T, long long N, F beta, F theta, F sa, F sb) {
+  constexpr int DET = DYN == 1 ? 1 : DETACH;
   const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
   if (i >= N) return;
+  const int last = (T - 1) / HL_SEG * HL_SEG;  // first step of the last segment
+  if (last > 0) {  // first pass: checkpoints into gx
+    F v = F(0), sp = F(0);
+    for (int t = 0; t < last; ++t) {
+      if (t > 0 && t % HL_SEG == 0) gx[(long long)t * N + i] = v;
+      lif_fwd_step<F, DYN, RESET>(x[(long long)t * N + i], v, sp, beta, theta);
+    }
+    gx[(long long)last * N + i] = v;
+  }
   F gv = F(0);
-  for (int t = T - 1; t >= 0; --t) {
-    const long long o = (long long)t * N + i;
-    gx[o] = lif_bwd_step<F, RESET, DETACH, SURR>(gs[o], h[o], gv, beta, theta, sa, sb);
+  for (int t0 = last; t0 >= 0; t0 -= HL_SEG) {
+    F v = t0 > 0 ? gx[(long long)t0 * N + i] : F(0);
+    F sp = t0 > 0 ? lif_prev_spike<F, DYN>(v, theta) : F(0);
+    F hr[HL_SEG];
+#pragma unroll
+    for (int j = 0; j < HL_SEG; ++j) {
+      if (t0 + j < T)
+        hr[j] = lif_fwd_step<F, DYN, RESET>(x[(long long)(t0 + j) * N + i], v, sp, beta, theta);
+    }
+#pragma unroll
+    for (int j = HL_SEG - 1; j >= 0; --j) {
+      if (t0 + j < T) {
+        const long long o = (long long)(t0 + j) * N + i;
+        gx[o] = lif_bwd_step<F, RESET, DET, SURR>(gs[o], hr[j], gv, beta, theta, sa, sb);
+      }
+    }
   }
 }
 
@@ -141,55 +185,186 @@ __global__ void pc_bwd(const F* __restrict__ gs, const F* __restrict__ gv_out,
 }
 
 #ifdef HL_CPU_SHIM
-// ---- CPU schedule (compiled only by the shim): the same step functions, time-major over a
-// tile of HL_TILE consecutive neurons, so each step streams contiguous memory and the lane
-// loop vectorises. Launch with block = 1 and grid = ceil(N / HL_TILE).
+// ---- CPU schedule (compiled only by the shim): the same step functions; each task takes a
+// tile of HL_TILE consecutive neurons and walks it in vector-wide chunks (below). Launch with
+// block = 1 and grid = ceil(N / HL_TILE).
 #ifndef HL_TILE
 #define HL_TILE 1024
 #endif
 
-template <typename F, int DYN, int RESET, int SAVE_H>
-__global__ void lif_fwd_tile(const F* __restrict__ x, F* __restrict__ s, F* __restrict__ h,
-                             int T, long long N, F beta, F theta) {
-  const long long i0 = ((long long)blockIdx.x * blockDim.x + threadIdx.x) * HL_TILE;
-  if (i0 >= N) return;
-  const int n = (N - i0 < HL_TILE) ? (int)(N - i0) : HL_TILE;
-  F v[HL_TILE], sp[HL_TILE];
-  for (int l = 0; l < n; ++l) v[l] = sp[l] = F(0);
-  for (int t = 0; t < T; ++t) {
-    const long long o = (long long)t * N + i0;
-    const F* __restrict__ xt = x + o;
-    F* __restrict__ st = s + o;
-    F* __restrict__ ht = h + o;
+// Lanes per CPU chunk: one 64-byte vector (16 floats, 8 doubles).
+template <typename F>
+struct hl_chunk {
+  static constexpr int VL = 64 / (int)sizeof(F);
+};
+
+// The CPU mirrors the GPU schedule with a vector of VL neurons in place of a thread: a chunk
+// walks all T rows (one cache line of each), its state in registers. Time goes in segments of
+// 16 steps; a full segment is unrolled with no condition inside, so the loads of its 16 rows
+// issue together and the segment's h stays in 16 vector registers (the last, partial segment
+// of T % 16 steps takes plain loops). HL_SEG must be 16 for the unroll pragmas below.
+static_assert(HL_SEG == 16, "the CPU chunk kernels unroll 16 steps");
+
+// LEN steps of the forward from row t0 (LEN = HL_SEG: unrolled; 0: len steps, a loop); with
+// H, h_j is kept in hr[j]; with S, spikes are written to s.
+template <typename F, int DYN, int RESET, int LEN, bool H, bool S>
+__device__ __forceinline__ void lif_fwd_segment(const F* __restrict__ x, F* __restrict__ s,
+                                                F (*__restrict__ hr)[hl_chunk<F>::VL],
+                                                int t0, int len, long long N, long long c,
+                                                F* __restrict__ v, F* __restrict__ sp, F beta,
+                                                F theta) {
+  constexpr int VL = hl_chunk<F>::VL;
+  const int n = LEN ? LEN : len;
+#pragma GCC unroll 16
+  for (int j = 0; j < n; ++j) {
+    const long long o = (long long)(t0 + j) * N + c;
 #pragma omp simd
-    for (int l = 0; l < n; ++l) {
-      const F hh = lif_fwd_step<F, DYN, RESET>(xt[l], v[l], sp[l], beta, theta);
-      st[l] = sp[l];
-      if (SAVE_H) ht[l] = hh;
+    for (int l = 0; l < VL; ++l) {
+      const F h = lif_fwd_step<F, DYN, RESET>(x[o + l], v[l], sp[l], beta, theta);
+      if (H) hr[j][l] = h;
+      if (S) s[o + l] = sp[l];
     }
   }
 }
 
-template <typename F, int RESET, int DETACH, int SURR>
-__global__ void lif_bwd_tile(const F* __restrict__ gs, const F* __restrict__ h,
-                             F* __restrict__ gx, int T, long long N, F beta, F theta, F sa,
-                             F sb) {
-  const long long i0 = ((long long)blockIdx.x * blockDim.x + threadIdx.x) * HL_TILE;
-  if (i0 >= N) return;
-  const int n = (N - i0 < HL_TILE) ? (int)(N - i0) : HL_TILE;
-  F gv[HL_TILE];
-  for (int l = 0; l < n; ++l) gv[l] = F(0);
-  for (int t = T - 1; t >= 0; --t) {
-    const long long o = (long long)t * N + i0;
-    const F* __restrict__ gst = gs + o;
-    const F* __restrict__ ht = h + o;
-    F* __restrict__ gxt = gx + o;
+template <typename F, int RESET, int DET, int SURR, int LEN>
+__device__ __forceinline__ void lif_bwd_segment(const F* __restrict__ gs, F* __restrict__ gx,
+                                                F (*__restrict__ hr)[hl_chunk<F>::VL],
+                                                int t0, int len, long long N, long long c,
+                                                F* __restrict__ gv, F beta, F theta, F sa,
+                                                F sb) {
+  constexpr int VL = hl_chunk<F>::VL;
+  const int n = LEN ? LEN : len;
+#pragma GCC unroll 16
+  for (int j = n - 1; j >= 0; --j) {
+    const long long o = (long long)(t0 + j) * N + c;
 #pragma omp simd
-    for (int l = 0; l < n; ++l) {
-      gxt[l] = lif_bwd_step<F, RESET, DETACH, SURR>(gst[l], ht[l], gv[l], beta, theta, sa, sb);
+    for (int l = 0; l < VL; ++l)
+      gx[o + l] = lif_bwd_step<F, RESET, DET, SURR>(gs[o + l], hr[j][l], gv[l], beta, theta, sa,
+                                                    sb);
+  }
+}
+
+template <typename F, int DYN, int RESET>
+__device__ __forceinline__ void lif_fwd_chunk(const F* __restrict__ x, F* __restrict__ s, int T,
+                                              long long N, long long c, F beta, F theta) {
+  constexpr int VL = hl_chunk<F>::VL;
+  F v[VL], sp[VL];
+#pragma omp simd
+  for (int l = 0; l < VL; ++l) v[l] = sp[l] = F(0);
+  int t0 = 0;
+  for (; t0 + HL_SEG <= T; t0 += HL_SEG)
+    lif_fwd_segment<F, DYN, RESET, HL_SEG, false, true>(x, s, nullptr, t0, 0, N, c, v, sp, beta,
+                                                        theta);
+  if (t0 < T)
+    lif_fwd_segment<F, DYN, RESET, 0, false, true>(x, s, nullptr, t0, T - t0, N, c, v, sp, beta,
+                                                   theta);
+}
+
+// Backward of one chunk, as the GPU lif_bwd: checkpoints of the state at segment starts in
+// gx (only when T > 16), then per segment, last first: recompute h into registers, walk back.
+template <typename F, int DYN, int RESET, int DET, int SURR>
+__device__ __forceinline__ void lif_bwd_chunk(const F* __restrict__ x, const F* __restrict__ gs,
+                                              F* __restrict__ gx, int T, long long N,
+                                              long long c, F beta, F theta, F sa, F sb) {
+  constexpr int VL = hl_chunk<F>::VL;
+  const int last = (T - 1) / HL_SEG * HL_SEG;
+  F v[VL], sp[VL], gv[VL];
+  if (last > 0) {
+#pragma omp simd
+    for (int l = 0; l < VL; ++l) v[l] = sp[l] = F(0);
+    for (int t0 = 0; t0 < last; t0 += HL_SEG) {
+      if (t0 > 0) {
+#pragma omp simd
+        for (int l = 0; l < VL; ++l) gx[(long long)t0 * N + c + l] = v[l];
+      }
+      lif_fwd_segment<F, DYN, RESET, HL_SEG, false, false>(x, nullptr, nullptr, t0, 0, N, c, v,
+                                                           sp, beta, theta);
+    }
+#pragma omp simd
+    for (int l = 0; l < VL; ++l) gx[(long long)last * N + c + l] = v[l];
+  }
+#pragma omp simd
+  for (int l = 0; l < VL; ++l) gv[l] = F(0);
+  for (int t0 = last; t0 >= 0; t0 -= HL_SEG) {
+#pragma omp simd
+    for (int l = 0; l < VL; ++l) {
+      v[l] = t0 > 0 ? gx[(long long)t0 * N + c + l] : F(0);
+      sp[l] = t0 > 0 ? lif_prev_spike<F, DYN>(v[l], theta) : F(0);
+    }
+    // Separate arrays: the partial segment indexes its own by a runtime j, which would
+    // otherwise keep the full segment's h on the stack too.
+    if (t0 + HL_SEG <= T) {
+      F hr[HL_SEG][VL];
+      lif_fwd_segment<F, DYN, RESET, HL_SEG, true, false>(x, nullptr, hr, t0, 0, N, c, v, sp,
+                                                          beta, theta);
+      lif_bwd_segment<F, RESET, DET, SURR, HL_SEG>(gs, gx, hr, t0, 0, N, c, gv, beta, theta, sa,
+                                                   sb);
+    } else {
+      F hp[HL_SEG][VL];
+      lif_fwd_segment<F, DYN, RESET, 0, true, false>(x, nullptr, hp, t0, T - t0, N, c, v, sp,
+                                                     beta, theta);
+      lif_bwd_segment<F, RESET, DET, SURR, 0>(gs, gx, hp, t0, T - t0, N, c, gv, beta, theta, sa,
+                                              sb);
     }
   }
 }
+
+// Tile kernels: HL_TILE neurons per block (launch with block = 1, grid = ceil(N / HL_TILE)),
+// full chunks of VL lanes as above; the last n % VL lanes of the last tile take a plain
+// per-step loop over those lanes (same step functions, same results).
+template <typename F, int DYN, int RESET>
+__global__ void lif_fwd_tile(const F* __restrict__ x, F* __restrict__ s, int T, long long N,
+                             F beta, F theta) {
+  constexpr int VL = hl_chunk<F>::VL;
+  const long long i0 = ((long long)blockIdx.x * blockDim.x + threadIdx.x) * HL_TILE;
+  if (i0 >= N) return;
+  const int n = (N - i0 < HL_TILE) ? (int)(N - i0) : HL_TILE;
+  const int nfull = n / VL * VL;
+  for (int c = 0; c < nfull; c += VL) lif_fwd_chunk<F, DYN, RESET>(x, s, T, N, i0 + c, beta, theta);
+  const int m = n - nfull;
+  if (m == 0) return;
+  F v[VL], sp[VL];
+  for (int l = 0; l < m; ++l) v[l] = sp[l] = F(0);
+  for (int t = 0; t < T; ++t) {
+    const long long o = (long long)t * N + i0 + nfull;
+    for (int l = 0; l < m; ++l) {
+      lif_fwd_step<F, DYN, RESET>(x[o + l], v[l], sp[l], beta, theta);
+      s[o + l] = sp[l];
+    }
+  }
+}
+
+template <typename F, int DYN, int RESET, int DETACH, int SURR>
+__global__ void lif_bwd_tile(const F* __restrict__ x, const F* __restrict__ gs,
+                             F* __restrict__ gx, int T, long long N, F beta, F theta, F sa,
+                             F sb) {
+  constexpr int DET = DYN == 1 ? 1 : DETACH;
+  constexpr int VL = hl_chunk<F>::VL;
+  const long long i0 = ((long long)blockIdx.x * blockDim.x + threadIdx.x) * HL_TILE;
+  if (i0 >= N) return;
+  const int n = (N - i0 < HL_TILE) ? (int)(N - i0) : HL_TILE;
+  const int nfull = n / VL * VL;
+  for (int c = 0; c < nfull; c += VL)
+    lif_bwd_chunk<F, DYN, RESET, DET, SURR>(x, gs, gx, T, N, i0 + c, beta, theta, sa, sb);
+  const int m = n - nfull;
+  if (m == 0) return;
+  // The remaining m < VL lanes: h parked in gx's own rows, then walked back (overwritten).
+  F v[VL], sp[VL], gv[VL];
+  for (int l = 0; l < m; ++l) v[l] = sp[l] = gv[l] = F(0);
+  for (int t = 0; t < T; ++t) {
+    const long long o = (long long)t * N + i0 + nfull;
+    for (int l = 0; l < m; ++l) gx[o + l] = lif_fwd_step<F, DYN, RESET>(x[o + l], v[l], sp[l],
+                                                                        beta, theta);
+  }
+  for (int t = T - 1; t >= 0; --t) {
+    const long long o = (long long)t * N + i0 + nfull;
+    for (int l = 0; l < m; ++l)
+      gx[o + l] = lif_bwd_step<F, RESET, DET, SURR>(gs[o + l], gx[o + l], gv[l], beta, theta, sa,
+                                                    sb);
+  }
+}
+
 // pc_fwd / pc_bwd over a tile of HL_TILE consecutive neurons (same step functions).
 template <typename F, int RESET>
 __global__ void pc_fwd_tile(const F* __restrict__ I, const F* __restrict__ v,

@@ -7,7 +7,8 @@ Backends (argument ``backend=`` or env ``HYBRIDLM_BACKEND``; the argument wins):
   (docs/kernels.md, bench/bench_kernels.py).
 - ``cuda``: the .cu kernels through CuPy (NVRTC), on torch's current stream, zero-copy.
 - ``cpu_shim``: the same .cu source compiled for the CPU with cuda_shim.h; the LIF runs the
-  CPU tile schedule (time-major over 1024-neuron tiles, vectorised) of the same step functions.
+  CPU tile schedule of the same step functions (1024-neuron tiles walked in 16-lane vector
+  chunks, 16 time steps unrolled in registers).
 - ``cpu_shim_grid``: the GPU kernels themselves run on the CPU, one loop iteration per CUDA
   thread (slow; it exists to test the exact GPU code paths without a GPU).
 - ``torch``: the plain-torch reference loop over ``x.unbind(0)`` (any device).
@@ -146,26 +147,39 @@ def _grid(n: int, backend: str) -> tuple[int, int, bool]:
 
 
 _HUGEPAGE_MIN = 4 << 20
-_madvise = None
+_madvise = _mincore = None
 if sys.platform.startswith("linux"):
     try:
-        _madvise = ctypes.CDLL(None, use_errno=True).madvise
+        _libc = ctypes.CDLL(None, use_errno=True)
+        _madvise, _mincore = _libc.madvise, _libc.mincore
         _madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        _mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
     except (OSError, AttributeError):  # pragma: no cover
-        _madvise = None
+        _madvise = _mincore = None
+_mincore_vec = ctypes.create_string_buffer(1)
+
+
+def _resident(addr: int) -> bool:
+    """Whether the page at (page-aligned) addr is in memory (mincore)."""
+    if _mincore is None or _mincore(addr, 4096, _mincore_vec) != 0:
+        return False
+    return bool(_mincore_vec.raw[0] & 1)
 
 
 def _empty(shape, like: torch.Tensor) -> torch.Tensor:
-    """torch.empty for an output buffer. On Linux CPU, large buffers are advised
-    MADV_HUGEPAGE before their first touch: a fresh 100 MB buffer otherwise costs ~25k 4 KiB
-    page faults (43 ms measured here, longer than the LIF kernel itself); with 2 MiB pages the
-    first touch costs 8 ms. It is only advice: no effect where THP is off."""
+    """torch.empty for an output buffer. On Linux CPU, large buffers that are fresh from the
+    kernel are advised MADV_HUGEPAGE before their first touch: a fresh 100 MB buffer otherwise
+    costs ~25k 4 KiB page faults (43 ms measured here, longer than the LIF kernel itself); with
+    2 MiB pages the first touch costs 8 ms. Memory the allocator reuses (its first page already
+    resident) is left alone: advising it again only costs a syscall and a VMA split (measured
+    1-2 ms a step on a reused heap). It is only advice: no effect where THP is off."""
     t = torch.empty(shape, dtype=like.dtype, device=like.device)
     n = t.numel() * t.element_size()
     if _madvise is not None and t.device.type == "cpu" and n >= _HUGEPAGE_MIN:
         start = (t.data_ptr() + 4095) & ~4095
         end = (t.data_ptr() + n) & ~4095
-        _madvise(start, end - start, 14)  # MADV_HUGEPAGE
+        if not _resident(start):
+            _madvise(start, end - start, 14)  # MADV_HUGEPAGE
     return t
 
 
@@ -182,57 +196,59 @@ def _compiled(fn):
 # LIF multi-step
 # ------------------------------------------------------------------------------------------
 
-def _lif_fwd(x: torch.Tensor, cfg: _Neuron, backend: str, save_h: bool):
+def _lif_fwd(x: torch.Tensor, cfg: _Neuron, backend: str) -> torch.Tensor:
     T = x.shape[0]
     N = x.numel() // T
     c, F = _ctype(x)
     s = _empty(x.shape, x)
-    h = _empty(x.shape, x) if save_h else s  # not written when SAVE_H = 0
     if N == 0:
-        return s, h
+        return s
     grid, block, tile = _grid(N, backend)
     dyn = int(cfg.dynamics == "snntorch")
-    name = (f"hl::lif_fwd{'_tile' if tile else ''}<{c},{dyn},{int(cfg.reset == 'zero')},"
-            f"{int(save_h)}>")
+    name = f"hl::lif_fwd{'_tile' if tile else ''}<{c},{dyn},{int(cfg.reset == 'zero')}>"
     _launch(backend, name, grid, block,
-            (x, s, h, np.int32(T), np.int64(N), F(cfg.beta), F(cfg.threshold)), x.device, T * N)
-    return s, h
+            (x, s, np.int32(T), np.int64(N), F(cfg.beta), F(cfg.threshold)), x.device, T * N)
+    return s
 
 
-def _lif_bwd(gs: torch.Tensor, h: torch.Tensor, cfg: _Neuron, backend: str) -> torch.Tensor:
-    T = h.shape[0]
-    N = h.numel() // T
-    c, F = _ctype(h)
-    gx = _empty(h.shape, h)
+def _lif_bwd(x: torch.Tensor, gs: torch.Tensor, cfg: _Neuron, backend: str) -> torch.Tensor:
+    """grad_x from x itself: the kernels recompute h (nothing was saved by the forward)."""
+    T = x.shape[0]
+    N = x.numel() // T
+    c, F = _ctype(x)
+    gx = _empty(x.shape, x)
     if N == 0:
         return gx
     grid, block, tile = _grid(N, backend)
+    dyn = int(cfg.dynamics == "snntorch")
     # snntorch dynamics: the backward of the standard dynamics with a detached reset.
-    detach = int(cfg.detach_reset or cfg.dynamics == "snntorch")
+    detach = int(cfg.detach_reset or dyn)
     sa, sb = ref.surrogate_constants(cfg.surrogate, cfg.alpha)
-    name = (f"hl::lif_bwd{'_tile' if tile else ''}<{c},{int(cfg.reset == 'zero')},{detach},"
-            f"{int(cfg.surrogate == 'fast_sigmoid')}>")
+    name = (f"hl::lif_bwd{'_tile' if tile else ''}<{c},{dyn},{int(cfg.reset == 'zero')},"
+            f"{detach},{int(cfg.surrogate == 'fast_sigmoid')}>")
     _launch(backend, name, grid, block,
-            (gs, h, gx, np.int32(T), np.int64(N), F(cfg.beta), F(cfg.threshold), F(sa), F(sb)),
-            h.device, T * N)
+            (x, gs, gx, np.int32(T), np.int64(N), F(cfg.beta), F(cfg.threshold), F(sa), F(sb)),
+            x.device, T * N)
     return gx
 
 
 class _LIFMultistep(torch.autograd.Function):
+    # Saves x itself (a reference the caller holds anyway, no copy); the backward recomputes
+    # h from it. Modifying x in place between forward and backward is caught by autograd's
+    # version check.
     @staticmethod
     def forward(ctx, x, cfg: _Neuron, backend: str):
-        need_grad = ctx.needs_input_grad[0]
-        s, h = _lif_fwd(x, cfg, backend, save_h=need_grad)
-        if need_grad:
-            ctx.save_for_backward(h)
+        s = _lif_fwd(x, cfg, backend)
+        if ctx.needs_input_grad[0]:
+            ctx.save_for_backward(x)
         ctx.cfg, ctx.backend = cfg, backend
         return s
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, gs):
-        (h,) = ctx.saved_tensors
-        return _lif_bwd(gs.contiguous(), h, ctx.cfg, ctx.backend), None, None
+        (x,) = ctx.saved_tensors
+        return _lif_bwd(x, gs.contiguous(), ctx.cfg, ctx.backend), None, None
 
 
 def lif_multistep(x: torch.Tensor, beta: float, threshold: float = 1.0,
@@ -255,7 +271,8 @@ def lif_multistep(x: torch.Tensor, beta: float, threshold: float = 1.0,
 
     Returns:
         spikes s, shape (T, *), same dtype, values in {0, 1}; H(u) = 1 iff u > 0. The membrane
-        starts at 0. Memory: saves h (one tensor like x) for backward, only if x needs grad.
+        starts at 0. Memory: nothing is allocated for backward; when x needs grad, autograd
+        keeps a reference to x (no copy) and the backward recomputes h from it.
     """
     op = "lif_multistep"
     _check_tensor(op, "x", x)
