@@ -116,6 +116,13 @@ def test_killed_run_resumes_to_the_same_result(tmp_path, data_cache):
     assert [r["from_step"] for r in b["resumes"]] == [newest_step - 4]
     assert 0 < b["resumes"][0]["seconds_to_first_step"] < 120
 
+    # killed after its final checkpoint, before metrics.json: the resume only evaluates
+    (part / "spiking_pc" / "metrics.json").unlink()
+    run_train(part, data_cache, *common, "--resume")
+    b = json.loads((part / "spiking_pc" / "metrics.json").read_text())
+    for key in a.keys() - {"epoch_seconds", "resumes"}:
+        assert a[key] == b[key], key
+
     # a checkpoint whose optimizer state would run code when unpickled (checksums updated, as
     # an attacker would) is refused by torch.load(weights_only=True): the code never runs
     marker = tmp_path / "pwned"

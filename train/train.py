@@ -162,7 +162,9 @@ def train_head(head, cfg, args, splits, caches, tokenizer, out: Path, identity: 
         row |= {f"snn/{d}/firing_rate": r["firing_rate"] for d, r in res.items()
                 if "firing_rate" in r}
         tracker.log(row, step)
-        progress["history"].append({"step": step} | row)
+        # a run resumed from its final checkpoint validates that step again: record it once
+        if {"step": step} | row not in progress["history"]:
+            progress["history"].append({"step": step} | row)
         return res
 
     def save_checkpoint() -> None:
