@@ -6,7 +6,8 @@ less than plain fine-tuning when trained on one domain after another?
     python eval/continual.py --config configs/continual.yaml --report-only      # rebuild report
 
 Every method of `continual.methods` is trained through `continual.order` once per seed of
-`continual.seeds`; every domain's TEST split is scored before training and after each stage.
+`continual.seeds`; every domain's TEST split is scored before training and after each stage
+(only an explicit tuning run, `continual.eval_split=validation`, scores validation instead).
 Writes to output_dir (files there are replaced): continual.json (matrices and metrics per
 seed and aggregated), continual.md (the report), PNG plots, manifest.json, and (when
 enabled) an offline W&B run.
@@ -40,6 +41,7 @@ from hybridlm.config import ConfigError, RunConfig, load_config  # noqa: E402
 from hybridlm.continual import (  # noqa: E402
     SCORES,
     Stream,
+    batches_per_stage,
     check_checkpoint_tokenizer,
     evaluate_row,
     method_model_config,
@@ -79,6 +81,35 @@ def learning_gain(R, b) -> float:
     return sum(b[j] - R[j][j] for j in range(len(R))) / len(R)
 
 
+def aggregate_diagnostics(rs: list[dict], order: list[str]) -> dict | None:
+    """PC diagnostics over every seed that has them: per T the test perplexity per domain
+    and averaged over domains, and the firing rate; at the trained T the PC energy and
+    firing rate per inner step (each averaged over domains per seed). Mean ± sample std."""
+    rs = [r for r in rs if "diagnostics" in r]
+    if not rs:
+        return None
+    trained = rs[0]["diagnostics"]["trained_time_steps"]
+    ts = sorted({int(t) for r in rs for t in r["diagnostics"]["by_T"]})
+    by_t = {}
+    for t in ts:
+        res = [r["diagnostics"]["by_T"][str(t)] for r in rs if str(t) in r["diagnostics"]["by_T"]]
+        by_t[str(t)] = {
+            "perplexity": {o: clm.mean_std([x[o]["perplexity"] for x in res]) for o in order},
+            "perplexity_domain_mean": clm.mean_std(
+                [float(np.mean([x[o]["perplexity"] for o in order])) for x in res]),
+            "firing_rate": clm.mean_std(
+                [float(np.mean([x[o]["firing_rate"] for o in order])) for x in res])}
+    per_step = {}
+    for key in ("energy_per_step", "rate_per_step"):
+        curves = np.array([np.mean([r["diagnostics"]["by_T"][str(trained)][o][key]
+                                    for o in order], 0) for r in rs])  # (seeds, T)
+        per_step[key] = {"mean": curves.mean(0).tolist(),
+                         "std": (curves.std(0, ddof=1) if len(rs) > 1
+                                 else 0 * curves[0]).tolist()}
+    return {"seeds": [r["seed"] for r in rs], "trained_time_steps": trained, "by_T": by_t,
+            **per_step}
+
+
 def aggregate(runs: dict[str, list[dict]]) -> dict:
     """Per method: R mean/std per score, metrics mean/std over seeds, comparisons with the
     reference method (seeds paired)."""
@@ -101,6 +132,9 @@ def aggregate(runs: dict[str, list[dict]]) -> dict:
         a["stage_token_slots"] = [[s["token_slots"] for s in r["stages"]] for r in rs]
         a["trainable_parameters"] = rs[0]["trainable_parameters"]
         a["seconds"] = sum(sum(r["seconds"].values()) for r in rs)
+        diag = aggregate_diagnostics(rs, rs[0]["order"])
+        if diag is not None:
+            a["diagnostics"] = diag
         agg[name] = a
     ref = REFERENCE if REFERENCE in runs else next(iter(runs))
     for name, rs in runs.items():
@@ -150,8 +184,11 @@ def pm(ms: dict, digits: int = 4) -> str:
     return f"{ms['mean']:.{digits}f} ± {ms['std']:.{digits}f}"
 
 
-def verdict(agg: dict, order: list[str]) -> list[str]:
+def verdict(agg: dict, order: list[str], split: str = "test") -> list[str]:
     lines = []
+    if split != "test":
+        return [f"**Tuning run on {split.upper()} splits: no verdict.** Claims are judged on "
+                "the test split only; this run exists to choose a hyper-parameter."]
     if len(order) < 2:
         return ["With a single-domain sequence BWT, FWT and forgetting are **not defined** "
                 "(no earlier stage to forget); only ACC is reported."]
@@ -212,12 +249,20 @@ def verdict(agg: dict, order: list[str]) -> list[str]:
 def report(cfg: RunConfig, runs, agg, energy_info, cache_info, wall, manifest,
            plots: list[str]) -> str:
     c = cfg.continual
+    sp = c.eval_split  # "test"; "validation" only in a tuning run
     order = next(iter(runs.values()))[0]["order"]
+    first = next(iter(runs.values()))[0]
     L = ["# Continual learning: forgetting across domains", ""]
+    if sp != "test":
+        L = [f"# TUNING RUN on {sp.upper()} splits (continual.eval_split={sp}): not a result",
+             "", f"Every score below is on the {sp} split, to choose hyper-parameters without "
+             "looking at test data; results are reported from a normal run on the test "
+             "split.", ""]
     L += [f"Domains in training order: {', '.join(order)}; seeds {c.seeds}; "
           f"{c.tokens_per_stage:,} training tokens budgeted per stage "
           f"({c.epochs_per_stage} epoch(s)); batch {cfg.train.batch_size} × "
-          f"{cfg.data.block_size} tokens; lr {cfg.train.lr}. Scores are on each domain's TEST "
+          f"{cfg.data.block_size} tokens per process, {first.get('processes', 1)} "
+          f"process(es); lr {cfg.train.lr}. Scores are on each domain's {sp.upper()} "
           f"split (at most {cfg.data.max_eval_tokens_per_domain} tokens per domain). "
           f"Wall time {wall:.0f} s.", ""]
     L += ["## Methods (equal data order, tokens per stage and seeds)", "",
@@ -232,10 +277,11 @@ def report(cfg: RunConfig, runs, agg, energy_info, cache_info, wall, manifest,
     L += ["", "## Metrics and their signs", ""]
     L += [f"- **{k}**: {v}" for k, v in clm.SIGN_CONVENTIONS.items()]
     L += ["- **learning gain** (loss only, not a GEM metric): mean_j (b[j] − R[j][j]), how "
-          "much each stage lowered its own domain's test loss; forgetting is read against it.",
+          f"much each stage lowered its own domain's {sp} loss; forgetting is read against "
+          "it.",
           "", "## Results (mean ± std over seeds)", ""]
     for k in ("loss", "accuracy", "perplexity"):
-        L += [f"### Test {k}", "",
+        L += [f"### {sp.capitalize()} {k}", "",
               "| method | ACC | BWT | FWT | forgetting (Chaudhry)"
               + (" | learning gain |" if k == "loss" else " |"),
               "|---" * (6 if k == "loss" else 5) + "|"]
@@ -247,8 +293,8 @@ def report(cfg: RunConfig, runs, agg, energy_info, cache_info, wall, manifest,
                 row += f" {pm(ms['learning_gain'])} |"
             L.append(row)
         L.append("")
-    L += ["## Verdict", ""] + verdict(agg, order) + [""]
-    L += ["## R matrices (test loss, mean over seeds; rows: after stage, columns: domain)", ""]
+    L += ["## Verdict", ""] + verdict(agg, order, sp) + [""]
+    L += [f"## R matrices ({sp} loss, mean over seeds; rows: after stage, columns: domain)", ""]
     for name, a in agg.items():
         L += [f"**{name}**", "", "| after | " + " | ".join(order) + " |",
               "|---" * (len(order) + 1) + "|",
@@ -273,28 +319,31 @@ def report(cfg: RunConfig, runs, agg, energy_info, cache_info, wall, manifest,
             L.append(f"| {name} | {dom} | {rate} | {v['mac']:,.0f} | {v['sop']:,.0f} | "
                      f"{v['energy_pj']:,.0f} | {v['dense_energy_pj']:,.0f} |")
     L += ["", f"Caveat: {energy_info['caveat']}", ""]
-    diag = {n: rs[0]["diagnostics"] for n, rs in runs.items() if "diagnostics" in rs[0]}
+    diag = {n: a["diagnostics"] for n, a in agg.items() if "diagnostics" in a}
     if diag:
-        L += ["## PC diagnostics (first seed, after the last stage)", "",
-              "Test perplexity against the number of inner steps T used at evaluation "
-              "(trained with T = " + ", ".join(f"{n}: {d['trained_time_steps']}"
-                                              for n, d in diag.items()) + "):", "",
-              "| method | T | " + " | ".join(order) + " | mean firing rate |",
-              "|---" * (len(order) + 3) + "|"]
+        L += ["## PC diagnostics (after the last stage, mean ± std over seeds)", "",
+              f"{sp.capitalize()} perplexity against the number of inner steps T used at "
+              "evaluation (trained with T = " + ", ".join(
+                  f"{n}: {d['trained_time_steps']} (seeds {d['seeds']})" for n, d in diag.items())
+              + "); the firing rate is the mean over domains:", "",
+              "| method | T | " + " | ".join(order) + " | mean over domains | firing rate |",
+              "|---" * (len(order) + 4) + "|"]
         for n, d in diag.items():
             for t, res in sorted(d["by_T"].items(), key=lambda kv: int(kv[0])):
-                rate = np.mean([res[o]["firing_rate"] for o in order])
-                L.append(f"| {n} | {t} | " + " | ".join(f"{res[o]['perplexity']:.2f}"
-                                                         for o in order) + f" | {rate:.4f} |")
+                L.append(f"| {n} | {t} | " + " | ".join(pm(res["perplexity"][o], 2)
+                                                         for o in order)
+                         + f" | {pm(res['perplexity_domain_mean'], 2)} | "
+                         f"{pm(res['firing_rate'])} |")
         L += ["", "PC energy mean_tokens ||e_k||² per inner step k at the trained T (mean over "
-              "domains):", ""]
+              "domains, then mean ± std over seeds):", ""]
         for n, d in diag.items():
-            res = d["by_T"][str(d["trained_time_steps"])]
-            e = np.mean([res[o]["energy_per_step"] for o in order], 0)
-            trend = "falls" if e[-1] < e[0] else "rises"
-            L.append(f"- {n}: " + ", ".join(f"{v:.3f}" for v in e) + f" (the energy {trend} "
-                     f"from step 1 to step {len(e)}: the prediction error "
-                     f"{'shrinks' if trend == 'falls' else 'grows'} over the inner steps)")
+            e, sd = d["energy_per_step"]["mean"], d["energy_per_step"]["std"]
+            falls = e[-1] < e[0]
+            L.append(f"- {n}: " + ", ".join(f"{v:.3f} ± {w:.3f}" for v, w in zip(e, sd,
+                                                                               strict=True))
+                     + f" (the mean energy {'falls' if falls else 'rises'} from step 1 to "
+                     f"step {len(e)}: the prediction error "
+                     f"{'shrinks' if falls else 'grows'} over the inner steps)")
         L.append("")
     L += ["## Frozen-encoder feature cache", "",
           f"One cache per domain split, shared by every stage, method and seed: "
@@ -313,7 +362,8 @@ def report(cfg: RunConfig, runs, agg, energy_info, cache_info, wall, manifest,
 
 
 # ---- plots ----------------------------------------------------------------------------------
-def make_plots(out: Path, runs: dict, agg: dict, order: list[str]) -> list[str]:
+def make_plots(out: Path, runs: dict, agg: dict, order: list[str],
+               split: str = "test") -> list[str]:
     names = list(agg)
     files = []
     for k in ("loss", "accuracy"):
@@ -328,7 +378,7 @@ def make_plots(out: Path, runs: dict, agg: dict, order: list[str]) -> list[str]:
             ax.set_xticks(range(len(order)), order, rotation=45, fontsize=7)
             ax.set_yticks(range(len(order)), [f"after {o}" for o in order], fontsize=7)
             ax.set_title(n, fontsize=8)
-        fig.suptitle(f"R[stage][domain]: test {k} (mean over seeds)")
+        fig.suptitle(f"R[stage][domain]: {split} {k} (mean over seeds)")
         fig.tight_layout()
         fig.savefig(out / f"R_{k}.png", dpi=110)
         plt.close(fig)
@@ -346,7 +396,7 @@ def make_plots(out: Path, runs: dict, agg: dict, order: list[str]) -> list[str]:
             ax.axvline(j + 1, color="grey", ls=":", lw=1)
             ax.set_xticks(x, ["init"] + [o[:6] for o in order], fontsize=7)
             ax.set_title(f"{dom} (trained at stage {j + 1})", fontsize=8)
-            ax.set_ylabel(f"test {k}", fontsize=8)
+            ax.set_ylabel(f"{split} {k}", fontsize=8)
         axes[0][0].legend(fontsize=6)
         fig.tight_layout()
         fig.savefig(out / f"curves_{k}.png", dpi=110)
@@ -360,31 +410,37 @@ def make_plots(out: Path, runs: dict, agg: dict, order: list[str]) -> list[str]:
             ax.bar(range(len(names)), [m["mean"] for m in ms], yerr=[m["std"] for m in ms],
                    capsize=4, color="tab:red", alpha=0.7)
             ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=7)
-            ax.set_title(f"Chaudhry forgetting, test {k} (mean ± std over seeds)", fontsize=8)
+            ax.set_title(f"Chaudhry forgetting, {split} {k} (mean ± std over seeds)",
+                         fontsize=8)
             ax.axhline(0, color="k", lw=0.5)
         fig.tight_layout()
         fig.savefig(out / "forgetting.png", dpi=110)
         plt.close(fig)
         files.append("forgetting.png")
 
-    diag = {n: rs[0]["diagnostics"] for n, rs in runs.items() if "diagnostics" in rs[0]}
+    diag = {n: a["diagnostics"] for n, a in agg.items() if "diagnostics" in a}
     if diag:
         fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
         for n, d in diag.items():
-            res = d["by_T"][str(d["trained_time_steps"])]
-            e = np.mean([res[o]["energy_per_step"] for o in order], 0)
-            axes[0].plot(np.arange(1, len(e) + 1), e, marker="o", label=n)
+            e = np.array(d["energy_per_step"]["mean"])
+            es = np.array(d["energy_per_step"]["std"])
+            k = np.arange(1, len(e) + 1)
+            axes[0].errorbar(k, e, yerr=es, marker="o", capsize=3,
+                             label=f"{n} ({len(d['seeds'])} seeds)")
             ts = sorted(int(t) for t in d["by_T"])
-            ppl = [np.mean([d["by_T"][str(t)][o]["perplexity"] for o in order]) for t in ts]
-            axes[1].plot(ts, ppl, marker="o", label=n)
+            ppl = [d["by_T"][str(t)]["perplexity_domain_mean"] for t in ts]
+            axes[1].errorbar(ts, [p["mean"] for p in ppl], yerr=[p["std"] for p in ppl],
+                             marker="o", capsize=3, label=n)
         axes[0].set_xlabel("inner step k")
         axes[0].set_ylabel("PC energy mean ||e_k||²")
-        axes[0].set_title("PC energy per inner step (test, mean over domains)", fontsize=8)
+        axes[0].set_title(f"PC energy per inner step ({split}, mean over domains; "
+                          "mean ± std over seeds)", fontsize=8)
         axes[1].set_xlabel("T (inner steps at evaluation)")
         axes[1].set_xscale("log", base=2)
         axes[1].set_yscale("log")
-        axes[1].set_ylabel("test perplexity (mean over domains)")
-        axes[1].set_title("perplexity against T (trained model, first seed)", fontsize=8)
+        axes[1].set_ylabel(f"{split} perplexity (mean over domains)")
+        axes[1].set_title("perplexity against T (trained model, mean ± std over seeds)",
+                          fontsize=8)
         for ax in axes:
             ax.legend(fontsize=6)
         fig.tight_layout()
@@ -430,7 +486,8 @@ def score_checkpoint(cfg, args, accelerator, stream, tokenizer) -> int:
     row = evaluate_row(model, stream, accelerator, cfg.train.batch_size)
     if accelerator.is_main_process:
         out = Path(cfg.output_dir) / "checkpoint_row.json"
-        write_json_atomic(out, {"checkpoint": str(folder), "split": "test", "row": row})
+        write_json_atomic(out, {"checkpoint": str(folder), "split": stream.eval_split,
+                                "row": row})
         print(", ".join(f"{d} loss {r['loss']:.4f}" for d, r in row.items()), f"\nwrote {out}")
     return 0
 
@@ -444,6 +501,9 @@ def report_only(cfg: RunConfig, argv, order, encoder_path) -> int:
     data = json.loads(path.read_text())
     if not data.get("runs"):
         raise DataError(f"--report-only: '{path}' holds no finished run yet")
+    # the split the run scored, whatever the config now says (older files: test)
+    cfg = dataclasses.replace(cfg, continual=dataclasses.replace(
+        cfg.continual, eval_split=data.get("eval_split", "test")))
     cache = data.get("feature_cache") or {
         "blocks_encoded": 0, "encoder_seconds": 0.0, "seconds_per_block": 0.0,
         "blocks_served_from_cache": 0, "seconds_without_cache": 0.0, "seconds_saved": 0.0}
@@ -480,11 +540,12 @@ def main(argv=None) -> int:
             order,
             {n: subsample(built[n].splits["train"], d.max_train_tokens_per_domain, blk, cfg.seed)
              for n in order},
-            {n: subsample(built[n].splits["test"], d.max_eval_tokens_per_domain, blk, cfg.seed)
-             for n in order},
-            c.tokens_per_stage, cache=cfg.train.cache_features)
+            {n: subsample(built[n].splits[c.eval_split], d.max_eval_tokens_per_domain, blk,
+                          cfg.seed) for n in order},
+            c.tokens_per_stage, cache=cfg.train.cache_features, eval_split=c.eval_split)
         if args.checkpoint is not None:
             return score_checkpoint(cfg, args, accelerator, stream, tokenizer)
+        batches_per_stage(c, cfg.train.batch_size, blk, accelerator.num_processes)
     except (ConfigError, DataError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -495,6 +556,9 @@ def main(argv=None) -> int:
     if len(order) < 2:
         accelerator.print("note: a single-domain sequence: BWT, FWT and forgetting are not "
                           "defined (reported as 'not defined')")
+    if c.eval_split != "test":
+        accelerator.print(f"note: TUNING RUN: every score is on the {c.eval_split.upper()} "
+                          "split (continual.eval_split); report results from a test run")
     overlap = stream.overlap()
     tracker = Tracker(cfg, "continual", out, accelerator.is_main_process and not args.no_wandb)
     wb_step = 0
@@ -508,14 +572,14 @@ def main(argv=None) -> int:
             def log(row, name=method.name, seed=seed):
                 nonlocal wb_step
                 wb_step += 1
-                flat = {f"{name}/seed{seed}/test_loss/{dom}": r["loss"]
+                flat = {f"{name}/seed{seed}/{c.eval_split}_loss/{dom}": r["loss"]
                         for dom, r in row["row"].items()}
                 flat |= {f"{name}/seed{seed}/train_loss": row["train_loss"],
                          f"{name}/seed{seed}/stage": row["stage"]}
                 tracker.log({k: v for k, v in flat.items() if v is not None}, wb_step)
 
             res = run_sequence(model, method, stream, c, cfg.train, seed, accelerator,
-                               diagnostics=seed == c.seeds[0], log=log)
+                               diagnostics=True, log=log)
             runs.setdefault(method.name, []).append(res)
             accelerator.print(f"[{method.name} seed {seed}] done in "
                               f"{sum(res['seconds'].values()):.0f} s "
@@ -523,19 +587,33 @@ def main(argv=None) -> int:
             del model
             if accelerator.is_main_process:  # partial results survive an interruption
                 write_json_atomic(out / "continual.json", {
-                    "complete": False, "runs": runs, "feature_cache": stream_cache_info(stream),
+                    "complete": False, "eval_split": c.eval_split, "runs": runs,
+                    "feature_cache": stream_cache_info(stream),
                     "test_train_overlap_blocks": overlap,
                     "wall_seconds": time.perf_counter() - start})
 
-    write_outputs(cfg, argv, out, runs, stream_cache_info(stream), overlap,
+    write_outputs(cfg, argv, out, runs, stream_cache_info(stream, accelerator), overlap,
                   time.perf_counter() - start, True, order, encoder_path, accelerator, tracker,
                   wb_step)
     return 0
 
 
-def stream_cache_info(stream: Stream) -> dict:
+def stream_cache_info(stream: Stream, accelerator=None) -> dict:
+    """The feature caches' accounting, summed over processes (each caches its own shard)."""
     if stream.train_caches:
-        return stream.cache_summary()
+        info = stream.cache_summary()
+        if accelerator is not None and accelerator.num_processes > 1:
+            keys = ("encoder_seconds", "blocks_encoded", "blocks_served_from_cache")
+            tot = accelerator.reduce(torch.tensor([float(info[k]) for k in keys],
+                                                  device=accelerator.device), "sum").tolist()
+            spent, misses, hits = tot
+            per_block = spent / misses if misses else 0.0
+            info = {"encoder_seconds": spent, "blocks_encoded": int(misses),
+                    "blocks_served_from_cache": int(hits), "seconds_per_block": per_block,
+                    "seconds_without_cache": per_block * (hits + misses),
+                    "seconds_saved": per_block * hits,
+                    "processes": accelerator.num_processes}
+        return info
     return {"blocks_encoded": 0, "encoder_seconds": 0.0, "seconds_per_block": 0.0,
             "blocks_served_from_cache": 0, "seconds_without_cache": 0.0, "seconds_saved": 0.0}
 
@@ -556,13 +634,15 @@ def write_outputs(cfg, argv, out, runs, cache_info, overlap, wall, complete, ord
 
         # the run's own manifest stays; only note that the report was rebuilt
         man = json.loads((out / "manifest.json").read_text()) | {"report_rebuilt_with": argv}
-    result = {"complete": complete, "order": order, "seeds": cfg.continual.seeds,
+    result = {"complete": complete, "eval_split": cfg.continual.eval_split,
+              "processes": next(iter(runs.values()))[0].get("processes", 1),
+              "order": order, "seeds": cfg.continual.seeds,
               "sign_conventions": clm.SIGN_CONVENTIONS, "equal_tokens_across_methods":
               equal_tokens, "test_train_overlap_blocks": overlap,
               "runs": runs, "aggregate": agg, "energy": energy_info, "feature_cache": cache_info,
               "wall_seconds": wall}
     if accelerator is None or accelerator.is_main_process:
-        plots = make_plots(out, runs, agg, order)
+        plots = make_plots(out, runs, agg, order, cfg.continual.eval_split)
         write_json_atomic(out / "continual.json", result)
         write_json_atomic(out / "manifest.json", man)
         md = report(cfg, runs, agg, energy_info, cache_info, wall, man, plots)
@@ -582,7 +662,7 @@ def write_outputs(cfg, argv, out, runs, cache_info, overlap, wall, complete, ord
             tracker.summary(summary)
             tracker.log({f"plots/{p[:-4]}": wandb.Image(str(out / p)) for p in plots},
                         wb_step + 1)
-        print("\n".join(verdict(agg, order)))
+        print("\n".join(verdict(agg, order, cfg.continual.eval_split)))
         print(f"\nwrote {out / 'continual.md'}, continual.json, manifest.json and "
               f"{len(plots)} plots ({wall:.0f} s of run time)")
     if tracker is not None:

@@ -128,6 +128,9 @@ class ContinualConfig:
     fisher_batches: int = 4  # batches for EWC's Fisher diagonal after each stage
     eval_time_steps: list[int] = field(default_factory=lambda: [1, 2, 4, 8])  # T sweep
     energy_preset: str = "fp32"  # fp32 | fp16 | int8 (45 nm E_MAC / E_AC)
+    # The split every R row scores: "test" for every reported result; "validation" only in
+    # an explicit hyper-parameter tuning run (e.g. the EWC lambda sweep, docs/continual.md).
+    eval_split: str = "test"
 
 
 @dataclass
@@ -255,6 +258,8 @@ def validate(cfg: RunConfig) -> None:
            f"every T must be >= 1, got {c.eval_time_steps}")
     _check(c.energy_preset in ("fp32", "fp16", "int8"), "continual.energy_preset",
            f"'{c.energy_preset}' is not fp32|fp16|int8")
+    _check(c.eval_split in ("test", "validation"), "continual.eval_split",
+           f"'{c.eval_split}' is not test|validation (validation: tuning runs only)")
 
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:

@@ -27,6 +27,7 @@ import math
 import random
 import time
 import typing
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -55,6 +56,9 @@ SCORES = tuple(HIGHER_IS_BETTER)  # accuracy, loss, perplexity
 FIXED_MODEL_KEYS = ("encoder", "trainable_encoder_layers", "head")
 
 
+EVAL_SPLITS = ("test", "validation")  # validation: explicit tuning runs only
+
+
 class TaggedBlocks(Blocks):
     """`Blocks` that know their domain and split, so evaluation can refuse a non-test split."""
 
@@ -70,6 +74,22 @@ def require_test(blocks) -> None:
             f"continual evaluation must use TEST splits, got split "
             f"'{getattr(blocks, 'split', None)}' of domain '{getattr(blocks, 'domain', None)}'"
         )
+
+
+def require_split(blocks, split: str) -> None:
+    """The guard every scored block passes: `require_test` in a normal run; in an explicit
+    tuning run (`continual.eval_split=validation`) the blocks must be validation blocks, so
+    a tuning run can never see test data (nor a normal run validation or train data)."""
+    if split == "test":
+        require_test(blocks)
+    elif split == "validation":
+        if getattr(blocks, "split", None) != "validation":
+            raise AssertionError(
+                f"a tuning run (continual.eval_split=validation) must score VALIDATION splits "
+                f"only, got split '{getattr(blocks, 'split', None)}' of domain "
+                f"'{getattr(blocks, 'domain', None)}'")
+    else:
+        raise AssertionError(f"unknown evaluation split '{split}' (known: {EVAL_SPLITS})")
 
 
 # ---- methods ---------------------------------------------------------------------------------
@@ -111,19 +131,26 @@ def model_kwargs(model: ModelConfig) -> dict:
 # ---- data ------------------------------------------------------------------------------------
 @dataclass
 class Stream:
-    """The domain sequence: per domain a training pool and a test split (TaggedBlocks), and
-    the shared feature caches (None: no caching)."""
+    """The domain sequence: per domain a training pool and the scored split (TaggedBlocks),
+    and the shared feature caches (None: no caching). The scored split is the test split;
+    only an explicit tuning run (`eval_split="validation"`) puts validation blocks in `test`,
+    tagged as such, and `require_split` checks the tag on every evaluation."""
 
     order: list[str]
     train: dict[str, TaggedBlocks]
     test: dict[str, TaggedBlocks]
     train_caches: dict[str, FeatureCache] | None = None
     test_caches: dict[str, FeatureCache] | None = None
+    eval_split: str = "test"
 
     @classmethod
     def build(cls, order: list[str], train: dict, test: dict, tokens_per_stage: int,
-              cache: bool = True) -> Stream:
-        """Check the sequence and wrap the splits. `train`/`test`: domain -> HF dataset."""
+              cache: bool = True, eval_split: str = "test") -> Stream:
+        """Check the sequence and wrap the splits. `train`/`test`: domain -> HF dataset;
+        `test` holds the `eval_split` split ("validation" only for tuning runs)."""
+        if eval_split not in EVAL_SPLITS:
+            raise ConfigError(f"config key 'continual.eval_split': '{eval_split}' is not one "
+                              f"of {EVAL_SPLITS}")
         if not order:
             raise ConfigError("config key 'continual.order': the sequence has no domain")
         for i, d in enumerate(order):
@@ -131,13 +158,14 @@ class Stream:
                 raise ConfigError(f"config key 'continual.order[{i}]': unknown domain '{d}' "
                                   f"(known: {sorted(train)})")
         tr = {d: TaggedBlocks(train[d], d, "train") for d in order}
-        te = {d: TaggedBlocks(test[d], d, "test") for d in order}
+        te = {d: TaggedBlocks(test[d], d, eval_split) for d in order}
         for i, d in enumerate(order):
             if len(tr[d]) == 0 or tr[d].tokens() == 0:
                 raise DataError(f"continual.order[{i}]: stage {i} (domain '{d}') has no "
                                 "training data")
             if len(te[d]) == 0 or te[d].tokens() == 0:
-                raise DataError(f"continual.order[{i}]: domain '{d}' has no test data")
+                raise DataError(f"continual.order[{i}]: domain '{d}' has no {eval_split} "
+                                "data")
             block = tr[d].ids.shape[1]
             need = max(1, tokens_per_stage // block)
             if len(tr[d]) < need:
@@ -147,7 +175,7 @@ class Stream:
                     "lower it or raise data.max_train_tokens_per_domain")
         caches = (lambda sets: {d: FeatureCache(len(b)) for d, b in sets.items()}) if cache \
             else (lambda sets: None)
-        return cls(list(order), tr, te, caches(tr), caches(te))
+        return cls(list(order), tr, te, caches(tr), caches(te), eval_split)
 
     def overlap(self) -> dict[str, int]:
         """Per domain, test blocks whose tokens equal a training-pool block (should be 0)."""
@@ -169,6 +197,20 @@ class Stream:
                 hits, "seconds_per_block": per_block,
                 "seconds_without_cache": per_block * (hits + misses),
                 "seconds_saved": per_block * hits}
+
+
+def batches_per_stage(cc: ContinualConfig, batch_size: int, block: int,
+                      processes: int = 1) -> int:
+    """Batches in a stage's plan (whole multiples of `processes` are trained); raises
+    ConfigError when there are fewer than `processes` (a rank would have nothing to do)."""
+    n_stage_blocks = max(1, cc.tokens_per_stage // block)
+    n = cc.epochs_per_stage * max(1, n_stage_blocks // min(batch_size, n_stage_blocks))
+    if n < processes:
+        raise ConfigError(
+            f"config key 'continual.tokens_per_stage': {cc.tokens_per_stage} tokens make {n} "
+            f"batch(es) of {min(batch_size, n_stage_blocks)} blocks per stage, fewer than the "
+            f"{processes} processes; raise it or lower train.batch_size")
+    return n
 
 
 def stage_blocks(pool_size: int, n: int, seed: int, stage: int) -> list[int]:
@@ -196,6 +238,12 @@ class Reservoir:
     def draw(self, k: int) -> list:
         return self.rng.choices(self.items, k=k) if self.items and k > 0 else []
 
+    def fingerprint(self) -> torch.Tensor:
+        """The buffer's contents as numbers (domain name hashed stably, row index), so
+        processes can check they hold the same buffer."""
+        rows = [[zlib.crc32(d.encode()), i] for d, i in self.items] or [[0, -1]]
+        return torch.tensor(rows + [[self.seen, len(self.items)]], dtype=torch.float64)
+
 
 class EWC:
     """Elastic weight consolidation over the parameters that get gradients."""
@@ -205,7 +253,12 @@ class EWC:
         self.terms: list[tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]] = []
 
     def consolidate(self, base, batches: list[tuple], reduce: Callable) -> None:
-        """Store (Fisher diagonal, weights) from `batches` of (ids, labels, features)."""
+        """Store (Fisher diagonal, weights) from `batches` of (ids, labels, features).
+
+        With several processes each holds its share of every global batch (the same number
+        of batches on every rank); `reduce` averages each batch's gradient over processes
+        before it is squared, so the Fisher is that of the global batch mean loss, the same
+        as one process with the whole batch, and identical on every rank."""
         named = [(n, p) for n, p in base.named_parameters() if p.requires_grad]
         fisher = {n: torch.zeros_like(p) for n, p in named}
         was_training = base.training
@@ -213,12 +266,19 @@ class EWC:
         for ids, labels, feats in batches:
             loss = base(input_ids=ids, labels=labels, features=feats).loss
             grads = torch.autograd.grad(loss, [p for _, p in named], allow_unused=True)
-            for (n, _), g in zip(named, grads, strict=True):
-                if g is not None:
-                    fisher[n] += g.detach() ** 2 / len(batches)
+            flat = torch.cat([(torch.zeros_like(p) if g is None else g.detach()).flatten()
+                              for (_, p), g in zip(named, grads, strict=True)])
+            flat = reduce(flat)  # one collective per batch
+            for (n, p), g in zip(named, flat.split([p.numel() for _, p in named]),
+                                 strict=True):
+                fisher[n] += g.view_as(p) ** 2 / len(batches)
         base.train(was_training)
-        fisher = {n: reduce(f) for n, f in fisher.items()}
         self.terms.append((fisher, {n: p.detach().clone() for n, p in named}))
+
+    def flat_fisher(self) -> torch.Tensor:
+        """Every stored Fisher diagonal, flattened (to compare processes); (1,) zeros if none."""
+        parts = [f.flatten().double().cpu() for fisher, _ in self.terms for f in fisher.values()]
+        return torch.cat(parts) if parts else torch.zeros(1, dtype=torch.float64)
 
     def penalty(self, base) -> torch.Tensor | None:
         if not self.terms or self.lam == 0:
@@ -231,13 +291,36 @@ class EWC:
         return 0.5 * self.lam * total
 
 
+# ---- processes --------------------------------------------------------------------------------
+def head_state(base) -> torch.Tensor:
+    """The head's weights and buffers and any other trainable parameter, flattened: what
+    training changes (the frozen encoder is the same everywhere)."""
+    parts = [t.detach().flatten().double().cpu() for t in base.head.state_dict().values()]
+    parts += [p.detach().flatten().double().cpu() for n, p in base.named_parameters()
+              if p.requires_grad and not n.startswith("head.")]
+    return torch.cat(parts)
+
+
+@torch.no_grad()
+def ranks_agree(accelerator, t: torch.Tensor) -> bool:
+    """True when every process holds a bit-identical `t` (trivially with one process)."""
+    if accelerator.num_processes == 1:
+        return True
+    everyone = accelerator.gather(t.to(accelerator.device).unsqueeze(0))  # (ranks, ...)
+    same = bool((everyone == everyone[0]).all())
+    if not same:
+        accelerator.print("warning: the processes' state differs (see ranks_agree)")
+    return same
+
+
 # ---- evaluation -----------------------------------------------------------------------------
 def evaluate_row(model, stream: Stream, accelerator, batch_size: int) -> dict[str, dict]:
-    """Every domain's TEST split scored by `evaluate` (gather_for_metrics inside)."""
+    """Every domain's TEST split (validation in a tuning run) scored by `evaluate`
+    (gather_for_metrics inside)."""
     row = {}
     for d in stream.order:
         blocks = stream.test[d]
-        require_test(blocks)
+        require_split(blocks, stream.eval_split)
         cache = stream.test_caches[d] if stream.test_caches else None
         row[d] = evaluate(model, blocks, accelerator, batch_size, cache)
     return row
@@ -259,7 +342,7 @@ def pc_diagnostics(model, stream: Stream, accelerator, batch_size: int,
             out[t] = {}
             for d in stream.order:
                 blocks = stream.test[d]
-                require_test(blocks)
+                require_split(blocks, stream.eval_split)
                 cache = stream.test_caches[d] if stream.test_caches else None
                 loader = accelerator.prepare(DataLoader(blocks, batch_size=batch_size))
                 totals = torch.zeros(3 + 2 * t, dtype=torch.float64)
@@ -334,19 +417,16 @@ def run_sequence(model, method: MethodConfig, stream: Stream, cc: ContinualConfi
     rows.append(evaluate_row(model, stream, accelerator, tc.batch_size))  # b: untrained
     timings["eval"] += time.perf_counter() - t0
     stages = []
+    sync: list[dict] = []  # with several processes: do the ranks hold identical state?
     bad_in_a_row = 0
     for s, dom in enumerate(order):
         t0 = time.perf_counter()
         idx = stage_blocks(len(stream.train[dom]), n_stage_blocks, seed, s)
-        params = [p for p in base.parameters() if p.requires_grad]
-        groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": tc.weight_decay},
-                  {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
-        optimizer = accelerator.prepare(torch.optim.AdamW(groups, lr=tc.lr))
-        total_steps = cc.epochs_per_stage * steps_per_epoch
-        scheduler = get_cosine_schedule_with_warmup(
-            optimizer, int(tc.warmup_fraction * total_steps), total_steps)
         n_replay = round(cc.replay_fraction * b) if reservoir and reservoir.items else 0
-        # The plan is the same for every process; each takes its share of whole batches.
+        # The plan is the same for every process (the reservoir is too: same seed, same
+        # offers, same draws); each takes its share of whole batches, and one optimizer step
+        # averages the ranks' batches (DDP), so W processes of batch b step like one process
+        # of batch W * b: batches (W k, ..., W k + W - 1) of the plan form global step k.
         plan = []
         for epoch in range(cc.epochs_per_stage):
             perm = random.Random(seed * 7919 + s * 31 + epoch).sample(idx, len(idx))
@@ -355,8 +435,16 @@ def run_sequence(model, method: MethodConfig, stream: Stream, cc: ContinualConfi
                 new = [(dom, perm[(cursor + k) % len(perm)]) for k in range(b - n_replay)]
                 cursor += b - n_replay
                 plan.append(new + reservoir.draw(n_replay) if n_replay else new)
-        plan = plan[: len(plan) // world * world] or plan[:1]
+        batches_per_stage(cc, tc.batch_size, block, world)  # raises if len(plan) < world
+        plan = plan[: len(plan) // world * world]
         mine = plan[rank::world]
+        params = [p for p in base.parameters() if p.requires_grad]
+        groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": tc.weight_decay},
+                  {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+        optimizer = accelerator.prepare(torch.optim.AdamW(groups, lr=tc.lr))
+        total_steps = len(mine)  # optimizer steps this stage, the same on every process
+        scheduler = get_cosine_schedule_with_warmup(
+            optimizer, int(tc.warmup_fraction * total_steps), total_steps)
         model.train()
         tokens = 0
         losses, gates, penalties, skipped = [], [], [], 0
@@ -370,7 +458,9 @@ def run_sequence(model, method: MethodConfig, stream: Stream, cc: ContinualConfi
             if penalty is not None:
                 total = loss + penalty
                 penalties.append(penalty.item())
-            finite = accelerator.reduce(torch.isfinite(total).float(), "min").item() == 1
+            # every rank must take the step or none (accelerate's reduce knows sum/mean only)
+            ok = torch.isfinite(total.detach()).float().reshape(1)
+            finite = (float(accelerator.reduce(ok, "sum")) if world > 1 else float(ok)) == world
             if not finite:
                 optimizer.zero_grad()
                 skipped += 1
@@ -389,25 +479,35 @@ def run_sequence(model, method: MethodConfig, stream: Stream, cc: ContinualConfi
             if local is not None:
                 gates.append(local.step(loss, reduce_mean)["plasticity/gate"])
             losses.append(loss.item())
-        tokens = int(accelerator.reduce(torch.tensor(tokens, device=device), "sum").item()) \
-            if world > 1 else tokens
+        train_loss = sum(losses) / len(losses) if losses else None
+        if world > 1:
+            tokens = int(accelerator.reduce(torch.tensor(tokens, device=device), "sum").item())
+            if train_loss is not None:  # every rank takes the same (non-skipped) steps
+                train_loss = float(reduce_mean(torch.tensor(train_loss, device=device)))
         timings["train"] += time.perf_counter() - t0
-        if ewc is not None:
+        if ewc is not None and s < len(order) - 1:  # no later stage uses the last Fisher
             t0 = time.perf_counter()
+            # each rank's share of the first fisher_batches global batches; consolidate
+            # averages each batch's gradient over ranks before squaring (global-batch Fisher)
             ewc.consolidate(base, [make_batch(items)[:3] for items in mine[: cc.fisher_batches]],
                             reduce_mean)
             timings["fisher"] += time.perf_counter() - t0
         if reservoir is not None:
             for i in idx:
                 reservoir.add((dom, i))
+        if world > 1:  # local updates, Fisher and buffer are made outside DDP: check them
+            sync.append({"stage": s, "weights": ranks_agree(accelerator, head_state(base))}
+                        | ({"fisher": ranks_agree(accelerator, ewc.flat_fisher())} if ewc else {})
+                        | ({"replay": ranks_agree(accelerator, reservoir.fingerprint())}
+                           if reservoir else {}))
         t0 = time.perf_counter()
         row = evaluate_row(model, stream, accelerator, tc.batch_size)
         timings["eval"] += time.perf_counter() - t0
         rows.append(row)
-        stage = {"domain": dom, "steps": len(plan), "tokens": tokens,
+        stage = {"domain": dom, "steps": len(mine), "batches": len(plan), "tokens": tokens,
                  "token_slots": len(plan) * b * block,  # equal for every method by design
                  "replayed_per_batch": n_replay, "skipped_steps": skipped,
-                 "train_loss": sum(losses) / len(losses) if losses else None,
+                 "train_loss": train_loss,
                  "gate_mean": sum(gates) / len(gates) if gates else None,
                  "ewc_penalty_mean": sum(penalties) / len(penalties) if penalties else None}
         stages.append(stage)
@@ -422,7 +522,9 @@ def run_sequence(model, method: MethodConfig, stream: Stream, cc: ContinualConfi
               "baseline": {k: [rows[0][d][k] for d in order] for k in SCORES},
               "R": {k: [[rows[i + 1][d][k] for d in order] for i in range(len(order))]
                     for k in SCORES},
-              "stages": stages}
+              "stages": stages, "processes": world}
+    if sync:
+        result["ranks_identical"] = sync
     if "firing_rate" in rows[0][order[0]]:
         result["firing_rate"] = [[rows[i][d]["firing_rate"] for d in order]
                                  for i in range(len(rows))]  # row 0: untrained

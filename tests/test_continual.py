@@ -3,6 +3,7 @@ short real run (slow)."""
 
 import dataclasses
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +22,8 @@ from hybridlm.continual import (
     check_checkpoint_tokenizer,
     evaluate_row,
     method_model_config,
+    ranks_agree,
+    require_split,
     run_sequence,
 )
 from hybridlm.corpora import DataError
@@ -42,10 +45,12 @@ def synthetic(lo: int, hi: int, n_blocks: int, seed: int) -> datasets.Dataset:
 RANGES = {"a": (5, 40), "b": (40, 80), "c": (80, 119)}
 
 
-def make_stream(order=("a", "b", "c"), tokens_per_stage=4 * BLOCK, cache=True) -> Stream:
+def make_stream(order=("a", "b", "c"), tokens_per_stage=4 * BLOCK, cache=True,
+                eval_split="test") -> Stream:
     train = {d: synthetic(*r, 12, i) for i, (d, r) in enumerate(RANGES.items())}
     test = {d: synthetic(*r, 4, 100 + i) for i, (d, r) in enumerate(RANGES.items())}
-    return Stream.build(list(order), train, test, tokens_per_stage, cache=cache)
+    return Stream.build(list(order), train, test, tokens_per_stage, cache=cache,
+                        eval_split=eval_split)
 
 
 CC = ContinualConfig(seeds=[0], tokens_per_stage=4 * BLOCK, replay_fraction=0.5,
@@ -53,10 +58,10 @@ CC = ContinualConfig(seeds=[0], tokens_per_stage=4 * BLOCK, replay_fraction=0.5,
 TC = TrainConfig(batch_size=2, lr=0.01, warmup_fraction=0.0)
 
 
-def run(method: MethodConfig, head="mlp", stream=None, diagnostics=False, **model_kw):
-    torch.manual_seed(0)
+def run(method: MethodConfig, head="mlp", stream=None, diagnostics=False, seed=0, **model_kw):
+    torch.manual_seed(seed)
     model = tiny_model(head, **model_kw).train()
-    return run_sequence(model, method, stream or make_stream(), CC, TC, seed=0,
+    return run_sequence(model, method, stream or make_stream(), CC, TC, seed=seed,
                         accelerator=Accelerator(cpu=True), diagnostics=diagnostics)
 
 
@@ -117,6 +122,61 @@ def test_evaluation_refuses_non_test_splits():
     stream.test["b"] = stream.train["b"]  # a train split where a test split belongs
     with pytest.raises(AssertionError, match="TEST splits.*'train' of domain 'b'"):
         evaluate_row(tiny_model("mlp"), stream, Accelerator(cpu=True), 4)
+
+
+def test_tuning_run_scores_validation_and_never_test():
+    """continual.eval_split=validation (tuning only) tags the scored blocks as validation;
+    each mode refuses the other's split, and train blocks are refused by both."""
+    stream = make_stream(eval_split="validation")
+    assert {b.split for b in stream.test.values()} == {"validation"}
+    row = evaluate_row(tiny_model("mlp"), stream, Accelerator(cpu=True), 4)
+    assert set(row) == {"a", "b", "c"}
+    normal = make_stream()
+    stream.test["b"] = normal.test["b"]  # a test split in a tuning run
+    with pytest.raises(AssertionError, match="VALIDATION splits only.*'test' of domain 'b'"):
+        evaluate_row(tiny_model("mlp"), stream, Accelerator(cpu=True), 4)
+    normal.test["a"] = make_stream(eval_split="validation").test["a"]  # the reverse
+    with pytest.raises(AssertionError, match="TEST splits.*'validation' of domain 'a'"):
+        evaluate_row(tiny_model("mlp"), normal, Accelerator(cpu=True), 4)
+    for split in ("test", "validation"):
+        with pytest.raises(AssertionError, match="'train' of domain 'c'"):
+            require_split(normal.train["c"], split)
+    with pytest.raises(ConfigError, match="continual.eval_split"):
+        make_stream(eval_split="train")
+    with pytest.raises(ConfigError, match="continual.eval_split"):
+        load_config("configs/continual_quick.yaml", ["continual.eval_split=train"])
+    assert load_config("configs/continual.yaml").continual.eval_split == "test"  # the default
+
+
+def test_tuning_run_report_is_labelled(tmp_path):
+    sys.path.insert(0, str(ROOT / "eval"))
+    import continual as script  # eval/continual.py
+
+    r = run(MethodConfig("finetune", "mlp"), stream=make_stream(eval_split="validation"))
+    agg = script.aggregate({"finetune": [r]})
+    lines = script.verdict(agg, ["a", "b", "c"], "validation")
+    assert len(lines) == 1 and "no verdict" in lines[0] and "VALIDATION" in lines[0]
+    files = script.make_plots(tmp_path, {"finetune": [r]}, agg, ["a", "b", "c"], "validation")
+    assert "R_loss.png" in files
+
+
+def test_diagnostics_aggregate_over_every_seed(tmp_path):
+    sys.path.insert(0, str(ROOT / "eval"))
+    import continual as script  # eval/continual.py
+
+    runs = {"gated": [run(MethodConfig("gated", "spiking_pc"), "spiking_pc", diagnostics=True,
+                          seed=seed, learning="hybrid", gate="surprise") for seed in (0, 1)]}
+    d = script.aggregate(runs)["gated"]["diagnostics"]
+    assert d["seeds"] == [0, 1] and d["trained_time_steps"] == 4
+    assert sorted(d["by_T"], key=int) == ["1", "2", "4"]
+    ppl = d["by_T"]["4"]["perplexity_domain_mean"]
+    per_seed = [sum(r["diagnostics"]["by_T"]["4"][o]["perplexity"] for o in "abc") / 3
+                for r in runs["gated"]]
+    assert ppl["n"] == 2 and ppl["mean"] == pytest.approx(sum(per_seed) / 2)
+    assert ppl["std"] > 0  # the seeds differ
+    assert len(d["energy_per_step"]["mean"]) == len(d["energy_per_step"]["std"]) == 4
+    assert "pc_diagnostics.png" in script.make_plots(tmp_path, runs, script.aggregate(runs),
+                                                     ["a", "b", "c"])
 
 
 def test_single_domain_sequence_metrics_not_defined():
@@ -209,6 +269,20 @@ def test_reservoir_and_ewc():
     with torch.no_grad():
         model.head.down.weight.add_(0.1)  # up.weight has no gradient while down = 0
     assert float(ewc.penalty(model).detach()) > 0
+    # several processes: each batch's gradient is averaged over ranks BEFORE squaring (the
+    # Fisher of the global batch); a reduce that doubles the gradient quadruples the Fisher
+    doubled = EWC(lam=1.0)
+    doubled.consolidate(model, [(ids, ids, None)], reduce=lambda t: 2 * t)
+    ewc.consolidate(model, [(ids, ids, None)], reduce=lambda t: t)
+    assert torch.allclose(doubled.flat_fisher(), 4 * ewc.flat_fisher()[-len(
+        doubled.flat_fisher()):])
+    assert Reservoir(5, 3).fingerprint().tolist() == [[0, -1], [0, 0]]
+    a, b = Reservoir(4, seed=1), Reservoir(4, seed=1)
+    for i in range(20):
+        a.add(("x", i))
+        b.add(("x", i))
+    assert torch.equal(a.fingerprint(), b.fingerprint())
+    assert ranks_agree(Accelerator(cpu=True), a.fingerprint())  # one process: trivially
 
 
 def _tokenizer(folder: Path, words: list[str]):
@@ -284,3 +358,79 @@ def test_cli_bad_order_is_a_clear_error(capsys):
     rc = script.main(["--config", "configs/continual_quick.yaml", "--no-wandb",
                       "continual.methods=[{name: x, head: mlp, model: [encoder=bert]}]"])
     assert rc == 2 and "continual.methods[0].model" in capsys.readouterr().err
+
+
+TWO_RANK_ARGS = [
+    "--config", "configs/continual_quick.yaml", "--no-wandb", "continual.seeds=[0]",
+    "continual.order=[docs, legal]", "continual.tokens_per_stage=1024",
+    "data.max_eval_tokens_per_domain=512", "continual.eval_time_steps=[1, 2]",
+    "continual.fisher_batches=2",
+    "continual.methods=[{name: ewc, head: mlp, ewc_lambda: 100}, {name: replay, head: mlp, "
+    "replay_size: 16}, {name: spiking_hebbian_gated, head: spiking_pc, "
+    "model: [learning=hybrid, gate=surprise]}]"]
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
+    """`accelerate launch` with two CPU ranks (gloo) at batch 4 against one process at batch
+    8: the same global batches, so the same matrices up to float summation order. Both start
+    from a fresh interpreter (forking after OpenMP ran can deadlock). About 60 s."""
+    env = os.environ | {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    launch = [str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu",
+              "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+              "--dynamo_backend", "no", str(ROOT / "eval" / "continual.py")]
+    two = subprocess.run(launch + TWO_RANK_ARGS + [f"output_dir={tmp_path / 'two'}",
+                                                   "train.batch_size=4"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=600,
+                         env=env | {"ACCELERATE_USE_CPU": "1"})
+    assert two.returncode == 0, two.stderr[-3000:]
+    one = subprocess.run([sys.executable, str(ROOT / "eval" / "continual.py"), *TWO_RANK_ARGS,
+                          f"output_dir={tmp_path / 'one'}", "train.batch_size=8"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    assert one.returncode == 0, one.stderr[-3000:]
+    r2 = json.loads((tmp_path / "two" / "continual.json").read_text())
+    r1 = json.loads((tmp_path / "one" / "continual.json").read_text())
+    assert r2["complete"] and r2["processes"] == 2 and r1["processes"] == 1
+    assert r2["feature_cache"]["processes"] == 2
+    # only rank 0 writes: one report, one manifest, no stray temporary files
+    assert sorted(p.name for p in (tmp_path / "two").iterdir() if p.suffix != ".png") == [
+        "continual.json", "continual.md", "manifest.json"]
+    assert "2 process(es)" in (tmp_path / "two" / "continual.md").read_text()
+    for name in ("ewc", "replay", "spiking_hebbian_gated"):
+        a, b = r2["runs"][name][0], r1["runs"][name][0]
+        # every stage trained (no step skipped), on the same tokens, all test blocks scored
+        assert [s["skipped_steps"] for s in a["stages"]] == [0, 0]
+        assert [s["steps"] for s in a["stages"]] == [s["steps"] for s in b["stages"]] == [2, 2]
+        assert [s["tokens"] for s in a["stages"]] == [s["tokens"] for s in b["stages"]]
+        assert a["R"]["loss"][0][0] < a["baseline"]["loss"][0]  # training lowered the loss
+        # weights, EWC Fisher and replay buffer are bit-identical on both ranks after each stage
+        sync = a["ranks_identical"]
+        assert len(sync) == 2 and all(all(v for k, v in st.items() if k != "stage")
+                                      for st in sync)
+        assert ("fisher" in sync[0]) == (name == "ewc")
+        assert ("replay" in sync[0]) == (name == "replay")
+        for k in ("loss", "accuracy"):
+            assert a["baseline"][k] == pytest.approx(b["baseline"][k], abs=1e-6)
+            for ra, rb in zip(a["R"][k], b["R"][k], strict=True):
+                assert ra == pytest.approx(rb, abs=1e-4), (name, k)
+        for sa, sb in zip(a["stages"], b["stages"], strict=True):
+            assert sa["train_loss"] == pytest.approx(sb["train_loss"], abs=1e-4)
+            if sa["ewc_penalty_mean"] is not None:
+                assert sa["ewc_penalty_mean"] == pytest.approx(sb["ewc_penalty_mean"], rel=1e-3)
+            if sa["gate_mean"] is not None:
+                assert sa["gate_mean"] == pytest.approx(sb["gate_mean"], abs=1e-4)
+    d2 = r2["aggregate"]["spiking_hebbian_gated"]["diagnostics"]
+    d1 = r1["aggregate"]["spiking_hebbian_gated"]["diagnostics"]
+    for t in ("1", "2", "4"):
+        assert d2["by_T"][t]["perplexity_domain_mean"]["mean"] == pytest.approx(
+            d1["by_T"][t]["perplexity_domain_mean"]["mean"], rel=1e-4)
+
+
+def test_a_stage_needs_a_batch_per_process():
+    from hybridlm.continual import batches_per_stage
+
+    cc = ContinualConfig(tokens_per_stage=4 * BLOCK, epochs_per_stage=1)
+    assert batches_per_stage(cc, 2, BLOCK) == 2
+    assert batches_per_stage(cc, 2, BLOCK, processes=2) == 2
+    with pytest.raises(ConfigError, match="continual.tokens_per_stage.*fewer than the 4"):
+        batches_per_stage(cc, 2, BLOCK, processes=4)
