@@ -258,7 +258,8 @@ def train_head(head, cfg, args, splits, caches, tokenizer, out: Path, identity: 
             if local is not None:
                 row |= plasticity
             tracker.log(row, step)
-            bar.set_postfix(loss=f"{row['train/loss']:.3f}")
+            # refresh=False: in a log file the bar is redrawn every 30 s, not at every step
+            bar.set_postfix(loss=f"{row['train/loss']:.3f}", refresh=False)
             if resuming:  # restart to first new step: the cost of a crash, besides lost steps
                 resuming = False
                 seconds = time.time() - psutil.Process().create_time()
