@@ -17,9 +17,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.metadata
-import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -51,14 +48,15 @@ from hybridlm.continual import (  # noqa: E402
 from hybridlm.corpora import DataError  # noqa: E402
 from hybridlm.data import build_corpora, format_report, subsample  # noqa: E402
 from hybridlm.io import write_json_atomic, write_text_atomic  # noqa: E402
+from hybridlm.manifest import PACKAGES as MANIFEST_PACKAGES  # noqa: E402
+from hybridlm.manifest import package_versions, run_manifest  # noqa: E402
 from hybridlm.modeling import HybridForCausalLM, resolve_encoder  # noqa: E402
 from hybridlm.spiking import matched_mlp_hidden  # noqa: E402
 from hybridlm.tracking import Tracker  # noqa: E402
 
 REFERENCE = "finetune"  # plain fine-tuning: every method is compared with it
 HEADLINE = "spiking_hebbian_gated"  # the seed document's claim is about this one
-PACKAGES = ("torch", "transformers", "accelerate", "datasets", "numpy", "matplotlib", "wandb",
-            "hybridlm", "pyyaml")
+PACKAGES = MANIFEST_PACKAGES + ("matplotlib", "pyyaml")  # the report plots and reads YAML
 
 
 def parse_args(argv=None):
@@ -354,7 +352,8 @@ def report(cfg: RunConfig, runs, agg, energy_info, cache_info, wall, manifest,
           f"{cache_info['seconds_without_cache']:.0f} s of encoder time (measured cost per "
           f"block × blocks served): {cache_info['seconds_saved']:.0f} s saved.", ""]
     L += ["## Reproducibility", "",
-          f"Commit {manifest['git_commit']} (uncommitted changes: {manifest['git_dirty']}); "
+          f"Commit {manifest['git']['commit']} (uncommitted changes: "
+          f"{manifest['git']['dirty']}); "
           f"packages: " + ", ".join(f"{k} {v}" for k, v in manifest["packages"].items())
           + ". Full config and seeds in manifest.json.", ""]
     L += ["## Plots", ""] + [f"![{p}]({p})" for p in plots] + [""]
@@ -452,26 +451,9 @@ def make_plots(out: Path, runs: dict, agg: dict, order: list[str],
 
 # ---- manifest -------------------------------------------------------------------------------
 def manifest(cfg: RunConfig, argv, order) -> dict:
-    def git(*a):
-        try:
-            return subprocess.run(["git", *a], capture_output=True, text=True, timeout=10,
-                                  cwd=Path(__file__).resolve().parent.parent).stdout.strip()
-        except (OSError, subprocess.SubprocessError):
-            return None
-
-    versions = {}
-    for p in PACKAGES:
-        try:
-            versions[p] = importlib.metadata.version(p)
-        except importlib.metadata.PackageNotFoundError:
-            versions[p] = None
-    status = git("status", "--porcelain")
-    return {"git_commit": git("rev-parse", "HEAD") or "not available",
-            "git_dirty": None if status is None else bool(status),
-            "python": sys.version.split()[0], "platform": platform.platform(),
-            "packages": versions, "seeds": cfg.continual.seeds, "domain_order": order,
-            "argv": list(argv), "config": cfg.to_dict(),
-            "torch_threads": torch.get_num_threads()}
+    """The shared run manifest (git, packages, machine) plus what this evaluation varied."""
+    return run_manifest(seeds=cfg.continual.seeds, domain_order=order, argv=list(argv),
+                        config=cfg.to_dict(), packages=package_versions(PACKAGES))
 
 
 # ---- main -----------------------------------------------------------------------------------

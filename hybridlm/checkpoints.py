@@ -18,7 +18,6 @@ import yaml
 from hybridlm.config import ConfigError
 
 PROGRESS = "progress.yaml"
-MODEL_TYPE = "hybridlm"  # HybridConfig.model_type, without importing the model here
 
 
 def file_checksums(folder: Path) -> dict[str, str]:
@@ -63,13 +62,18 @@ def latest_intact(ckpt_dir: Path) -> Path | None:
     return None
 
 
-def run_identity(head: str, model_config: dict, tokenizer) -> dict:
-    """What a checkpoint must have been trained as for a run to resume it: model type, head,
-    model config and tokenizer (class, size and a SHA-256 of its vocabulary)."""
+def tokenizer_identity(tokenizer) -> dict:
+    """A tokenizer's class, size and a SHA-256 of its vocabulary."""
     vocab = "\n".join(f"{t}\t{i}" for t, i in sorted(tokenizer.get_vocab().items()))
-    return {"model_type": MODEL_TYPE, "head": head, "model": dict(model_config),
-            "tokenizer": {"class": type(tokenizer).__name__, "vocab_size": len(tokenizer),
-                          "vocab_sha256": hashlib.sha256(vocab.encode()).hexdigest()}}
+    return {"class": type(tokenizer).__name__, "vocab_size": len(tokenizer),
+            "vocab_sha256": hashlib.sha256(vocab.encode()).hexdigest()}
+
+
+def run_identity(model_type: str, head: str, model_config: dict, tokenizer: dict) -> dict:
+    """What a checkpoint must have been trained as for a run to resume it: model type, head,
+    model config and tokenizer (`tokenizer_identity`)."""
+    return {"model_type": model_type, "head": head, "model": dict(model_config),
+            "tokenizer": tokenizer}
 
 
 def resume_point(ckpt_dir: Path, identity: dict) -> Path | None:

@@ -47,7 +47,7 @@ from hybridlm.config import (
     validate,
 )
 from hybridlm.corpora import DataError
-from hybridlm.evaluation import Blocks, evaluate, token_stats
+from hybridlm.evaluation import Blocks, evaluate, ranks_agree, token_stats
 from hybridlm.features import FeatureCache
 
 SCORES = tuple(HIGHER_IS_BETTER)  # accuracy, loss, perplexity
@@ -299,18 +299,6 @@ def head_state(base) -> torch.Tensor:
     parts += [p.detach().flatten().double().cpu() for n, p in base.named_parameters()
               if p.requires_grad and not n.startswith("head.")]
     return torch.cat(parts)
-
-
-@torch.no_grad()
-def ranks_agree(accelerator, t: torch.Tensor) -> bool:
-    """True when every process holds a bit-identical `t` (trivially with one process)."""
-    if accelerator.num_processes == 1:
-        return True
-    everyone = accelerator.gather(t.to(accelerator.device).unsqueeze(0))  # (ranks, ...)
-    same = bool((everyone == everyone[0]).all())
-    if not same:
-        accelerator.print("warning: the processes' state differs (see ranks_agree)")
-    return same
 
 
 # ---- evaluation -----------------------------------------------------------------------------

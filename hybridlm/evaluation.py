@@ -66,3 +66,15 @@ def evaluate(model, blocks: Blocks, accelerator, batch_size: int, cache: Feature
     if not math.isnan(rate_sum):
         result["firing_rate"] = rate_sum / n
     return result
+
+
+@torch.no_grad()
+def ranks_agree(accelerator, t: torch.Tensor) -> bool:
+    """True when every process holds a bit-identical `t` (trivially with one process)."""
+    if accelerator.num_processes == 1:
+        return True
+    everyone = accelerator.gather(t.to(accelerator.device).unsqueeze(0))  # (ranks, ...)
+    same = bool((everyone == everyone[0]).all())
+    if not same:
+        accelerator.print("warning: the processes' state differs (see ranks_agree)")
+    return same

@@ -11,6 +11,7 @@ from hybridlm.checkpoints import (
     latest_intact,
     resume_point,
     run_identity,
+    tokenizer_identity,
     verify,
 )
 from hybridlm.config import ConfigError
@@ -79,18 +80,21 @@ def test_falls_back_to_the_previous_checkpoint_with_a_warning(tmp_path):
     assert latest_intact(tmp_path / "nothing") is None
 
 
+def _identity(head, model, words):
+    return run_identity("hybridlm", head, model, tokenizer_identity(_Tokenizer(words)))
+
+
 def test_resume_point_accepts_its_own_run_and_names_what_differs_otherwise(tmp_path):
     words = ["[PAD]", "the", "cat"]
     model = {"n_neurons": 256, "time_steps": 4}
-    ours = run_identity("spiking_pc", model, _Tokenizer(words))
+    ours = _identity("spiking_pc", model, words)
     folder = _checkpoint(tmp_path, 4, identity=yaml.safe_load(yaml.safe_dump(ours)))
     assert resume_point(tmp_path, ours) == folder
     assert resume_point(tmp_path / "none", ours) is None
     cases = [
-        (run_identity("mlp", model, _Tokenizer(words)), "another head"),
-        (run_identity("spiking_pc", model | {"n_neurons": 512}, _Tokenizer(words)),
-         "another model.n_neurons"),
-        (run_identity("spiking_pc", model, _Tokenizer(words[::-1])), "another tokenizer"),
+        (_identity("mlp", model, words), "another head"),
+        (_identity("spiking_pc", model | {"n_neurons": 512}, words), "another model.n_neurons"),
+        (_identity("spiking_pc", model, words[::-1]), "another tokenizer"),
     ]
     for theirs, message in cases:
         with pytest.raises(ConfigError, match=message):
@@ -100,4 +104,4 @@ def test_resume_point_accepts_its_own_run_and_names_what_differs_otherwise(tmp_p
 def test_resume_point_refuses_a_checkpoint_without_identity(tmp_path):
     _checkpoint(tmp_path, 4)
     with pytest.raises(ConfigError, match="records no model identity"):
-        resume_point(tmp_path, run_identity("mlp", {}, _Tokenizer(["a"])))
+        resume_point(tmp_path, _identity("mlp", {}, ["a"]))

@@ -31,11 +31,18 @@ from tqdm.auto import tqdm
 from transformers import AutoTokenizer, get_cosine_schedule_with_warmup
 
 from hybridlm import hub
-from hybridlm.checkpoints import PROGRESS, file_checksums, latest_intact, resume_point, run_identity
+from hybridlm.checkpoints import (
+    PROGRESS,
+    file_checksums,
+    latest_intact,
+    resume_point,
+    run_identity,
+    tokenizer_identity,
+)
 from hybridlm.config import ConfigError, RunConfig, load_config
 from hybridlm.corpora import DataError
 from hybridlm.data import build_corpora, format_report, subsample
-from hybridlm.evaluation import Blocks, evaluate
+from hybridlm.evaluation import Blocks, evaluate, ranks_agree
 from hybridlm.features import FeatureCache
 from hybridlm.io import write_json_atomic, write_text_atomic
 from hybridlm.modeling import HybridForCausalLM, resolve_encoder
@@ -82,18 +89,13 @@ def make_accelerator(cfg: RunConfig) -> Accelerator:
     )
 
 
-@torch.no_grad()
 def ranks_identical(accelerator: Accelerator, model) -> bool:
     """True when every process holds bit-identical parameters and buffers (trivially with one
     process). DDP keeps gradient updates in step; local Hebbian updates are reduced by hand."""
     if accelerator.num_processes == 1:
         return True
-    flat = torch.cat([t.detach().flatten().double() for t in model.state_dict().values()])
-    everyone = accelerator.gather(flat.unsqueeze(0))
-    same = bool((everyone == everyone[0]).all())
-    if not same:
-        accelerator.print("warning: the processes' weights differ (see ranks_identical)")
-    return same
+    return ranks_agree(accelerator, torch.cat(
+        [t.detach().flatten().double() for t in model.state_dict().values()]))
 
 
 def train_head(head, cfg, args, splits, caches, tokenizer, out: Path, identity: dict,
@@ -351,7 +353,9 @@ def main(argv=None) -> int:
                 f"config key 'data.block_size': {cfg.data.block_size} is longer than the "
                 f"encoder's {max_pos} positions; use data.block_size <= {max_pos}"
             )
-        identities = {h: run_identity(h, asdict(cfg.model), tokenizer)
+        tokenizer_id = tokenizer_identity(tokenizer)
+        identities = {h: run_identity(HybridForCausalLM.config_class.model_type, h,
+                                      asdict(cfg.model), tokenizer_id)
                       for h in cfg.train.heads}
         resume_from = {h: resume_point(out / h / "checkpoints", identities[h])
                        if args.resume else None
