@@ -7,8 +7,9 @@ Public API (time-first tensors, float32):
 - :func:`pc_step` (I, v, r) -> (s, v', r')
 - :func:`spike_matmul` (S [M, K], W [K, N]) -> [M, N]
 
-Backends and their selection: see :mod:`hybridlm.kernels.ops`; design and measurements:
-docs/kernels.md.
+Large CPU outputs come from a pool that reuses their memory once no tensor refers to it
+(:mod:`hybridlm.kernels.pool`). Backends and their selection: see
+:mod:`hybridlm.kernels.ops`; design and measurements: docs/kernels.md.
 """
 
 from hybridlm.kernels.ops import (
@@ -19,6 +20,7 @@ from hybridlm.kernels.ops import (
     resolve_backend,
     spike_matmul,
 )
+from hybridlm.kernels.pool import empty_cache, output_pool_stats, reset_output_pool_peak
 from hybridlm.kernels.reference import (
     lif_multistep_reference,
     pc_step_reference,
@@ -28,10 +30,13 @@ from hybridlm.kernels.reference import (
 __all__ = [
     "BACKENDS",
     "SPIKE_MATMUL_CROSSOVER",
+    "empty_cache",
     "lif_multistep",
     "lif_multistep_reference",
+    "output_pool_stats",
     "pc_step",
     "pc_step_reference",
+    "reset_output_pool_peak",
     "resolve_backend",
     "spike_matmul",
     "spike_matmul_reference",

@@ -17,17 +17,16 @@ Backends (argument ``backend=`` or env ``HYBRIDLM_BACKEND``; the argument wins):
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import math
 import os
-import sys
 
 import numpy as np
 import torch
 
 from hybridlm.kernels import _build
 from hybridlm.kernels import reference as ref
+from hybridlm.kernels.pool import empty_output
 
 BACKENDS = ("auto", "torch", "compiled", "cpu_shim", "cpu_shim_grid", "cuda")
 _BLOCK = 256  # CUDA threads per block for the grid kernels
@@ -146,43 +145,6 @@ def _grid(n: int, backend: str) -> tuple[int, int, bool]:
     return -(-n // _BLOCK), _BLOCK, False
 
 
-_HUGEPAGE_MIN = 4 << 20
-_madvise = _mincore = None
-if sys.platform.startswith("linux"):
-    try:
-        _libc = ctypes.CDLL(None, use_errno=True)
-        _madvise, _mincore = _libc.madvise, _libc.mincore
-        _madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-        _mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
-    except (OSError, AttributeError):  # pragma: no cover
-        _madvise = _mincore = None
-_mincore_vec = ctypes.create_string_buffer(1)
-
-
-def _resident(addr: int) -> bool:
-    """Whether the page at (page-aligned) addr is in memory (mincore)."""
-    if _mincore is None or _mincore(addr, 4096, _mincore_vec) != 0:
-        return False
-    return bool(_mincore_vec.raw[0] & 1)
-
-
-def _empty(shape, like: torch.Tensor) -> torch.Tensor:
-    """torch.empty for an output buffer. On Linux CPU, large buffers that are fresh from the
-    kernel are advised MADV_HUGEPAGE before their first touch: a fresh 100 MB buffer otherwise
-    costs ~25k 4 KiB page faults (43 ms measured here, longer than the LIF kernel itself); with
-    2 MiB pages the first touch costs 8 ms. Memory the allocator reuses (its first page already
-    resident) is left alone: advising it again only costs a syscall and a VMA split (measured
-    1-2 ms a step on a reused heap). It is only advice: no effect where THP is off."""
-    t = torch.empty(shape, dtype=like.dtype, device=like.device)
-    n = t.numel() * t.element_size()
-    if _madvise is not None and t.device.type == "cpu" and n >= _HUGEPAGE_MIN:
-        start = (t.data_ptr() + 4095) & ~4095
-        end = (t.data_ptr() + n) & ~4095
-        if not _resident(start):
-            _madvise(start, end - start, 14)  # MADV_HUGEPAGE
-    return t
-
-
 _compiled_cache: dict = {}
 
 
@@ -200,7 +162,7 @@ def _lif_fwd(x: torch.Tensor, cfg: _Neuron, backend: str) -> torch.Tensor:
     T = x.shape[0]
     N = x.numel() // T
     c, F = _ctype(x)
-    s = _empty(x.shape, x)
+    s = empty_output(x.shape, x)
     if N == 0:
         return s
     grid, block, tile = _grid(N, backend)
@@ -216,7 +178,7 @@ def _lif_bwd(x: torch.Tensor, gs: torch.Tensor, cfg: _Neuron, backend: str) -> t
     T = x.shape[0]
     N = x.numel() // T
     c, F = _ctype(x)
-    gx = _empty(x.shape, x)
+    gx = empty_output(x.shape, x)
     if N == 0:
         return gx
     grid, block, tile = _grid(N, backend)
@@ -299,7 +261,7 @@ class _PCStep(torch.autograd.Function):
     def forward(ctx, I, v, r, cfg: _Neuron, backend: str):  # noqa: E741
         n = I.numel()
         c, F = _ctype(I)
-        s, v_new, r_new, h = (_empty(I.shape, I) for _ in range(4))
+        s, v_new, r_new, h = (empty_output(I.shape, I) for _ in range(4))
         if n:
             grid, block, tile = _grid(n, backend)
             name = f"hl::pc_fwd{'_tile' if tile else ''}<{c},{int(cfg.reset == 'zero')}>"
@@ -317,7 +279,7 @@ class _PCStep(torch.autograd.Function):
         cfg = ctx.cfg
         n = h.numel()
         c, F = _ctype(h)
-        gI, gv, gr = (_empty(h.shape, h) for _ in range(3))
+        gI, gv, gr = (empty_output(h.shape, h) for _ in range(3))
         if n:
             sa, sb = ref.surrogate_constants(cfg.surrogate, cfg.alpha)
             grid, block, tile = _grid(n, ctx.backend)
@@ -366,7 +328,7 @@ def _spike_matmul_launch(kind: str, a: torch.Tensor, b: torch.Tensor, M: int, K:
     """kind "fwd": out [M, N] = S [M, K] @ W [K, N]; "grad_w": gW [K, N] = S^T @ gout [M, N]."""
     c, _ = _ctype(a)
     rows = K if kind == "grad_w" else M
-    out = _empty((rows, N), a)
+    out = empty_output((rows, N), a)
     if out.numel() == 0:
         return out.zero_()
     if backend == "cpu_shim":
