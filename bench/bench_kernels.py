@@ -25,6 +25,9 @@ independent, so the same measure for every peer. Also recorded: RSS growth (VmHW
 /proc/self/clear_refs, minus VmRSS before the step), which depends on what the allocator kept
 from earlier steps and is not comparable across peers.
 
+The whole spiking PC layer (run_layer): forward+backward in tokens per second, ours against the
+same layer on the plain-torch reference ops, eager and under torch.compile.
+
 Propagation: out = S @ W, M = 1024, K = 2048, N = 1024, float32, spike rate 0.1% .. 20%:
 event-driven (ours), dense (torch matmul), CSR (S.to_sparse_csr() @ W, conversion included).
 """
@@ -219,6 +222,49 @@ def run_copy() -> dict:
     return {"bytes": 2 * 4 * n, "median_ms": med * 1e3, "gbps": 2 * 4 * n / med / 1e9}
 
 
+LAYER = {"batch": 16, "seq": 128, "d_model": 384, "n_neurons": 512, "time_steps": 8}
+
+
+def run_layer(impl: str, repeats: int) -> dict:
+    """The whole spiking PC layer (hybridlm.spiking.SpikingPCLayer, the default config's
+    geometry: 512 neurons, T = 8, D = 384) forward+backward on a 16 x 128-token batch of
+    seeded random features, loss = mean(y^2): tokens per second. impl: "ours" (the kernels,
+    auto backend), "torch" (the same layer on the plain-torch reference ops), "compiled"
+    (that, under torch.compile)."""
+    import torch
+
+    from hybridlm.spiking import SpikingPCLayer
+
+    if os.environ.get("OMP_NUM_THREADS"):
+        torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+    torch.manual_seed(0)
+    layer = SpikingPCLayer(LAYER["d_model"], LAYER["n_neurons"], LAYER["time_steps"],
+                           backend=None if impl == "ours" else "torch")
+    run = torch.compile(layer) if impl == "compiled" else layer
+    x = torch.randn(LAYER["batch"], LAYER["seq"], LAYER["d_model"], requires_grad=True)
+
+    def step():
+        layer.zero_grad(set_to_none=True)
+        x.grad = None
+        run(x).square().mean().backward()
+
+    t0 = time.perf_counter()
+    step()  # compiles for torch.compile, builds the shim
+    first = time.perf_counter() - t0
+    for _ in range(3):
+        step()
+    times = []
+    for _ in range(max(5, repeats)):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    med = statistics.median(times)
+    tokens = LAYER["batch"] * LAYER["seq"]
+    return {"impl": impl, "median_ms": med * 1e3, "times_ms": [t * 1e3 for t in times],
+            "first_ms": first * 1e3, "tokens_per_s": tokens / med,
+            "spike_rate": float(layer.stats["rate"]), **LAYER}
+
+
 def run_copy_rounds(rounds: int) -> dict:
     """The copy bandwidth as the median of `rounds` fresh processes (see run_rounds)."""
     runs = [_sub(["--copy"]) for _ in range(max(1, rounds))]
@@ -345,6 +391,21 @@ def markdown(result: dict) -> str:
                    f"{r['csr_ms']:.1f} | {best} |")
     out += ["", f"Event-driven crossover (largest rate where it beats dense): "
             f"{result['crossover']}"]
+    if result.get("layer"):
+        ours = next((r for r in result["layer"] if r.get("impl") == "ours"), {})
+        out += ["", f"Whole spiking PC layer, forward+backward ({LAYER['n_neurons']} neurons, "
+                f"T = {LAYER['time_steps']}, D = {LAYER['d_model']}, {LAYER['batch']} x "
+                f"{LAYER['seq']} tokens):", "",
+                "| implementation | median ms | tokens/s | ours is Nx faster | spike rate |",
+                "|---|---|---|---|---|"]
+        for r in result["layer"]:
+            if "median_ms" not in r:
+                out.append(f"| {r.get('impl', '?')} | failed: "
+                           f"{r.get('error', '')[-80:].replace(chr(10), ' ')} | | | |")
+                continue
+            ratio = f"{r['median_ms'] / ours['median_ms']:.2f}x" if ours.get("median_ms") else ""
+            out.append(f"| {r['impl']} | {r['median_ms']:.1f} | {r['tokens_per_s']:,.0f} | "
+                       f"{ratio} | {r['spike_rate']:.3f} |")
     if result.get("targets"):
         out += ["", f"Targets at T = 16, N = {N_LARGE:,} (issue 3; the same run):", "",
                 "| allocator | target | measured | met? |", "|---|---|---|---|"]
@@ -399,6 +460,7 @@ def main() -> None:
     ap.add_argument("--case", nargs=3, metavar=("PEER", "T", "N"), help=argparse.SUPPRESS)
     ap.add_argument("--copy", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--propagation", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--layer", help=argparse.SUPPRESS)
     a = ap.parse_args()
     repeats = a.repeats or (3 if a.quick else 5)
     if a.threads:
@@ -409,6 +471,9 @@ def main() -> None:
         return
     if a.copy:
         print(json.dumps(run_copy()))
+        return
+    if a.layer:
+        print(json.dumps(run_layer(a.layer, repeats)))
         return
     rates = [0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2]
     if a.propagation:
@@ -441,6 +506,8 @@ def main() -> None:
         result["lif"] += run_rounds([p for p in peers if p != "ours_kernels"], 16, N_LARGE,
                                     repeats, a.rounds, REUSE_ENV, "allocator reuse")
     result["propagation"] = _sub(["--propagation", "--repeats", str(repeats)]).get("rows", [])
+    result["layer"] = [_sub(["--layer", impl, "--repeats", str(repeats)])
+                       for impl in ("ours", "torch", "compiled")]
     faster = [r["rate"] for r in result["propagation"] if r["event_ms"] < r["dense_ms"]]
     result["crossover"] = max(faster) if faster else None
     result["targets"] = targets(result)
