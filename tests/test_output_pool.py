@@ -3,6 +3,9 @@ and never changes a tensor the caller still holds."""
 
 from __future__ import annotations
 
+import ctypes
+import os
+import sys
 import threading
 
 import pytest
@@ -130,3 +133,15 @@ def test_threads_never_share_a_buffer():
     for t in threads:
         t.join()
     assert not errors
+
+
+@pytest.mark.skipif(not hasattr(os, "fork") or sys.platform != "linux", reason="needs fork")
+def test_a_forked_child_writes_to_its_own_copy():
+    s = lif_multistep(_x(0), 0.9, 0.7).detach()
+    snapshot = s.clone()
+    pid = os.fork()
+    if pid == 0:  # the child scribbles on the inherited output (plain libc: no thread pool
+        ctypes.memset(s.data_ptr(), 0x7F, s.numel() * 4)  # after fork) and exits at once
+        os._exit(0)
+    os.waitpid(pid, 0)
+    assert torch.equal(s, snapshot)

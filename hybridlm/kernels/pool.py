@@ -61,7 +61,9 @@ class _Pool:
                 block = blocks.pop()
                 self.free_bytes -= nbytes
             else:
-                block = mmap.mmap(-1, nbytes)
+                # Private: the default anonymous mapping is MAP_SHARED, which a forked child
+                # (a DataLoader worker) would share with this process instead of copying.
+                block = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE)
             self.in_use_bytes += nbytes
             self.peak_in_use = max(self.peak_in_use, self.in_use_bytes)
         lease = memoryview(block)
