@@ -91,6 +91,8 @@ def test_free_bytes_stay_under_the_limit(monkeypatch):
 
 
 def test_zero_turns_the_pool_off_and_bad_values_are_named(monkeypatch):
+    lif_multistep(_x(0), 0.9, 0.7)  # leaves one free buffer
+    assert pool.output_pool_stats()["free_bytes"] == 4 * T * N
     monkeypatch.setenv("HYBRIDLM_OUTPUT_POOL_MIB", "0")
     lif_multistep(_x(0), 0.9, 0.7)
     assert pool.output_pool_stats()["held_bytes"] == 0

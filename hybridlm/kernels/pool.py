@@ -51,11 +51,13 @@ class _Pool:
     def empty(self, shape, dtype: torch.dtype) -> torch.Tensor:
         shape = torch.Size(shape)
         nbytes = shape.numel() * dtype.itemsize
-        limit = _limit_bytes()
-        if nbytes < MIN_BYTES or limit == 0:
+        if nbytes < MIN_BYTES:
             return torch.empty(shape, dtype=dtype)
+        limit = _limit_bytes()
         with self._lock:
-            self._trim(limit)
+            self._trim(limit)  # the limit may have been lowered since the last call
+            if limit == 0:
+                return torch.empty(shape, dtype=dtype)
             blocks = self._free.get(nbytes)
             if blocks:
                 block = blocks.pop()
