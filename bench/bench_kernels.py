@@ -125,7 +125,7 @@ def _make_step(peer: str, T: int, N: int):
     return step, x
 
 
-def _peak_live_mib(step, x) -> float | None:
+def _peak_live_mib(step, x) -> float:
     """Peak bytes of tensors allocated during one step() and alive at once (MiB), from the
     CPU allocator's own count (torch.profiler profile_memory). Allocator independent. Our
     op's large outputs live in its output pool (hybridlm.kernels.pool), outside torch's
@@ -156,10 +156,8 @@ def _peak_live_mib(step, x) -> float | None:
 
 
 def run_case(peer: str, T: int, N: int, repeats: int) -> dict:
-    import torch
+    import torch  # honours OMP_NUM_THREADS (--threads) by itself
 
-    if os.environ.get("OMP_NUM_THREADS"):
-        torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
     try:
         step, x = _make_step(peer, T, N)
     except ImportError as e:
@@ -235,8 +233,6 @@ def run_layer(impl: str, repeats: int) -> dict:
 
     from hybridlm.spiking import SpikingPCLayer
 
-    if os.environ.get("OMP_NUM_THREADS"):
-        torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
     torch.manual_seed(0)
     layer = SpikingPCLayer(LAYER["d_model"], LAYER["n_neurons"], LAYER["time_steps"],
                            backend=None if impl == "ours" else "torch")
@@ -265,14 +261,22 @@ def run_layer(impl: str, repeats: int) -> dict:
             "spike_rate": float(layer.stats["rate"]), **LAYER}
 
 
+def _median_run(runs: list[dict], key: str, rounds_key: str) -> dict:
+    """The run with the median `key` (the lower one of an even count), with every run's
+    `key` in run order under `rounds_key`; the first run when none measured `key`."""
+    timed = sorted((r for r in runs if key in r), key=lambda r: r[key])
+    row = dict(timed[(len(timed) - 1) // 2]) if timed else dict(runs[0])
+    if len(runs) > 1:
+        row[rounds_key] = [r.get(key) for r in runs]
+    return row
+
+
 def run_copy_rounds(rounds: int) -> dict:
     """The copy bandwidth as the median of `rounds` fresh processes (see run_rounds)."""
-    runs = [_sub(["--copy"]) for _ in range(max(1, rounds))]
-    runs = sorted((r for r in runs if "gbps" in r), key=lambda r: r["gbps"]) or runs
-    if "gbps" not in runs[0]:
-        raise RuntimeError(f"the copy benchmark failed: {runs[0].get('error')}")
-    row = dict(runs[(len(runs) - 1) // 2])
-    row["rounds_gbps"] = [r["gbps"] for r in runs]
+    row = _median_run([_sub(["--copy"]) for _ in range(max(1, rounds))], "gbps",
+                      "rounds_gbps")
+    if "gbps" not in row:
+        raise RuntimeError(f"the copy benchmark failed: {row.get('error')}")
     return row
 
 
@@ -336,15 +340,9 @@ def run_rounds(peers: list[str], T: int, N: int, repeats: int, rounds: int,
             label = peer + (f" ({variant})" if variant else "")
             print(f"T={T} N={N} {label}: {r.get('median_ms', r.get('skipped', 'error'))}",
                   file=sys.stderr)
-    rows = []
-    for rs in runs.values():
-        timed = sorted((r for r in rs if "median_ms" in r), key=lambda r: r["median_ms"])
-        row = dict(timed[(len(timed) - 1) // 2]) if timed else rs[0]
-        if len(rs) > 1:
-            row["rounds_ms"] = [r.get("median_ms") for r in rs]
-        if variant:
-            row["variant"] = variant
-        rows.append(row)
+    rows = [_median_run(rs, "median_ms", "rounds_ms") for rs in runs.values()]
+    for row in rows if variant else ():
+        row["variant"] = variant
     return rows
 
 
@@ -500,8 +498,8 @@ def main() -> None:
     # and every peer with glibc told to keep and reuse freed memory (what the pool gives our
     # op), so that the ratios can be read under either allocator.
     if not a.no_reuse:
-        result["lif"] += run_rounds([p for p in peers if p == "ours"], 16, N_LARGE, repeats,
-                                    a.rounds, {"HYBRIDLM_OUTPUT_POOL_MIB": "0"},
+        result["lif"] += run_rounds(["ours"] if "ours" in peers else [], 16, N_LARGE,
+                                    repeats, a.rounds, {"HYBRIDLM_OUTPUT_POOL_MIB": "0"},
                                     "no output pool")
         result["lif"] += run_rounds([p for p in peers if p != "ours_kernels"], 16, N_LARGE,
                                     repeats, a.rounds, REUSE_ENV, "allocator reuse")
