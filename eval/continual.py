@@ -47,12 +47,13 @@ from hybridlm.continual import (  # noqa: E402
 )
 from hybridlm.corpora import DataError  # noqa: E402
 from hybridlm.data import build_corpora, format_report, subsample  # noqa: E402
+from hybridlm.heads import mlp_hidden  # noqa: E402
 from hybridlm.io import write_json_atomic, write_text_atomic  # noqa: E402
 from hybridlm.manifest import PACKAGES as MANIFEST_PACKAGES  # noqa: E402
 from hybridlm.manifest import package_versions, run_manifest  # noqa: E402
-from hybridlm.modeling import HybridForCausalLM, resolve_encoder  # noqa: E402
-from hybridlm.spiking import matched_mlp_hidden  # noqa: E402
+from hybridlm.modeling import HybridConfig, HybridForCausalLM  # noqa: E402
 from hybridlm.tracking import Tracker  # noqa: E402
+from hybridlm.trunks import resolve_trunk  # noqa: E402
 
 REFERENCE = "finetune"  # plain fine-tuning: every method is compared with it
 HEADLINE = "spiking_hebbian_gated"  # the seed document's claim is about this one
@@ -161,7 +162,8 @@ def energy_table(cfg: RunConfig, runs: dict, agg: dict, d_model: int, vocab: int
         if m.name not in runs:
             continue
         mc = method_model_config(cfg, i)
-        hidden = matched_mlp_hidden(d_model, mc.n_neurons)
+        hidden = mlp_hidden(mc.head, d_model, HybridConfig(**model_kwargs(mc))) \
+            if mc.head in ("mlp", "mlp_macs") else 0
         rates = agg[m.name].get("firing_rate_mean")
         per_domain = {}
         for j, dom in enumerate(runs[m.name][0]["order"]):
@@ -507,7 +509,7 @@ def main(argv=None) -> int:
         if not c.methods and args.checkpoint is None:
             raise ConfigError("config key 'continual.methods': list at least one method")
         method_models = [method_model_config(cfg, i) for i in range(len(c.methods))]
-        encoder_path, _ = resolve_encoder(cfg.model.encoder)
+        encoder_path = resolve_trunk(cfg.model.encoder, cfg.data.cache_dir).path
         if args.report_only:
             return report_only(cfg, argv, order, encoder_path)
         tokenizer = AutoTokenizer.from_pretrained(encoder_path)
@@ -520,10 +522,11 @@ def main(argv=None) -> int:
         blk, d = cfg.data.block_size, cfg.data
         stream = Stream.build(
             order,
-            {n: subsample(built[n].splits["train"], d.max_train_tokens_per_domain, blk, cfg.seed)
+            {n: subsample(built[n].splits["train"], d.max_train_tokens_per_domain, blk,
+                          d.subsample_seed)
              for n in order},
             {n: subsample(built[n].splits[c.eval_split], d.max_eval_tokens_per_domain, blk,
-                          cfg.seed) for n in order},
+                          d.subsample_seed) for n in order},
             c.tokens_per_stage, cache=cfg.train.cache_features, eval_split=c.eval_split)
         if args.checkpoint is not None:
             return score_checkpoint(cfg, args, accelerator, stream, tokenizer)
@@ -549,7 +552,8 @@ def main(argv=None) -> int:
     for seed in c.seeds:
         for method, mcfg in zip(c.methods, method_models, strict=True):
             set_seed(seed)
-            model = HybridForCausalLM.from_encoder(cfg.model.encoder, **model_kwargs(mcfg))
+            model = HybridForCausalLM.from_encoder(cfg.model.encoder, cfg.data.cache_dir,
+                                                   **model_kwargs(mcfg))
 
             def log(row, name=method.name, seed=seed):
                 nonlocal wb_step

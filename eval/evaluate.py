@@ -21,7 +21,7 @@ from hybridlm.corpora import DataError
 from hybridlm.data import build_corpora, subsample, tokenizer_fingerprint
 from hybridlm.evaluation import Blocks, evaluate
 from hybridlm.io import write_json_atomic
-from hybridlm.modeling import resolve_encoder
+from hybridlm.trunks import resolve_trunk
 
 
 def main(argv=None) -> int:
@@ -39,7 +39,8 @@ def main(argv=None) -> int:
             raise ValueError(f"'{folder}' is not a saved model folder (no config.json)")
         model = AutoModelForCausalLM.from_pretrained(folder)
         tokenizer = AutoTokenizer.from_pretrained(folder)
-        data_tok = AutoTokenizer.from_pretrained(resolve_encoder(cfg.model.encoder)[0])
+        data_tok = AutoTokenizer.from_pretrained(
+            resolve_trunk(cfg.model.encoder, cfg.data.cache_dir).path)
         if tokenizer_fingerprint(tokenizer) != tokenizer_fingerprint(data_tok):
             raise ValueError(
                 f"the model's tokenizer differs from the one of encoder '{cfg.model.encoder}' "
@@ -55,7 +56,7 @@ def main(argv=None) -> int:
         results[split] = {}
         for dom in domains:
             blocks = Blocks(subsample(dom.splits[split], cfg.data.max_eval_tokens_per_domain,
-                                      cfg.data.block_size, cfg.seed))
+                                      cfg.data.block_size, cfg.data.subsample_seed))
             results[split][dom.name] = evaluate(model, blocks, accelerator, args.batch_size, None)
     out = Path(args.out) if args.out else folder.parent / "eval.json"
     if accelerator.is_main_process:

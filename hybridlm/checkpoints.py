@@ -18,6 +18,40 @@ import yaml
 from hybridlm.config import ConfigError
 
 PROGRESS = "progress.yaml"
+WEIGHTS = "model.safetensors"
+
+
+def frozen_trunk_keys(model) -> set[str]:
+    """State-dict keys of the frozen trunk (and an untied trunk LM head). Training checkpoints
+    leave them out: they are the pretrained weights every run starts from (about 0.5 GB for
+    SmolLM2), rebuilt on resume and identified by the trunk fingerprint in the run identity."""
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    return {k for k in model.state_dict()
+            if k.startswith(("encoder.", "lm_head.")) and k not in trainable}
+
+
+def drop_keys(weights: list[dict], keys: set[str]) -> None:
+    """Remove `keys` from state dicts in place (a DDP-wrapped model prefixes 'module.')."""
+    for w in weights:
+        for k in list(w):
+            if k.removeprefix("module.") in keys:
+                del w[k]
+
+
+def check_saved_keys(folder: Path, model, frozen: set[str]) -> None:
+    """Raise ConfigError unless the checkpoint's weights are exactly the model's non-frozen
+    state (a resume loads them with strict=False, so a missing key must be caught here)."""
+    from hybridlm.hub import safetensors_header
+
+    saved = {k.removeprefix("module.") for k in safetensors_header(folder / WEIGHTS)}
+    expected = set(model.state_dict()) - frozen
+    if saved != expected:
+        extra, missing = sorted(saved - expected), sorted(expected - saved)
+        raise ConfigError(
+            f"--resume: checkpoint {folder} holds other weights than this model trains "
+            f"(missing {missing[:3]}, unexpected {extra[:3]}); resume with the config it was "
+            "made with, or choose another output_dir"
+        )
 
 
 def file_checksums(folder: Path) -> dict[str, str]:
@@ -69,11 +103,13 @@ def tokenizer_identity(tokenizer) -> dict:
             "vocab_sha256": hashlib.sha256(vocab.encode()).hexdigest()}
 
 
-def run_identity(model_type: str, head: str, model_config: dict, tokenizer: dict) -> dict:
+def run_identity(model_type: str, head: str, model_config: dict, tokenizer: dict,
+                 trunk: str = "") -> dict:
     """What a checkpoint must have been trained as for a run to resume it: model type, head,
-    model config and tokenizer (`tokenizer_identity`)."""
+    model config, tokenizer (`tokenizer_identity`) and the frozen trunk's fingerprint (its
+    weights are not in the checkpoint)."""
     return {"model_type": model_type, "head": head, "model": dict(model_config),
-            "tokenizer": tokenizer}
+            "tokenizer": tokenizer, "trunk_sha256": trunk}
 
 
 def resume_point(ckpt_dir: Path, identity: dict) -> Path | None:

@@ -18,6 +18,8 @@ from typing import Any
 
 import yaml
 
+from hybridlm.heads import HEADS
+
 
 class ConfigError(ValueError):
     """A config key is unknown, has the wrong type, or holds an out-of-range value."""
@@ -50,13 +52,18 @@ class DataConfig:
     passage_chars: int = 2000  # documents are cut into passages of about this size before splitting
     max_train_tokens_per_domain: int | None = None  # None: every training token
     max_eval_tokens_per_domain: int | None = None  # None: every validation/test token
+    # Which blocks the two limits above keep. Fixed across run seeds, so runs of several seeds
+    # differ only in initialisation and order, and share their cached trunk features.
+    subsample_seed: int = 0
     cache_dir: str = ".cache/hybridlm"
 
 
 @dataclass
 class ModelConfig:
-    encoder: str = "minilm"  # a local folder, a Hub id, or "minilm" (the offline MiniLM package)
-    head: str = "spiking_pc"  # spiking_pc | mlp | linear
+    # The trunk: "smollm2" (offline SmolLM2-135M-Instruct, a causal LM), "minilm" (offline
+    # all-MiniLM-L6-v2, an encoder run causally), a .gguf file, a local folder or a Hub id.
+    encoder: str = "smollm2"
+    head: str = "spiking_pc"  # trunk | linear | mlp | mlp_macs | spiking_pc (hybridlm.heads)
     n_neurons: int = 512
     time_steps: int = 8
     beta: float = 0.9
@@ -81,7 +88,9 @@ class ModelConfig:
 
 @dataclass
 class TrainConfig:
-    heads: list[str] = field(default_factory=lambda: ["spiking_pc", "mlp"])  # trained in turn
+    # Trained in turn on the same blocks, order and seed ("trunk": scored, nothing trained).
+    heads: list[str] = field(default_factory=lambda: ["trunk", "linear", "mlp", "mlp_macs",
+                                                      "spiking_pc"])
     epochs: int = 2
     batch_size: int = 16
     grad_accum_steps: int = 1
@@ -93,7 +102,8 @@ class TrainConfig:
     eval_every: int = 0  # optimizer steps between validations; 0: once per epoch
     save_every: int = 0  # optimizer steps between checkpoints; 0: once per epoch
     keep_checkpoints: int = 2
-    cache_features: bool = True  # reuse frozen-encoder outputs for blocks already seen
+    cache_features: bool = True  # frozen-trunk features computed once, kept on disk, reused
+    save_model: bool = True  # write <head>/model (with the whole trunk: ~0.5 GB for SmolLM2)
 
 
 @dataclass
@@ -147,7 +157,6 @@ class RunConfig:
         return dataclasses.asdict(self)
 
 
-HEADS = ("spiking_pc", "mlp", "linear")
 
 
 def _check(ok: bool, key: str, message: str) -> None:

@@ -338,7 +338,7 @@ def pc_diagnostics(model, stream: Stream, accelerator, batch_size: int,
                     feats = cache.features(base, batch["index"], batch["input_ids"]) \
                         if cache else None
                     o = base(input_ids=batch["input_ids"], features=feats)
-                    stats = token_stats(o.logits, batch["labels"])  # (B, 3)
+                    stats = token_stats(o.logits, batch["labels"])[:, :3]  # (B, 3)
                     n = stats[:, 1:2]
                     e = base.head.stats["energy_per_step"].reshape(1, t).float().cpu()
                     r = base.head.stats["rate_per_step"].reshape(1, t).float().cpu()

@@ -3,9 +3,11 @@
 Each domain's documents are cut into passages of about `passage_chars` characters at
 paragraph boundaries, duplicates dropped, and passages assigned to a split by the rank of
 their content hash (deterministic, no passage in two splits). Each split is tokenized with
-the encoder's tokenizer through `datasets`, every passage followed by the separator token,
+the trunk's tokenizer through `datasets`, every passage followed by the separator token,
 and the token stream cut into blocks of `block_size`. Every token is kept: the last block is
-padded and its padding masked out. Built splits are saved with `save_to_disk` under
+padded and its padding masked out. Each token also records how many characters of the text
+it covers (`chars`), so that scores can be given in bits per character, which do not depend
+on the tokenizer. Built splits are saved with `save_to_disk` under
 `cache_dir` and reused while sources, tokenizer and settings are unchanged.
 """
 
@@ -27,7 +29,7 @@ from hybridlm.config import DataConfig, DomainConfig
 from hybridlm.corpora import DataError, documents
 
 SPLITS = ("train", "validation", "test")
-FORMAT_VERSION = 1  # bump when the passage/packing rules change: invalidates caches
+FORMAT_VERSION = 2  # bump when the passage/packing rules change: invalidates caches
 
 
 def split_passages(text: str, max_chars: int) -> list[str]:
@@ -68,11 +70,26 @@ def assign_splits(passages: list[str], val_fraction: float, test_fraction: float
     return {s: [passages[i] for i in range(n) if which[i] == s] for s in SPLITS}
 
 
-def pack(token_lists, block_size: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+def token_chars(offsets: list[tuple[int, int]], text_length: int) -> list[int]:
+    """Characters of the text each token covers: from the end of the previous token to the
+    end of this one (so skipped whitespace counts for the token after it); the text's tail
+    counts for the last token. The counts sum to `text_length`."""
+    chars, end = [], 0
+    for _, stop in offsets:
+        stop = max(stop, end)  # byte-level pieces of one character share their offsets
+        chars.append(stop - end)
+        end = stop
+    if chars:
+        chars[-1] += text_length - end
+    return chars
+
+
+def pack(token_lists, block_size: int, pad_id: int, char_lists=None):
     """Concatenate token lists and cut them into blocks; linear in the number of tokens.
 
     Returns input_ids (n_blocks, block_size) and attention_mask of the same shape, where the
-    padding of the last block is 0. No token is dropped.
+    padding of the last block is 0, and (when `char_lists` is given) the characters per
+    token, 0 on padding. No token is dropped.
     """
     arrays = [np.asarray(t, dtype=np.int64) for t in token_lists]
     stream = np.concatenate(arrays) if arrays else np.zeros(0, dtype=np.int64)
@@ -81,7 +98,13 @@ def pack(token_lists, block_size: int, pad_id: int) -> tuple[np.ndarray, np.ndar
     ids[: len(stream)] = stream
     mask = np.zeros(n_blocks * block_size, dtype=np.int8)
     mask[: len(stream)] = 1
-    return ids.reshape(n_blocks, block_size), mask.reshape(n_blocks, block_size)
+    shape = (n_blocks, block_size)
+    if char_lists is None:
+        return ids.reshape(shape), mask.reshape(shape)
+    chars = np.zeros(n_blocks * block_size, dtype=np.int32)
+    if arrays:
+        chars[: len(stream)] = np.concatenate([np.asarray(c, dtype=np.int32) for c in char_lists])
+    return ids.reshape(shape), mask.reshape(shape), chars.reshape(shape)
 
 
 @dataclass
@@ -135,19 +158,29 @@ def build_domain(dom: DomainConfig, cfg: DataConfig, tokenizer, cache_root: Path
     if sep is None:
         raise DataError("the tokenizer has neither a sep nor an eos token to end passages with")
 
-    def tokenize(batch):
-        ids = tokenizer(batch["text"], add_special_tokens=False, verbose=False)["input_ids"]
-        return {"input_ids": [x + [sep] for x in ids]}
+    if not getattr(tokenizer, "is_fast", False):
+        raise DataError(f"the tokenizer {type(tokenizer).__name__} is not a fast tokenizer: "
+                        "character offsets (for bits per character) need one")
 
-    stats = {"documents": len(docs), "passages": {}, "tokens": {}, "blocks": {}}
+    def tokenize(batch):
+        enc = tokenizer(batch["text"], add_special_tokens=False, verbose=False,
+                        return_offsets_mapping=True)
+        # the separator stands for the break between passages: one character
+        return {"input_ids": [x + [sep] for x in enc["input_ids"]],
+                "chars": [token_chars(o, len(t)) + [1]
+                          for o, t in zip(enc["offset_mapping"], batch["text"], strict=True)]}
+
+    stats = {"documents": len(docs), "passages": {}, "tokens": {}, "blocks": {}, "chars": {}}
     splits = {}
     for split, texts in assign_splits(passages, cfg.val_fraction, cfg.test_fraction).items():
         tokenized = datasets.Dataset.from_dict({"text": texts}).map(
             tokenize, batched=True, remove_columns=["text"], desc=f"tokenize {dom.name}/{split}"
         )
-        ids, mask = pack(tokenized["input_ids"], cfg.block_size, pad)
-        splits[split] = datasets.Dataset.from_dict({"input_ids": ids, "attention_mask": mask})
+        ids, mask, chars = pack(tokenized["input_ids"], cfg.block_size, pad, tokenized["chars"])
+        splits[split] = datasets.Dataset.from_dict(
+            {"input_ids": ids, "attention_mask": mask, "chars": chars})
         stats["passages"][split] = len(texts)
+        stats["chars"][split] = int(chars.sum())
         stats["tokens"][split] = int(mask.sum())
         stats["blocks"][split] = len(ids)
     # a folder of this process's own: a build killed midway leaves only an unused .tmp folder

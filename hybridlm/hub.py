@@ -18,9 +18,10 @@ import ast
 import json
 import os
 import re
-import struct
 from pathlib import Path
 from typing import Any
+
+from hybridlm.io import CheckpointError, safetensors_header  # noqa: F401  (re-exported)
 
 MODEL_TYPE = "hybridlm"
 CONFIG = "config.json"
@@ -32,14 +33,9 @@ AUTO_MAP = {
     "AutoConfig": "modeling_hybridlm.HybridConfig",
     "AutoModelForCausalLM": "modeling_hybridlm.HybridForCausalLM",
 }
-EMBEDDINGS = "encoder.embeddings.word_embeddings.weight"
 REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}$")
 TAGS = ["hybridlm", "spiking-neural-network", "predictive-coding", "causal-lm", "text-generation"]
 UPLOAD_IGNORE = [".*", "**/.*", "checkpoints/*", "__pycache__/*"]
-
-
-class CheckpointError(ValueError):
-    """A model folder is incomplete or inconsistent; the message names the file or field."""
 
 
 class PublishError(ValueError):
@@ -54,33 +50,6 @@ def _read_json(path: Path) -> Any:
         raise CheckpointError(f"{path}: missing") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path}: not valid JSON ({e})") from e
-
-
-def safetensors_header(path: Path) -> dict:
-    """The tensor table of a safetensors file ({name: {dtype, shape, data_offsets}}), after
-    checking that the file is complete (its size matches the header's last offset)."""
-    try:
-        size = path.stat().st_size
-        with path.open("rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise CheckpointError(f"{path}: corrupt safetensors file ({size} bytes)")
-            (n,) = struct.unpack("<Q", head)
-            if n > min(size - 8, 100 * 2**20):
-                raise CheckpointError(f"{path}: corrupt safetensors file (header length {n})")
-            header = json.loads(f.read(n))
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: missing") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path}: corrupt safetensors header ({e})") from e
-    header.pop("__metadata__", None)
-    end = max((t["data_offsets"][1] for t in header.values()), default=0)
-    if size != 8 + n + end:
-        raise CheckpointError(
-            f"{path}: truncated or corrupt safetensors file ({size} bytes, the header "
-            f"describes {8 + n + end})"
-        )
-    return header
 
 
 def _tokenizer_max_id(folder: Path) -> tuple[int, str] | None:
@@ -144,13 +113,15 @@ def check_model_folder(
             where |= {name: folder / shard for name in header}
     else:
         raise CheckpointError(f"{folder / WEIGHTS}: missing (no weights in {folder})")
-    for name, shape in ((EMBEDDINGS, [vocab, hidden]), ("lm_bias", [vocab])):
+    for name, shape in expected_shapes(cfg, folder).items():
         if name not in tensors:
             raise CheckpointError(f"{folder / WEIGHTS}: tensor '{name}' is missing")
         if tensors[name]["shape"] != shape:
             raise CheckpointError(
                 f"{where[name]}: tensor '{name}' has shape {tensors[name]['shape']}, but "
-                f"{CONFIG} says {shape} (encoder_config.vocab_size, hidden_size)"
+                f"{CONFIG} (trunk hidden size {hidden}, vocabulary {vocab}, head "
+                f"'{cfg.get('head')}') makes it {shape}: the weights were saved for another "
+                "trunk or head; load them with the config.json saved beside them"
             )
 
     if require_tokenizer:
@@ -190,6 +161,25 @@ def check_model_folder(
         if not card.data.to_dict().get("license"):
             raise CheckpointError(f"{folder / CARD}: metadata field 'license' is missing")
     return cfg
+
+
+def expected_shapes(cfg: dict, folder: Path) -> dict[str, list[int]]:
+    """Every tensor the model of `cfg` (a config.json dict) saves, with its shape: the model
+    is built on the meta device, so nothing is allocated."""
+    import torch
+
+    from hybridlm.modeling import HybridConfig, HybridForCausalLM
+
+    try:
+        config = HybridConfig.from_dict(dict(cfg))
+        with torch.device("meta"):
+            model = HybridForCausalLM(config)
+    except (ValueError, TypeError, KeyError) as e:
+        raise CheckpointError(f"{folder / CONFIG}: cannot build the model it describes "
+                              f"({type(e).__name__}: {str(e)[:200]})") from e
+    shapes = {k: list(v.shape) for k, v in model.state_dict().items()}
+    # the trunk's tensors first: a config that lies about the trunk is named by them
+    return dict(sorted(shapes.items(), key=lambda kv: not kv[0].startswith("encoder.")))
 
 
 # ---- save / load ---------------------------------------------------------------------------
@@ -496,14 +486,11 @@ def card_text(config: dict, metrics: dict, summary: dict | None, cfg: dict,
             lines.append("| " + " | ".join(cells) + " |")
     else:
         lines.append("No evaluation results were recorded.")
-    cmp_ = summary.get("spiking_pc_vs_mlp")
-    if cmp_:
-        lines += ["", "Spiking head vs its parameter-matched MLP baseline (validation "
-                  "perplexity, same encoder, same tokens, same seed):", "",
-                  "| domain | spiking_pc | mlp | relative change |", "|---|---|---|---|"]
-        for d, r in cmp_.items():
-            lines.append(f"| {d} | {_fmt(r['spiking_pc'])} | {_fmt(r['mlp'])} | "
-                         f"{r['relative_change']:+.1%} |")
+    table = summary.get("results_table")
+    if table:
+        lines += ["", "Every model of the run on the same blocks, order and seed (validation "
+                  "perplexity / bits per character; the `trunk` row is the pretrained trunk "
+                  "alone, the n-gram rows are fitted on the same training blocks):", "", table]
     facts = [("trainable parameters", metrics.get("trainable_parameters")),
              ("head parameters", metrics.get("head_parameters")),
              ("optimizer steps", metrics.get("optimizer_steps")),

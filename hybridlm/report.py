@@ -19,6 +19,8 @@ from pathlib import Path
 
 import yaml
 
+from hybridlm.results import mean_bpc
+
 
 class ReportError(ValueError):
     """The run folder lacks the files a report is made from."""
@@ -210,17 +212,18 @@ def html_report(run: Run, reason: str = "") -> str:
     for head, m in heads.items():
         for split in ("validation", "test"):
             for d, r in (m.get(split) or {}).items():
-                rows.append([head, split, d, r.get("perplexity"), r.get("accuracy"),
-                             r.get("firing_rate"), r.get("tokens")])
+                rows.append([head, split, d, r.get("perplexity"), r.get("bits_per_char"),
+                             r.get("accuracy"), r.get("firing_rate"), r.get("tokens")])
     parts += ["<h2>Results per domain</h2>",
-              _table(["head", "split", "domain", "perplexity", "accuracy", "firing rate",
-                      "tokens"], rows)]
-    cmp_ = run.summary.get("spiking_pc_vs_mlp")
-    if cmp_:
-        parts += ["<h2>Spiking head vs parameter-matched MLP (validation perplexity)</h2>",
-                  _table(["domain", "spiking_pc", "mlp", "relative change"],
-                         [[d, r["spiking_pc"], r["mlp"], f"{r['relative_change']:+.1%}"]
-                          for d, r in cmp_.items()])]
+              _table(["model", "split", "domain", "perplexity", "bits per char", "accuracy",
+                      "firing rate", "tokens"], rows)]
+    ref = (heads.get("trunk") or {}).get("validation")
+    if ref and all("bits_per_char" in r for r in ref.values()):
+        ref_bpc = mean_bpc(ref)
+        bpc = {h: mean_bpc(m["validation"]) for h, m in heads.items() if m.get("validation")}
+        parts += ["<h2>Every model against the trunk alone (validation, mean bits/char)</h2>",
+                  _table(["model", "mean bits per char", "relative change"],
+                         [[h, b, f"{b / ref_bpc - 1:+.1%}"] for h, b in bpc.items()])]
     parts += ["<h2>Training</h2>", _table(
         ["head", "trainable parameters", "head parameters", "optimizer steps", "skipped steps",
          "seconds per epoch"],

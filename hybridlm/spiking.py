@@ -1,6 +1,7 @@
 """The spiking predictive-coding layer.
 
-Per token the encoder gives x (dim D). N leaky integrate-and-fire (LIF) neurons explain x
+Per token the trunk gives its final hidden state z (dim D); the layer reads x = LayerNorm(z).
+N leaky integrate-and-fire (LIF) neurons explain x
 over T inner time steps with top-down predictions (Rao & Ballard inference, run with spikes):
 
     x_hat_k = W_d r_{k-1}                       prediction (W_d: D x N, generative weights)
@@ -10,7 +11,8 @@ over T inner time steps with top-down predictions (Rao & Ballard inference, run 
     s_k     = H(h_k - theta)                     fire (surrogate gradient in backward)
     v_k     = h_k - theta s_k  | h_k (1 - s_k)   reset: subtract | zero
     r_k     = gamma r_{k-1} + (1 - gamma) s_k    spike trace (a running firing rate)
-    y       = LayerNorm(x + W_o r_T)             readout, fed to the tied LM head
+    delta   = W_o r_T + b_o                      readout: a correction added to the trunk's
+                                                 state (W_o starts at zero: identity at init)
 
 Because the prediction is linear in the trace, it is updated from the spikes alone:
 x_hat_{k+1} = gamma x_hat_k + (1 - gamma) W_d s_k. That product is spike propagation, done by
@@ -39,7 +41,8 @@ def spike(u: torch.Tensor, surrogate: str = "atan", alpha: float = 2.0) -> torch
 class SpikingPCLayer(nn.Module):
     """Spiking predictive-coding layer (equations in the module docstring).
 
-    Input x: (B, L, D). Output y: (B, L, D). After each forward, `stats` holds detached
+    Input z: (B, L, D), the trunk's state. Output: the correction delta (B, L, D), zero at
+    init (the model adds it to z). After each forward, `stats` holds detached
     diagnostics: `rate` (mean firing rate), `rate_per_step` (T,), `pc_energy` (mean over
     steps of the per-token ||e_k||^2), `energy_per_step` (T,), and `pc_energy_loss` keeps the
     differentiable energy for an optional auxiliary loss.
@@ -63,9 +66,10 @@ class SpikingPCLayer(nn.Module):
         self.encode = nn.Linear(d_model, n_neurons)  # W_e, b: error -> current
         self.decode = nn.Linear(n_neurons, d_model, bias=False)  # W_d: trace -> prediction
         self.readout = nn.Linear(n_neurons, d_model)  # W_o
-        self.norm = nn.LayerNorm(d_model)
+        self.norm = nn.LayerNorm(d_model)  # on the input: the trunk's scale is its own
         nn.init.normal_(self.decode.weight, std=0.02)
-        nn.init.zeros_(self.readout.weight)  # starts as the identity map of x (then normalised)
+        nn.init.zeros_(self.readout.weight)  # the correction starts at zero: identity model
+        nn.init.zeros_(self.readout.bias)
         self.time_steps = time_steps
         self.beta, self.threshold, self.trace_decay = beta, threshold, trace_decay
         self.reset, self.detach_reset = reset, detach_reset
@@ -93,7 +97,8 @@ class SpikingPCLayer(nn.Module):
             self.detach_reset, self.surrogate, self.surrogate_alpha, backend=self.backend,
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        x = self.norm(z)
         n, d = self.encode.out_features, x.shape[-1]
         v = x.new_zeros(*x.shape[:-1], n)  # (B, L, N)
         r = torch.zeros_like(v)
@@ -122,46 +127,4 @@ class SpikingPCLayer(nn.Module):
             "energy_per_step": energy.detach(),
             "pc_energy_loss": energy.mean(),
         }
-        return self.norm(x + self.readout(r))
-
-
-class MLPHead(nn.Module):
-    """Non-spiking baseline: y = LayerNorm(x + W_2 GELU(W_1 x + b_1) + b_2).
-    x, y: (B, L, D); hidden size chosen to match the spiking layer's parameter count."""
-
-    def __init__(self, d_model: int, hidden: int):
-        super().__init__()
-        self.up = nn.Linear(d_model, hidden)
-        self.down = nn.Linear(hidden, d_model)
-        self.norm = nn.LayerNorm(d_model)
-        nn.init.zeros_(self.down.weight)
-        self.stats: dict[str, torch.Tensor] = {}
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.norm(x + self.down(nn.functional.gelu(self.up(x))))
-
-
-class LinearHead(nn.Module):
-    """Smallest readout: y = LayerNorm(x + W x + b). x, y: (B, L, D)."""
-
-    def __init__(self, d_model: int):
-        super().__init__()
-        self.proj = nn.Linear(d_model, d_model)
-        self.norm = nn.LayerNorm(d_model)
-        nn.init.zeros_(self.proj.weight)
-        self.stats: dict[str, torch.Tensor] = {}
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.norm(x + self.proj(x))
-
-
-def spiking_param_count(d_model: int, n_neurons: int) -> int:
-    """Parameters of `SpikingPCLayer`: W_e, b, W_d, W_o, b_o, LayerNorm."""
-    return 3 * d_model * n_neurons + n_neurons + d_model + 2 * d_model
-
-
-def matched_mlp_hidden(d_model: int, n_neurons: int) -> int:
-    """The MLP hidden size whose parameter count is closest to the spiking layer's.
-    MLP parameters: hidden * (2 D + 1) + 3 D, so the two differ by at most D + 1."""
-    target = spiking_param_count(d_model, n_neurons) - 3 * d_model
-    return max(1, round(target / (2 * d_model + 1)))
+        return self.readout(r)

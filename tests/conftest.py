@@ -12,7 +12,7 @@ os.environ["HF_DATASETS_CACHE"] = tempfile.mkdtemp(prefix="hybridlm-test-dataset
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from transformers import BertConfig  # noqa: E402
+from transformers import BertConfig, LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from hybridlm.modeling import HybridConfig, HybridForCausalLM  # noqa: E402
 
@@ -34,3 +34,23 @@ def tiny_model(head: str = "spiking_pc", **kwargs) -> HybridForCausalLM:
 @pytest.fixture
 def tiny():
     return tiny_model
+
+
+TINY_LLAMA = dict(
+    vocab_size=120, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory):
+    """Folders of two tiny random Llama causal LMs (no download): tied and untied LM head.
+    Returns {tied: folder}."""
+    folders = {}
+    for tied in (True, False):
+        torch.manual_seed(3)
+        folder = tmp_path_factory.mktemp(f"llama-{'tied' if tied else 'untied'}")
+        LlamaForCausalLM(LlamaConfig(**TINY_LLAMA, tie_word_embeddings=tied)).save_pretrained(
+            folder)
+        folders[tied] = folder
+    return folders

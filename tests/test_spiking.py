@@ -4,13 +4,9 @@ import pytest
 import snntorch.surrogate as sur
 import torch
 
-from hybridlm.spiking import (
-    MLPHead,
-    SpikingPCLayer,
-    matched_mlp_hidden,
-    spike,
-    spiking_param_count,
-)
+from hybridlm.heads import MLPHead, mlp_hidden, mlp_parameters
+from hybridlm.modeling import HybridConfig
+from hybridlm.spiking import SpikingPCLayer, spike
 
 
 @pytest.mark.parametrize("name, alpha, theirs", [
@@ -84,17 +80,22 @@ def test_more_steps_change_the_output():
     assert not torch.allclose(y1, layer(x))
 
 
-@pytest.mark.parametrize("d, n", [(384, 512), (32, 16), (768, 1000), (64, 7)])
-def test_parameter_counts_match(d, n):
-    layer = SpikingPCLayer(d, n)
-    assert sum(p.numel() for p in layer.parameters()) == spiking_param_count(d, n)
-    mlp = MLPHead(d, matched_mlp_hidden(d, n))
-    diff = abs(sum(p.numel() for p in mlp.parameters()) - spiking_param_count(d, n))
-    assert diff <= d + 1  # within half a hidden unit of (2D + 1) parameters
+@pytest.mark.parametrize("d, n, t", [(384, 512, 8), (32, 16, 4), (768, 1000, 2), (64, 7, 1)])
+def test_mlp_baselines_match_the_spiking_layer(d, n, t):
+    config = HybridConfig(n_neurons=n, time_steps=t)
+    spiking = sum(p.numel() for p in SpikingPCLayer(d, n, t).parameters())
+    mlp = MLPHead(d, mlp_hidden("mlp", d, config))
+    assert sum(p.numel() for p in mlp.parameters()) == mlp_parameters(d, mlp.up.out_features)
+    # within half a hidden unit of (2D + 1) parameters
+    assert abs(sum(p.numel() for p in mlp.parameters()) - spiking) <= d + 1
+    # multiply-adds per token: the layer's T N D (current) + N D (readout), the MLP's 2 D H
+    h = mlp_hidden("mlp_macs", d, config)
+    assert abs(2 * d * h - (t * n * d + n * d)) <= d
 
 
-def _manual_pc_forward(layer, x):
+def _manual_pc_forward(layer, z):
     """The layer's equations written out with the dense prediction W_d r_{k-1}."""
+    x = layer.norm(z)
     v = x.new_zeros(*x.shape[:-1], layer.encode.out_features)
     r = torch.zeros_like(v)
     for _ in range(layer.time_steps):
@@ -103,7 +104,7 @@ def _manual_pc_forward(layer, x):
         s = (h > layer.threshold).to(x.dtype)
         v = h - layer.threshold * s
         r = layer.trace_decay * r + (1 - layer.trace_decay) * s
-    return layer.norm(x + layer.readout(r))
+    return layer.readout(r)
 
 
 @pytest.mark.parametrize("backend", ["torch", "cpu_shim"])

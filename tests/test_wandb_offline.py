@@ -23,7 +23,7 @@ def run_dir(tmp_path_factory):
     with MiniLM's tokenizer and two small built-in domains: about 30 s."""
     from transformers import AutoTokenizer, BertConfig, BertModel
 
-    from hybridlm.modeling import resolve_encoder
+    from hybridlm.trunks import resolve_trunk
 
     tmp = tmp_path_factory.mktemp("wandb-run")
     torch.manual_seed(0)
@@ -31,7 +31,7 @@ def run_dir(tmp_path_factory):
                                num_attention_heads=4, intermediate_size=64,
                                max_position_embeddings=128))
     enc.save_pretrained(tmp / "enc")
-    AutoTokenizer.from_pretrained(resolve_encoder("minilm")[0]).save_pretrained(tmp / "enc")
+    AutoTokenizer.from_pretrained(resolve_trunk("minilm").path).save_pretrained(tmp / "enc")
     out = tmp / "run"
     args = [sys.executable, "train/train.py", "--config", "configs/quick.yaml",
             f"output_dir={out}", f"model.encoder={tmp / 'enc'}", f"data.cache_dir={tmp / 'c'}",

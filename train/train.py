@@ -28,12 +28,16 @@ from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, set_seed
 from torch.utils.data import ConcatDataset, DataLoader
 from tqdm.auto import tqdm
-from transformers import AutoTokenizer, get_cosine_schedule_with_warmup
+from transformers import get_cosine_schedule_with_warmup
+from transformers.utils import logging as hf_logging
 
 from hybridlm import hub
 from hybridlm.checkpoints import (
     PROGRESS,
+    check_saved_keys,
+    drop_keys,
     file_checksums,
+    frozen_trunk_keys,
     latest_intact,
     resume_point,
     run_identity,
@@ -43,11 +47,15 @@ from hybridlm.config import ConfigError, RunConfig, load_config
 from hybridlm.corpora import DataError
 from hybridlm.data import build_corpora, format_report, subsample
 from hybridlm.evaluation import Blocks, evaluate, ranks_agree
-from hybridlm.features import FeatureCache
+from hybridlm.features import FeatureCache, cache_report, trunk_fingerprint
 from hybridlm.io import write_json_atomic, write_text_atomic
-from hybridlm.modeling import HybridForCausalLM, resolve_encoder
+from hybridlm.modeling import HybridForCausalLM
 from hybridlm.report import Run, log_plots
+from hybridlm.results import results_figure, results_table, worse_than_trunk
 from hybridlm.tracking import Tracker
+from hybridlm.trunks import TrunkError, load_tokenizer, resolve_trunk
+
+hf_logging.disable_progress_bar()  # a bar per weight load would drown the training log
 
 
 class IndexedBlocks(torch.utils.data.Dataset):
@@ -99,15 +107,17 @@ def ranks_identical(accelerator: Accelerator, model) -> bool:
 
 
 def train_head(head, cfg, args, splits, caches, tokenizer, out: Path, identity: dict,
-               resume_from: Path | None) -> dict:
-    """Train one head from the pretrained encoder, or continue it from the checkpoint
-    `resume_from`; returns its metrics."""
+               resume_from: Path | None, initial: dict | None = None) -> dict:
+    """Train one head on the pretrained trunk, or continue it from the checkpoint
+    `resume_from`; returns its metrics. `initial`: the trunk's own scores (what every
+    untrained head scores), if already measured."""
     head_dir = out / head
     ckpt_dir = head_dir / "checkpoints"
     t = cfg.train
     set_seed(cfg.seed)
     accelerator = make_accelerator(cfg)
-    model = HybridForCausalLM.from_encoder(cfg.model.encoder, **model_kwargs(cfg, head))
+    model = HybridForCausalLM.from_encoder(cfg.model.encoder, cfg.data.cache_dir,
+                                           **model_kwargs(cfg, head))
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [
         {"params": [p for p in params if p.ndim >= 2], "weight_decay": t.weight_decay},
@@ -123,6 +133,8 @@ def train_head(head, cfg, args, splits, caches, tokenizer, out: Path, identity: 
         optimizer, int(t.warmup_fraction * total_steps), total_steps
     )
     local = base.local_learning()  # gated Hebbian updates of W_d (None in bptt mode)
+    frozen = frozen_trunk_keys(base)  # left out of checkpoints: the pretrained trunk
+    accelerator.register_save_state_pre_hook(lambda models, weights, _: drop_keys(weights, frozen))
 
     def mean_over_processes(t: torch.Tensor) -> torch.Tensor:
         return accelerator.reduce(t, "mean") if accelerator.num_processes > 1 else t
@@ -135,7 +147,8 @@ def train_head(head, cfg, args, splits, caches, tokenizer, out: Path, identity: 
                 "skipped_steps": 0, "data_sha256": "", "resumes": []}
     if resume_from is not None:
         try:
-            accelerator.load_state(str(resume_from))
+            check_saved_keys(resume_from, base, frozen)
+            accelerator.load_state(str(resume_from), strict=False)  # the trunk is not in it
         except (RuntimeError, KeyError, ValueError, pickle.UnpicklingError) as e:
             reason = str(e).strip().splitlines()[0][:300]
             if isinstance(e, pickle.UnpicklingError):  # from torch.load(weights_only=True)
@@ -186,9 +199,16 @@ def train_head(head, cfg, args, splits, caches, tokenizer, out: Path, identity: 
         accelerator.wait_for_everyone()
 
     if progress["step"] == 0 and not progress["history"]:
-        res = validate(0)  # the untrained head: the reference every later number is read against
-        accelerator.print(f"[{head}] before training, val ppl: "
-                          + ", ".join(f"{d} {r['perplexity']:.1f}" for d, r in res.items()))
+        # the untrained model is the trunk alone (every head starts at zero): score it once
+        if initial is not None:
+            row = {f"eval/{d}/perplexity": r["perplexity"]
+                   for d, r in initial["validation"].items()}
+            tracker.log(row, 0)
+            progress["history"].append({"step": 0} | row)
+        else:
+            res = validate(0)
+            accelerator.print(f"[{head}] before training, val ppl: "
+                              + ", ".join(f"{d} {r['perplexity']:.1f}" for d, r in res.items()))
     model.train()
     resuming = resume_from is not None
     bad_in_a_row = 0
@@ -309,26 +329,61 @@ def train_head(head, cfg, args, splits, caches, tokenizer, out: Path, identity: 
                      for s, res in final.items() for d, r in res.items()})
     tracker.finish()
     if accelerator.is_main_process:
-        base.save_pretrained(head_dir / "model")
-        tokenizer.save_pretrained(head_dir / "model")
+        if t.save_model:
+            base.save_pretrained(head_dir / "model")
+            tokenizer.save_pretrained(head_dir / "model")
+            hub.write_model_card(head_dir / "model", metrics, None, cfg)
         write_json_atomic(head_dir / "metrics.json", metrics)
-        hub.write_model_card(head_dir / "model", metrics, None, cfg)
     accelerator.wait_for_everyone()
     return metrics
 
 
-def comparison_table(results: dict, domains: list[str]) -> str:
-    heads = list(results)
-    lines = ["| domain | " + " | ".join(f"{h} val ppl" for h in heads) + " |",
-             "|---" * (len(heads) + 1) + "|"]
-    for d in domains:
-        cells = [f"{results[h]['validation'][d]['perplexity']:.2f}" for h in heads]
-        lines.append(f"| {d} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+def ngram_baselines(splits: dict, vocab_size: int) -> dict:
+    """Unigram and Kneser-Ney bigram models fitted on the training blocks (all domains
+    pooled), scored on exactly the tokens the heads predict."""
+    from hybridlm.ngram import KneserNeyBigramLM, UnigramLM, score
+
+    parts = splits["train"].data.datasets
+    ids = torch.cat([p.ids for p in parts]).numpy()
+    mask = torch.cat([p.mask for p in parts]).numpy()
+    out = {}
+    for name, model in (("unigram", UnigramLM.fit(ids, mask, vocab_size)),
+                        ("kn_bigram", KneserNeyBigramLM.fit(ids, mask, vocab_size))):
+        out[name] = {"trainable_parameters": None, "head": name}
+        for split in ("validation", "test"):
+            out[name][split] = {d: score(model, b.ids.numpy(), b.mask.numpy(), b.chars.numpy())
+                                for d, b in splits[split].items()}
+    return out
+
+
+def feature_caches(model, splits: dict, cfg: RunConfig, accelerator) -> dict:
+    """The frozen trunk's features of every split, from the disk cache or encoded now (the
+    main process encodes, the others then read its entries)."""
+    caches = {}
+    with accelerator.main_process_first():
+        show = accelerator.is_local_main_process
+        train = splits["train"].data.datasets
+        caches["train"] = FeatureCache.on_disk(
+            model, torch.cat([p.ids for p in train]), torch.cat([p.mask for p in train]),
+            cfg.data.cache_dir, "train", cfg.train.batch_size, show)
+        for s in ("validation", "test"):
+            for n, b in splits[s].items():
+                caches[(s, n)] = FeatureCache.on_disk(model, b.ids, b.mask, cfg.data.cache_dir,
+                                                      f"{s}-{n}", cfg.train.batch_size, show)
+    return caches
+
+
+def score_trunk(model, splits: dict, caches: dict, cfg: RunConfig, accelerator) -> dict:
+    """The trunk alone (the `trunk` head: nothing trained), on validation and test."""
+    res = {s: {d: evaluate(model, b, accelerator, cfg.train.batch_size, caches.get((s, d)))
+               for d, b in splits[s].items()} for s in ("validation", "test")}
+    return {"head": "trunk", "trainable_parameters": 0, "head_parameters": 0,
+            "learning": "-", "epoch_seconds": [], "ranks_identical": True} | res
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    run_start = time.perf_counter()
     try:
         cfg = load_config(args.config, args.overrides)
         out = Path(cfg.output_dir)
@@ -343,50 +398,61 @@ def main(argv=None) -> int:
                 f"--resume: output_dir '{out}' holds a run with another config ({saved}); "
                 "resume with that config or choose another output_dir"
             )
-        encoder_path, _ = resolve_encoder(cfg.model.encoder)
-        tokenizer = AutoTokenizer.from_pretrained(encoder_path)
-        from transformers import AutoConfig
-
-        max_pos = getattr(AutoConfig.from_pretrained(encoder_path), "max_position_embeddings", None)
-        if max_pos is not None and cfg.data.block_size > max_pos:
-            raise ConfigError(
-                f"config key 'data.block_size': {cfg.data.block_size} is longer than the "
-                f"encoder's {max_pos} positions; use data.block_size <= {max_pos}"
-            )
+        accelerator = make_accelerator(cfg)
+        start = time.perf_counter()
+        with accelerator.main_process_first():  # one process converts a GGUF trunk
+            trunk = resolve_trunk(cfg.model.encoder, cfg.data.cache_dir)
+        convert_seconds = time.perf_counter() - start
+        accelerator.print(f"trunk: {trunk.note} ({trunk.kind}; ready in {convert_seconds:.1f} s)")
+        tokenizer = load_tokenizer(trunk, cfg.data.block_size)
+        # the zero-shot trunk: its checks run here, before anything is written
+        trunk_model = HybridForCausalLM.from_encoder(cfg.model.encoder, cfg.data.cache_dir,
+                                                     **model_kwargs(cfg, "trunk"))
         tokenizer_id = tokenizer_identity(tokenizer)
         identities = {h: run_identity(HybridForCausalLM.config_class.model_type, h,
-                                      asdict(cfg.model), tokenizer_id)
+                                      asdict(cfg.model), tokenizer_id,
+                                      trunk_fingerprint(trunk_model))
                       for h in cfg.train.heads}
         resume_from = {h: resume_point(out / h / "checkpoints", identities[h])
                        if args.resume else None
                        for h in cfg.train.heads}
-        accelerator = make_accelerator(cfg)
         with accelerator.main_process_first():
             domains = build_corpora(cfg.data, tokenizer, accelerator.is_local_main_process)
-    except (ConfigError, DataError, ValueError, OSError) as e:
+    except (ConfigError, DataError, TrunkError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
     accelerator.print(format_report(domains))
     d = cfg.data
     train_parts = [Blocks(subsample(dom.splits["train"], d.max_train_tokens_per_domain,
-                                    d.block_size, cfg.seed)) for dom in domains]
+                                    d.block_size, d.subsample_seed)) for dom in domains]
     splits = {"train": IndexedBlocks(train_parts),
               "train_tokens": sum(p.tokens() for p in train_parts)}
     for split in ("validation", "test"):
-        splits[split] = {dom.name: Blocks(subsample(dom.splits[split], d.max_eval_tokens_per_domain,
-                                                    d.block_size, cfg.seed)) for dom in domains}
+        splits[split] = {dom.name: Blocks(subsample(
+            dom.splits[split], d.max_eval_tokens_per_domain, d.block_size, d.subsample_seed))
+            for dom in domains}
     caches = {}
     if cfg.train.cache_features:
-        caches["train"] = FeatureCache(len(splits["train"]))
-        caches |= {(s, n): FeatureCache(len(b)) for s in ("validation", "test")
-                   for n, b in splits[s].items()}
+        start = time.perf_counter()
+        caches = feature_caches(trunk_model, splits, cfg, accelerator)
+        report = cache_report(list(caches.values()))
+        report["seconds"] = round(time.perf_counter() - start, 1)
+        tokens = sum(b.tokens() for b in train_parts) + sum(
+            b.tokens() for s in ("validation", "test") for b in splits[s].values())
+        if report["entries_built"]:
+            report["trunk_tokens_per_second"] = round(tokens / max(report["encode_seconds"], 1e-9))
+        accelerator.print(
+            f"trunk features: {report['entries_built']} split(s) encoded in "
+            f"{report['encode_seconds']:.1f} s, {report['entries_reused']} reused from the disk "
+            f"cache (saving {report['seconds_saved']:.1f} s); {report['bytes'] / 2**20:.0f} MiB")
 
     out.mkdir(parents=True, exist_ok=True)
     if accelerator.is_main_process:
         write_text_atomic(out / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    run_start = time.perf_counter()
     results = {}
+    if accelerator.is_main_process:
+        results |= ngram_baselines(splits, trunk_model.config.encoder_config.vocab_size)
     for head in cfg.train.heads:
         done = out / head / "metrics.json"
         if args.resume and done.is_file():
@@ -395,9 +461,16 @@ def main(argv=None) -> int:
             results[head] = json.loads(done.read_text())
             accelerator.print(f"[{head}] already finished: {done}")
             continue
+        if head == "trunk":
+            results[head] = score_trunk(trunk_model, splits, caches, cfg, accelerator)
+            accelerator.print("[trunk] zero-shot val ppl: " + ", ".join(
+                f"{n} {r['perplexity']:.2f}" for n, r in results[head]["validation"].items()))
+            if accelerator.is_main_process:
+                write_json_atomic(done, results[head])
+            continue
         try:
             results[head] = train_head(head, cfg, args, splits, caches, tokenizer, out,
-                                       identities[head], resume_from[head])
+                                       identities[head], resume_from[head], results.get("trunk"))
         except ConfigError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
@@ -406,39 +479,48 @@ def main(argv=None) -> int:
             return 3
 
     names = [dom.name for dom in domains]
+    models = {h: {k: r.get(k) for k in ("trainable_parameters", "head_parameters", "learning",
+                                        "validation", "test", "epoch_seconds",
+                                        "ranks_identical")}
+              for h, r in results.items()}
     summary = {
-        "heads": {h: {k: r[k] for k in ("trainable_parameters", "head_parameters", "learning",
-                                         "validation", "test", "epoch_seconds",
-                                         "ranks_identical")}
-                  for h, r in results.items()},
+        "trunk": {"name": trunk.name, "kind": trunk.kind, "note": trunk.note,
+                  "ready_seconds": round(convert_seconds, 1)},
+        "heads": models,
         "data": {dom.name: {k: v for k, v in dom.stats.items() if k != "cached"}
                  for dom in domains},
         "train_tokens_per_epoch": splits["train_tokens"],
         "seconds": time.perf_counter() - run_start,
         "processes": accelerator.num_processes,
+        "worse_than_trunk": worse_than_trunk(models),
     }
-    if "train" in caches:
-        summary["feature_cache"] = caches["train"].summary()
-        first = next(iter(results.values()))["epoch_seconds"]
-        if len(first) >= 2:
-            summary["feature_cache"]["first_epoch_over_second"] = first[0] / first[1]
-    if "spiking_pc" in results and "mlp" in results:
-        summary["spiking_pc_vs_mlp"] = {
-            n: {"spiking_pc": results["spiking_pc"]["validation"][n]["perplexity"],
-                "mlp": results["mlp"]["validation"][n]["perplexity"],
-                "relative_change": results["spiking_pc"]["validation"][n]["perplexity"]
-                / results["mlp"]["validation"][n]["perplexity"] - 1}
-            for n in names}
+    if caches:
+        summary["feature_cache"] = report
     if accelerator.is_main_process:
-        table = comparison_table(results, names)
-        params = ", ".join(f"{h}: {r['trainable_parameters']:,} trainable"
-                           for h, r in results.items())
+        tables = {s: results_table(models, names, s) for s in ("validation", "test")}
+        summary["results_table"] = tables["validation"]
         write_json_atomic(out / "metrics.json", summary)
-        for h, r in results.items():  # the cards again, now with the head-vs-baseline table
-            hub.write_model_card(out / h / "model", r, summary, cfg)
-        write_text_atomic(out / "results.md", f"{table}\n\nParameters: {params}\n")
-        print(f"\nValidation perplexity per domain ({params}):\n{table}")
-        print(f"\nWrote {out / 'metrics.json'} and the model folders {out}/<head>/model")
+        for h, r in results.items():  # the cards again, now with the run's results table
+            if (out / h / "model" / "config.json").is_file():
+                hub.write_model_card(out / h / "model", r, summary, cfg)
+        note = ("SmolLM2's web pretraining may already contain these public-domain and "
+                "open-source texts (Shakespeare, the Python standard library and docs, common "
+                "licences): read the trunk's zero-shot row with that in mind."
+                if "smollm2" in trunk.name.lower() else "")
+        worse = ("Heads that ended worse than the trunk they started from (validation mean "
+                 f"bits/char): {', '.join(summary['worse_than_trunk'])}."
+                 if summary["worse_than_trunk"] else "")
+        text = (f"Trunk: {trunk.note}. Training tokens: {splits['train_tokens']:,} (one pass "
+                f"per epoch, {cfg.train.epochs} epoch(s)), seed {cfg.seed}.\n\n"
+                f"## Validation\n\n{tables['validation']}\n\n## Test\n\n{tables['test']}\n\n"
+                f"{note}\n\n{worse}\n")
+        write_text_atomic(out / "results.md", text)
+        (out / "results.png").write_bytes(results_figure(models, names, "validation"))
+        print(f"\nValidation: perplexity / bits per character per domain\n{tables['validation']}")
+        if worse:
+            print(worse)
+        print(f"\nWrote {out / 'results.md'}, {out / 'metrics.json'} and the model folders "
+              f"{out}/<head>/model")
     return 0
 
 

@@ -1,0 +1,108 @@
+"""The heads that sit on the trunk, and how their sizes are matched.
+
+Every head reads the trunk's final hidden state z (B, L, D) and returns a correction delta
+(B, L, D); the model computes y = z + delta and feeds y to the trunk's own LM head. Every
+head's last layer starts at zero, so an untrained model is exactly the trunk's language model.
+
+| head         | delta                                   | sized to                               |
+|--------------|-----------------------------------------|----------------------------------------|
+| `trunk`      | 0 (nothing trains: the zero-shot trunk) | -                                      |
+| `linear`     | W LN(z) + b                             | D x D                                  |
+| `mlp`        | W2 GELU(W1 LN(z) + b1) + b2             | the spiking layer's parameter count    |
+| `mlp_macs`   | the same MLP                            | the spiking layer's multiply-adds/token |
+| `spiking_pc` | the spiking predictive-coding layer     | `n_neurons`, `time_steps`              |
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from hybridlm.energy import head_ops
+from hybridlm.spiking import SpikingPCLayer
+
+HEADS = ("trunk", "linear", "mlp", "mlp_macs", "spiking_pc")
+
+
+class TrunkHead(nn.Module):
+    """No correction: the model is the trunk alone (its zero-shot baseline)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stats: dict[str, torch.Tensor] = {}
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return torch.zeros((), dtype=z.dtype, device=z.device)  # broadcasts: y = z
+
+
+class LinearHead(nn.Module):
+    """delta = W LN(z) + b, W and b zero at init. z, delta: (B, L, D)."""
+
+    def __init__(self, d_model: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(d_model)
+        self.proj = nn.Linear(d_model, d_model)
+        nn.init.zeros_(self.proj.weight)
+        nn.init.zeros_(self.proj.bias)
+        self.stats: dict[str, torch.Tensor] = {}
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.norm(z))
+
+
+class MLPHead(nn.Module):
+    """delta = W2 GELU(W1 LN(z) + b1) + b2, W2 and b2 zero at init. z, delta: (B, L, D)."""
+
+    def __init__(self, d_model: int, hidden: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(d_model)
+        self.up = nn.Linear(d_model, hidden)
+        self.down = nn.Linear(hidden, d_model)
+        nn.init.zeros_(self.down.weight)
+        nn.init.zeros_(self.down.bias)
+        self.stats: dict[str, torch.Tensor] = {}
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.down(nn.functional.gelu(self.up(self.norm(z))))
+
+
+def spiking_layer(d_model: int, config) -> SpikingPCLayer:
+    """The spiking PC layer with the hyper-parameters of `config` (a HybridConfig)."""
+    return SpikingPCLayer(
+        d_model, config.n_neurons, config.time_steps, config.beta, config.threshold,
+        config.reset, config.detach_reset, config.surrogate, config.surrogate_alpha,
+        config.trace_decay, config.kernel_backend,
+    )
+
+
+def mlp_parameters(d_model: int, hidden: int) -> int:
+    """LayerNorm 2D, W1 and b1 H (D + 1), W2 and b2 D (H + 1)."""
+    return 2 * d_model + hidden * (d_model + 1) + d_model * (hidden + 1)
+
+
+def mlp_hidden(head: str, d_model: int, config) -> int:
+    """The MLP hidden size H that matches the spiking layer of `config`: in trainable
+    parameters (`mlp`; the counts then differ by at most D + 1) or in multiply-adds per token
+    (`mlp_macs`: 2 D H against the layer's real-valued MACs; its spike-driven accumulates are
+    not counted, see `hybridlm.energy`)."""
+    if head == "mlp":
+        with torch.device("meta"):
+            target = sum(p.numel() for p in spiking_layer(d_model, config).parameters())
+        return max(1, round((target - 3 * d_model) / (2 * d_model + 1)))
+    if head == "mlp_macs":
+        macs = head_ops("spiking_pc", d_model, config.n_neurons, config.time_steps, 0, rate=0.0)
+        return max(1, round(macs["mac"] / (2 * d_model)))
+    raise ValueError(f"head '{head}' has no MLP hidden size")
+
+
+def build_head(head: str, d_model: int, config) -> nn.Module:
+    """A head by name (see `HEADS`), sized from `config` (a HybridConfig)."""
+    if head == "trunk":
+        return TrunkHead()
+    if head == "linear":
+        return LinearHead(d_model)
+    if head in ("mlp", "mlp_macs"):
+        return MLPHead(d_model, mlp_hidden(head, d_model, config))
+    if head == "spiking_pc":
+        return spiking_layer(d_model, config)
+    raise ValueError(f"unknown head '{head}' (one of {', '.join(HEADS)})")
