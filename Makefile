@@ -66,9 +66,9 @@ test: install  ## ruff + the whole test suite (CPU only)
 soak: install  ## kill a training run at random moments SOAK_KILLS times (default 25), resume each time
 	HYBRIDLM_SOAK_KILLS=$(SOAK_KILLS) $(PY) -m pytest -q -s tests/test_soak.py
 
-bench: install  ## benchmarks (kernels, local learning, checkpoints, resume): JSON + tables in $(OUT)
+bench: install  ## benchmarks (kernels, a training step per head, checkpoints, resume): JSON + tables in $(OUT)
 	$(PY) bench/bench_kernels.py --out $(OUT)/bench_kernels.json
-	$(PY) bench/bench_plasticity.py --out $(OUT)/bench_plasticity.json
+	$(PY) bench/bench_heads.py --out $(OUT)/bench_heads.json
 	$(PY) bench/bench_checkpoint.py --out $(OUT)/bench_checkpoint.json
 	$(PY) bench/bench_resume.py --out $(OUT)/bench_resume.json
 

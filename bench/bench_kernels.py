@@ -30,6 +30,17 @@ same layer on the plain-torch reference ops, eager and under torch.compile.
 
 Propagation: out = S @ W, M = 1024, K = 2048, N = 1024, float32, spike rate 0.1% .. 20%:
 event-driven (ours), dense (torch matmul), CSR (S.to_sparse_csr() @ W, conversion included).
+
+Spike-coding inference (run_sc, the spiking PC layer's T inner steps, kernels.sc_inference):
+M = 2048 tokens, N = 512 neurons, T = 8, D = 384, float32 (--quick: M = 512, N = 256), the
+fused kernel (auto backend) against the plain-torch reference, forward alone and
+forward+backward (gradients w.r.t. v1 and the lateral weights, as the layer needs), in tokens
+per second, each in `rounds` fresh processes (median). Problems as the layer builds them:
+unit-norm atoms D, G = D^T D (mu = 0), v1 = x @ D, theta = delta / 2 + nu with delta = 1,
+nu = 0.1, tokens with ||x||^2 = 300; "random" atoms (isotropic), and "data-like" atoms whose
+columns are normalised samples of x, drawn from an anisotropic distribution (spectrum k^-1/2
+in a random basis), which makes correlated atoms, rejected proposals and spike rates of about
+2%. torch.compile is not a peer: it skips the reference's frames (sc_inference's docstring).
 """
 
 from __future__ import annotations
@@ -261,6 +272,124 @@ def run_layer(impl: str, repeats: int) -> dict:
             "spike_rate": float(layer.stats["rate"]), **LAYER}
 
 
+SC = {"full": {"M": 2048, "N": 512, "D": 384, "T": 8},
+      "quick": {"M": 512, "N": 256, "D": 384, "T": 8}}
+SC_DELTA, SC_NU, SC_SQ_NORM = 1.0, 0.1, 300.0
+
+
+def sc_problem(kind: str, M: int, N: int, D: int, seed: int = 0, device: str = "cpu"):
+    """(v1 (M, N), G (N, N), theta) for sc_inference, float32, built as the layer builds them
+    (module docstring). kind: "random" (isotropic atoms) or "data" (atoms = normalised
+    samples of x, x anisotropic with spectrum k^-1/2 in a random basis)."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    if kind == "random":
+        mix = torch.eye(D)
+    elif kind == "data":
+        q, _ = torch.linalg.qr(torch.randn(D, D, generator=g))
+        mix = torch.arange(1, D + 1, dtype=torch.float32).pow(-0.5)[:, None] * q  # (D, D)
+    else:
+        raise ValueError(kind)
+
+    def sample(n):  # (n, D), ||x||^2 = SC_SQ_NORM
+        x = torch.randn(n, D, generator=g) @ mix
+        return x / x.norm(dim=1, keepdim=True) * SC_SQ_NORM ** 0.5
+
+    atoms = sample(N).t()  # (D, N)
+    atoms = atoms / atoms.norm(dim=0)
+    x = sample(M)
+    v1, G = x @ atoms, atoms.t() @ atoms
+    return v1.contiguous().to(device), G.contiguous().to(device), SC_DELTA / 2 + SC_NU
+
+
+def run_sc(impl: str, kind: str, size: str, repeats: int) -> dict:
+    """sc_inference forward, and forward+backward, on one problem: impl "ours" (auto
+    backend: the fused kernel) or "torch" (the reference)."""
+    import torch
+
+    from hybridlm.kernels import sc_inference
+
+    p = SC[size]
+    M, N, T = p["M"], p["N"], p["T"]
+    v1, G, theta = sc_problem(kind, M, N, p["D"])
+    w = torch.randn(M, N, generator=torch.Generator().manual_seed(1))
+    backend = None if impl == "ours" else "torch"
+    v1.requires_grad_()
+    G.requires_grad_()
+
+    def fwd():
+        with torch.no_grad():
+            return sc_inference(v1, G, theta, SC_DELTA, T, backend=backend)
+
+    def fwd_bwd():
+        v1.grad = G.grad = None
+        r = sc_inference(v1, G, theta, SC_DELTA, T, backend=backend)[0]
+        (r * w).sum().backward()
+
+    out = {}
+    for name, fn in (("fwd", fwd), ("fwd_bwd", fwd_bwd)):
+        t0 = time.perf_counter()
+        fn()  # warm-up (builds the shim)
+        first = time.perf_counter() - t0
+        times, cpu = [], []
+        for _ in range(repeats if first < 1.0 else max(3, repeats // 2)):
+            t0, c0 = time.perf_counter(), time.process_time()
+            fn()
+            times.append(time.perf_counter() - t0)
+            cpu.append(time.process_time() - c0)
+        med = statistics.median(times)
+        out.update({f"{name}_ms": med * 1e3, f"{name}_times_ms": [t * 1e3 for t in times],
+                    f"{name}_cpu_ms": statistics.median(cpu) * 1e3,
+                    f"{name}_tokens_per_s": M / med})
+    spikes = fwd()[1]
+    return {"impl": impl, "kind": kind, "size": size, **p, "delta": SC_DELTA, "nu": SC_NU,
+            "spike_rate": spikes.float().mean().item(),
+            "spike_rate_per_step": spikes.float().mean((1, 2)).tolist(),
+            "threads": torch.get_num_threads(), "loadavg": os.getloadavg()[0], **out}
+
+
+def run_sc_rounds(size: str, repeats: int, rounds: int) -> list[dict]:
+    """Every (kind, impl) in `rounds` fresh processes, interleaved; the row is the process
+    with the median forward+backward time."""
+    rows = []
+    for kind in ("random", "data"):
+        runs = {impl: [] for impl in ("ours", "torch")}
+        for _ in range(rounds):
+            for impl in runs:
+                r = _sub(["--sc", impl, kind, size, "--repeats", str(repeats)])
+                r.update(impl=impl, kind=kind, size=size)
+                runs[impl].append(r)
+                print(f"sc {kind} {size} {impl}: {r.get('fwd_bwd_ms', 'error')}",
+                      file=sys.stderr)
+        rows += [_median_run(rs, "fwd_bwd_ms", "rounds_fwd_bwd_ms") for rs in runs.values()]
+    return rows
+
+
+def sc_markdown(rows: list[dict]) -> list[str]:
+    out = ["| atoms | M | N | T | implementation | fwd ms | fwd+bwd ms | fwd+bwd CPU ms "
+           "| tokens/s (fwd+bwd) | ours is Nx faster (fwd / fwd+bwd) | spike rate |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
+    ours = {r["kind"]: r for r in rows if r.get("impl") == "ours" and "fwd_bwd_ms" in r}
+    for r in rows:
+        if "fwd_bwd_ms" not in r:
+            out.append(f"| {r.get('kind')} | | | | {r.get('impl')} | failed: "
+                       f"{r.get('error', '')[-80:].replace(chr(10), ' ')} | | | | | |")
+            continue
+        o = ours.get(r["kind"])
+        ratio = (f"{r['fwd_ms'] / o['fwd_ms']:.1f}x / {r['fwd_bwd_ms'] / o['fwd_bwd_ms']:.1f}x"
+                 if o else "")
+        out.append(f"| {r['kind']} | {r['M']:,} | {r['N']} | {r['T']} | {r['impl']} | "
+                   f"{r['fwd_ms']:.1f} | {r['fwd_bwd_ms']:.1f} | {r['fwd_bwd_cpu_ms']:.1f} | "
+                   f"{r['fwd_bwd_tokens_per_s']:,.0f} | {ratio} | {100 * r['spike_rate']:.2f}% |")
+    rounds = [f"{r['kind']} {r['impl']} " + ", ".join(f"{t:.1f}" if t else "-"
+                                                       for t in r["rounds_fwd_bwd_ms"])
+              for r in rows if r.get("rounds_fwd_bwd_ms")]
+    if rounds:
+        out += ["", "Every process's fwd+bwd median (ms): " + "; ".join(rounds) + "."]
+    return out
+
+
 def _median_run(runs: list[dict], key: str, rounds_key: str) -> dict:
     """The run with the median `key` (the lower one of an even count), with every run's
     `key` in run order under `rounds_key`; the first run when none measured `key`."""
@@ -404,6 +533,9 @@ def markdown(result: dict) -> str:
             ratio = f"{r['median_ms'] / ours['median_ms']:.2f}x" if ours.get("median_ms") else ""
             out.append(f"| {r['impl']} | {r['median_ms']:.1f} | {r['tokens_per_s']:,.0f} | "
                        f"{ratio} | {r['spike_rate']:.3f} |")
+    if result.get("sc"):
+        out += ["", "Spike-coding inference (kernels.sc_inference), float32:", ""]
+        out += sc_markdown(result["sc"])
     if result.get("targets"):
         out += ["", f"Targets at T = 16, N = {N_LARGE:,} (issue 3; the same run):", "",
                 "| allocator | target | measured | met? |", "|---|---|---|---|"]
@@ -459,6 +591,9 @@ def main() -> None:
     ap.add_argument("--copy", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--propagation", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--layer", help=argparse.SUPPRESS)
+    ap.add_argument("--sc", nargs=3, metavar=("IMPL", "KIND", "SIZE"), help=argparse.SUPPRESS)
+    ap.add_argument("--sc-only", action="store_true",
+                    help="only the spike-coding inference rows (and the copy bandwidth)")
     a = ap.parse_args()
     repeats = a.repeats or (3 if a.quick else 5)
     if a.threads:
@@ -473,6 +608,9 @@ def main() -> None:
     if a.layer:
         print(json.dumps(run_layer(a.layer, repeats)))
         return
+    if a.sc:
+        print(json.dumps(run_sc(*a.sc, repeats)))
+        return
     rates = [0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2]
     if a.propagation:
         print(json.dumps({"rows": run_propagation(rates, repeats)}))
@@ -482,8 +620,21 @@ def main() -> None:
 
     t_start = time.time()
     load0 = os.getloadavg()
-    result = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
-                          "torch": torch.__version__, "threads": torch.get_num_threads()},
+    machine = {"platform": platform.platform(), "cpus": os.cpu_count(),
+               "torch": torch.__version__, "threads": torch.get_num_threads()}
+    sc_size = "quick" if a.quick else "full"
+    if a.sc_only:
+        result = {"machine": machine, "sc": run_sc_rounds(sc_size, repeats, a.rounds)}
+        result["loadavg_start_end"] = [load0[0], os.getloadavg()[0]]
+        md = "\n".join([f"Load average start/end: {result['loadavg_start_end']}", "",
+                        *sc_markdown(result["sc"])])
+        result["markdown"] = md
+        print(md)
+        if a.out:
+            a.out.parent.mkdir(parents=True, exist_ok=True)
+            a.out.write_text(json.dumps(result, indent=2))
+        return
+    result = {"machine": machine,
               "byte_model": f"{BYTES_PER_NEURON_STEP}*T*N bytes for LIF forward+backward "
                             "(fp32)",
               "copy": run_copy_rounds(a.rounds), "lif": []}
@@ -506,6 +657,7 @@ def main() -> None:
     result["propagation"] = _sub(["--propagation", "--repeats", str(repeats)]).get("rows", [])
     result["layer"] = [_sub(["--layer", impl, "--repeats", str(repeats)])
                        for impl in ("ours", "torch", "compiled")]
+    result["sc"] = run_sc_rounds(sc_size, repeats, a.rounds)
     faster = [r["rate"] for r in result["propagation"] if r["event_ms"] < r["dense_ms"]]
     result["crossover"] = max(faster) if faster else None
     result["targets"] = targets(result)

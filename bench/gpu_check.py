@@ -6,18 +6,24 @@ GPU. Writes all results as JSON (and logs) under $OUT (default ./gpu_check_out).
 
 Steps (each one's outcome is recorded even when an earlier one failed):
 1. env: GPU, driver, torch/CuPy versions.
-2. tests: pytest tests/test_kernels.py (the CUDA tests run here; CPU ones too) -> junit XML.
-3. parity: every LIF variant, pc_step and spike_matmul on the GPU vs the CPU shim on the
-   same inputs: spikes bit for bit with NVRTC --fmad=false, and the fraction of flipped spikes
-   with the default --fmad=true (bound 1e-4; expected 0 since beta * v is __fmul_rn);
-   gradients max abs difference.
+2. tests: pytest tests/test_kernels.py (the CUDA tests run here; CPU ones too) and the CUDA
+   tests of tests/test_sc_kernels.py -> junit XML.
+3. parity: every LIF variant, spike_matmul and sc_inference on the GPU vs the CPU shim on the
+   same inputs: LIF spikes bit for bit with NVRTC --fmad=false, and the fraction of flipped
+   spikes with the default --fmad=true (bound 1e-4; expected 0 since beta * v is __fmul_rn);
+   sc_inference spikes, r_T and dF bit for bit under both settings (every product in the
+   kernel is mul_rn and its sums run in the same order as on the CPU); gradients max abs
+   difference.
 4. sanitizer: compute-sanitizer --tool memcheck on a small run of every kernel.
 5. bench: LIF forward+backward (T = 16, 32; N = 1.57M, 16.8M) ours vs torch loop, the loop
    under torch.compile, snntorch; effective GB/s (20*T*N bytes: forward reads x, writes s;
    backward reads x and grad_s, writes grad_x) vs device copy bandwidth; peak extra memory
    (torch.cuda.max_memory_allocated over the timed steps, from x.grad = None);
    spike propagation event vs dense cuBLAS vs CSR over spike rates -> the CUDA crossover to
-   store in hybridlm/kernels/ops.py SPIKE_MATMUL_CROSSOVER["cuda"].
+   store in hybridlm/kernels/ops.py SPIKE_MATMUL_CROSSOVER["cuda"];
+   sc_inference forward and forward+backward (T = 8, N = 512, M = 2048 and 16384, random
+   and data-like atoms as in bench/bench_kernels.py) fused kernel vs the plain-torch
+   reference on the GPU, in tokens per second.
 """
 
 from __future__ import annotations
@@ -74,21 +80,26 @@ def step_tests() -> dict:
                           f"--junitxml={OUT / 'tests_junit.xml'}"],
                          capture_output=True, text=True, env=_env(), timeout=300)
     (OUT / "tests.log").write_text(res.stdout + res.stderr)
-    return {"returncode": res.returncode, "seconds": time.time() - t0,
-            "summary": res.stdout.strip().splitlines()[-1:]}
+    sc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider",
+                         str(ROOT / "tests" / "test_sc_kernels.py"), "-k", "cuda",
+                         f"--junitxml={OUT / 'tests_sc_junit.xml'}"],
+                        capture_output=True, text=True, env=_env(), timeout=300)
+    (OUT / "tests_sc.log").write_text(sc.stdout + sc.stderr)
+    return {"returncode": res.returncode or sc.returncode, "seconds": time.time() - t0,
+            "summary": res.stdout.strip().splitlines()[-1:] + sc.stdout.strip().splitlines()[-1:]}
 
 
 def step_parity() -> dict:
     import torch
 
-    from hybridlm.kernels import _build, _cuda, lif_multistep, pc_step, spike_matmul
+    from hybridlm.kernels import _build, _cuda, lif_multistep, spike_matmul
     from hybridlm.kernels import reference as ref
 
     # The CPU side: the shim when a C++ compiler is here, else the torch reference (also
     # bit-exact for spikes on CPU).
     cpu = "cpu_shim" if _build.find_cxx() else "torch"
 
-    rows = []
+    rows, sc_rows = [], []
     g = torch.Generator().manual_seed(0)
     x = torch.randn(32, 1 << 18, generator=g) * 0.8 + 0.4
     gs = torch.randn(x.shape, generator=g)
@@ -113,12 +124,9 @@ def step_parity() -> dict:
                         gdiff = (xg.grad.cpu() - xc.grad).abs().max().item()
                         rows.append({"fmad": fmad, **kw, "flipped_fraction": flips,
                                      "grad_max_abs_diff": gdiff})
+        sc_rows += _sc_parity(cpu, fmad)
     os.environ.pop("HYBRIDLM_NVRTC_FMAD")
     _cuda._modules.clear()
-    I, v, r = (torch.randn(1 << 20, generator=g) for _ in range(3))  # noqa: E741
-    pc_cpu = pc_step(I, v, r, 0.9, 0.7, 0.8, backend=cpu)
-    pc_gpu = pc_step(I.cuda(), v.cuda(), r.cuda(), 0.9, 0.7, 0.8, backend="cuda")
-    pc_equal = all(torch.equal(a.cpu(), b) for a, b in zip(pc_gpu, pc_cpu))
     S = (torch.rand(512, 2048, generator=g) < 0.05).float()
     W = torch.randint(-8, 9, (2048, 1024), generator=g).float()
     sm_equal = torch.equal(spike_matmul(S.cuda(), W.cuda(), backend="cuda",
@@ -126,17 +134,54 @@ def step_parity() -> dict:
     exact = all(r["flipped_fraction"] == 0 for r in rows if r["fmad"] == "false")
     bounded = all(r["flipped_fraction"] <= 1e-4 for r in rows if r["fmad"] == "true")
     grads = max(r["grad_max_abs_diff"] for r in rows)
-    return {"lif": rows, "pc_step_bit_exact": pc_equal, "spike_matmul_exact": sm_equal,
+    sc_ok = all(r["bit_exact"] and r["grad_rel_diff"] < (1e-4 if r["dtype"] == "float32"
+                                                          else 1e-9) for r in sc_rows)
+    return {"lif": rows, "sc_inference": sc_rows, "spike_matmul_exact": sm_equal,
             "lif_bit_exact_fmad_false": exact, "lif_flips_bounded_fmad_true": bounded,
-            "grad_max_abs_diff": grads,
-            "ok": exact and bounded and pc_equal and sm_equal and grads < 1e-5}
+            "grad_max_abs_diff": grads, "sc_inference_ok": sc_ok,
+            "ok": exact and bounded and sm_equal and grads < 1e-5 and sc_ok}
+
+
+def _sc_parity(cpu: str, fmad: str) -> list[dict]:
+    """sc_inference on the GPU against `cpu` (the shim) on the same problems: spikes, r_T and
+    dF bit for bit (fraction of differing token-steps recorded), gradients' largest
+    difference relative to their largest value."""
+    import torch
+    from bench_kernels import sc_problem
+
+    from hybridlm.kernels import sc_inference
+
+    rows = []
+    for kind in ("random", "data"):
+        for dtype in (torch.float32, torch.float64):
+            for sg, alpha in (("atan", 2.0), ("fast_sigmoid", 25.0)):
+                v1, G, theta = sc_problem(kind, 4096, 512, 384, seed=2)
+                v1, G = v1.to(dtype), G.to(dtype)
+                w = torch.randn(v1.shape, dtype=dtype, generator=torch.Generator().manual_seed(3))
+                outs, grads = [], []
+                for dev, b in (("cpu", cpu), ("cuda", "cuda")):
+                    v, gl = v1.to(dev).requires_grad_(), G.to(dev).requires_grad_()
+                    out = sc_inference(v, gl, theta, 1.0, 8, sg, alpha, backend=b)
+                    grads.append([t.cpu() for t in torch.autograd.grad(
+                        (out[0] * w.to(dev)).sum(), (v, gl))])
+                    outs.append([t.detach().cpu() for t in out])
+                (r0, s0, d0), (r1, s1, d1) = outs
+                rows.append({
+                    "fmad": fmad, "kind": kind, "dtype": str(dtype).split(".")[-1],
+                    "surrogate": sg, "spike_rate": s0.float().mean().item(),
+                    "bit_exact": torch.equal(s0, s1) and torch.equal(r0, r1)
+                    and torch.equal(d0, d1),
+                    "token_steps_differing": (s0 != s1).any(-1).float().mean().item(),
+                    "grad_rel_diff": max(((a - c).abs().max() / c.abs().max()).item()
+                                         for a, c in zip(grads[1], grads[0]))})
+    return rows
 
 
 def sanitizer_subset() -> None:
     """A small run of every kernel (run under compute-sanitizer by step_sanitizer)."""
     import torch
 
-    from hybridlm.kernels import lif_multistep, pc_step, spike_matmul
+    from hybridlm.kernels import lif_multistep, sc_inference, spike_matmul
 
     for dyn in ("standard", "snntorch"):
         for reset in ("subtract", "zero"):
@@ -144,8 +189,13 @@ def sanitizer_subset() -> None:
                 x = torch.randn(T, 3, 1001, device="cuda", requires_grad=True)
                 lif_multistep(x, 0.9, 0.7, reset=reset, dynamics=dyn,
                               backend="cuda").sum().backward()
-    I, v, r = (torch.randn(3, 777, device="cuda", requires_grad=True) for _ in range(3))  # noqa: E741
-    sum(o.sum() for o in pc_step(I, v, r, 0.9, 0.7, 0.8, backend="cuda")).backward()
+    from bench_kernels import sc_problem
+
+    for kind in ("random", "data"):  # both the gathered and the dense pair sums
+        v1, G, theta = sc_problem(kind, 301, 133, 64, device="cuda")
+        v1.requires_grad_()
+        G.requires_grad_()
+        sc_inference(v1, G, theta, 1.0, 5, backend="cuda")[0].sum().backward()
     S = (torch.rand(33, 300, device="cuda") < 0.1).float().requires_grad_()
     W = torch.randn(300, 70, device="cuda", requires_grad=True)
     spike_matmul(S, W, backend="cuda", method="event").sum().backward()
@@ -257,6 +307,49 @@ def _bench_propagation() -> list[dict]:
     return rows
 
 
+def _sc_steps(v1, G, theta: float, w, backend: str):
+    """(forward, forward+backward) closures of sc_inference on one problem."""
+    import torch
+    from bench_kernels import SC_DELTA
+
+    from hybridlm.kernels import sc_inference
+
+    def fwd():
+        with torch.no_grad():
+            return sc_inference(v1, G, theta, SC_DELTA, 8, backend=backend)
+
+    def fwd_bwd():
+        v1.grad = G.grad = None
+        (sc_inference(v1, G, theta, SC_DELTA, 8, backend=backend)[0] * w).sum().backward()
+    return fwd, fwd_bwd
+
+
+def _bench_sc(quick: bool) -> list[dict]:
+    """sc_inference on the GPU: the fused kernel against the reference (backend "torch" on
+    the GPU), forward and forward+backward, float32."""
+    import torch
+    from bench_kernels import sc_problem
+
+    rows = []
+    for kind in ("random", "data"):
+        for M in ((2048,) if quick else (2048, 16384)):
+            v1, G, theta = sc_problem(kind, M, 512, 384, device="cuda")
+            v1.requires_grad_()
+            G.requires_grad_()
+            w = torch.randn(v1.shape, device="cuda")
+            for impl, backend in (("ours", "cuda"), ("torch", "torch")):
+                fwd, fwd_bwd = _sc_steps(v1, G, theta, w, backend)
+                try:
+                    n = 10 if impl == "ours" else 3
+                    f, fb = _cuda_time(fwd, n), _cuda_time(fwd_bwd, n)
+                    rows.append({"kind": kind, "M": M, "N": 512, "T": 8, "impl": impl,
+                                 "fwd_ms": f, "fwd_bwd_ms": fb, "tokens_per_s": M / fb * 1e3,
+                                 "spike_rate": fwd()[1].float().mean().item()})
+                except Exception as e:  # noqa: BLE001
+                    rows.append({"kind": kind, "M": M, "impl": impl, "error": repr(e)})
+    return rows
+
+
 def step_bench(quick: bool) -> dict:
     copy_gbps = _copy_gbps()
     out = {"copy_gbps": copy_gbps, "byte_model": "20*T*N bytes (LIF fwd+bwd, fp32)", "lif": []}
@@ -266,6 +359,7 @@ def step_bench(quick: bool) -> dict:
     out["propagation"] = _bench_propagation()
     faster = [r["rate"] for r in out["propagation"] if r["event_ms"] < r["dense_ms"]]
     out["crossover_cuda"] = max(faster) if faster else 0.0
+    out["sc_inference"] = _bench_sc(quick)
     return out
 
 
@@ -275,6 +369,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="smaller benchmark")
     ap.add_argument("--sanitizer-subset", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args()
+    sys.path.insert(0, str(ROOT / "bench"))  # bench_kernels.sc_problem
     if a.sanitizer_subset:
         sys.path.insert(0, str(ROOT))
         sanitizer_subset()

@@ -107,7 +107,52 @@ def aggregate(runs: list[dict]) -> dict:
         pairs += [("spiking_pc", m) for m in trained if m != "spiking_pc"]
     agg["paired"] = {f"{a} - {b}": {s: paired(runs, a, b, s, domains) for s in SPLITS}
                      for a, b in pairs}
+    agg["layers"] = {m: layer_summary(runs, m, domains) for m in trained
+                     if all(r["heads"][m].get("time_sweep") for r in runs)}
+    if "spiking_pc" in trained and "trunk" in models:
+        agg["claim"] = claim(agg)
     return agg
+
+
+LAYER_KEYS = ("firing_rate", "spikes_per_token", "active_steps", "relative_energy",
+              "max_neuron_rate")
+
+
+def layer_summary(runs: list[dict], m: str, domains: list[str]) -> dict:
+    """The energy-based layer's behaviour over seeds: validation diagnostics (mean over
+    domains), operations per token, and the T sweep (scored at other T, not retrained)."""
+    heads = [r["heads"][m] for r in runs]
+    out = {k: mean_std([sum(h["validation"][d][k] for d in domains) / len(domains)
+                        for h in heads]) for k in LAYER_KEYS}
+    ops = [h["operations_per_token"] for h in heads if h.get("operations_per_token")]
+    if ops:
+        out["operations_per_token"] = {k: mean_std([o[k] for o in ops]) for k in
+                                       ("mac", "sop", "dense_equivalent_mac", "energy_pj",
+                                        "dense_energy_pj")}
+        out["caveat"] = ops[0]["caveat"]
+    sweep = {}
+    for t in heads[0]["time_sweep"]:
+        sweep[t] = {"mean_bpc": mean_std([mean_bpc(h["time_sweep"][t]) for h in heads])}
+        sweep[t] |= {k: mean_std([sum(h["time_sweep"][t][d][k] for d in domains)
+                                  / len(domains) for h in heads])
+                     for k in ("firing_rate", "spikes_per_token", "relative_energy")}
+    out["time_sweep"] = sweep
+    return out
+
+
+def claim(agg: dict) -> dict:
+    """The claim this project's design comes from: 'a 22% perplexity improvement when a
+    spiking PC layer sits atop a conventional encoder', read literally (trunk + layer vs the
+    trunk alone) and fairly (vs the matched non-spiking heads): validation perplexity
+    change, mean over domains, paired over seeds."""
+    out = {"claimed_relative_perplexity": -0.22}
+    for ref in ("trunk", "mlp", "mlp_macs", "ista", "linear"):
+        key = f"spiking_pc - {ref}"
+        if key in agg["paired"]:
+            r = agg["paired"][key]["validation"]["relative_perplexity"]
+            out[ref] = {"relative_perplexity": r,
+                        "holds": r["mean"] <= -0.22 and r["mean"] + r["std"] < 0}
+    return out
 
 
 def _pm(ms: dict, digits: int = 4) -> str:
@@ -142,6 +187,40 @@ def markdown(agg: dict, config: str, seconds: float) -> str:
             lines.append(f"| {name} | {d['mean']:+.4f} ± {d['std']:.4f} | "
                          f"{r['mean']:+.2%} ± {r['std']:.2%} | {yes[d['beats_spread']]} | "
                          f"{yes[d['same_sign']]} |")
+        lines.append("")
+    for m, lay in agg.get("layers", {}).items():
+        lines += [f"## The `{m}` layer", "",
+                  "Validation, mean over domains, mean ± std over seeds: firing rate "
+                  f"{_pm(lay['firing_rate'])}, spikes per token {_pm(lay['spikes_per_token'], 1)}"
+                  f", inner steps with a spike per token {_pm(lay['active_steps'], 2)}, settled "
+                  f"energy F_T / F_0 {_pm(lay['relative_energy'], 3)}, largest per-neuron rate "
+                  f"{_pm(lay['max_neuron_rate'], 3)}.", ""]
+        ops = lay.get("operations_per_token")
+        if ops:
+            lines += [f"Per token: {ops['mac']['mean']:,.0f} multiply-adds and "
+                      f"{ops['sop']['mean']:,.0f} synaptic operations (dense equivalent "
+                      f"{ops['dense_equivalent_mac']['mean']:,.0f} multiply-adds); estimated "
+                      f"{ops['energy_pj']['mean'] / 1e6:.3f} µJ per token at 45 nm against "
+                      f"{ops['dense_energy_pj']['mean'] / 1e6:.3f} µJ dense. {lay['caveat']}", ""]
+        lines += ["Scored at other numbers of inner steps T (not retrained):", "",
+                  "| T | mean bpc | firing rate | spikes per token | F_T / F_0 |",
+                  "|---|---|---|---|---|"]
+        for t, r in lay["time_sweep"].items():
+            lines.append(f"| {t} | {_pm(r['mean_bpc'])} | {_pm(r['firing_rate'])} | "
+                         f"{_pm(r['spikes_per_token'], 1)} | {_pm(r['relative_energy'], 3)} |")
+        lines.append("")
+    if "claim" in agg:
+        lines += ["## The 22% claim", "",
+                  "'A 22% perplexity improvement when a spiking predictive-coding layer sits "
+                  "atop a conventional encoder': validation perplexity of the trunk with the "
+                  "spiking layer, relative to each reference (mean over domains, paired over "
+                  "seeds):", "", "| against | relative perplexity | 22% reached |", "|---|---|---|"]
+        for ref, r in agg["claim"].items():
+            if ref == "claimed_relative_perplexity":
+                continue
+            rp = r["relative_perplexity"]
+            lines.append(f"| {ref} | {rp['mean']:+.2%} ± {rp['std']:.2%} | "
+                         f"{'yes' if r['holds'] else 'no'} |")
         lines.append("")
     lines += ["Models: " + "; ".join(f"`{m}`: {e['note']}" for m, e in agg["models"].items()
                                      if e["note"]) + "."]

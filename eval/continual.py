@@ -47,7 +47,8 @@ from hybridlm.continual import (  # noqa: E402
 )
 from hybridlm.corpora import DataError  # noqa: E402
 from hybridlm.data import build_corpora, format_report, subsample  # noqa: E402
-from hybridlm.heads import mlp_hidden  # noqa: E402
+from hybridlm.features import sample_states  # noqa: E402
+from hybridlm.heads import SPIKING_HEADS, mlp_hidden  # noqa: E402
 from hybridlm.io import write_json_atomic, write_text_atomic  # noqa: E402
 from hybridlm.manifest import PACKAGES as MANIFEST_PACKAGES  # noqa: E402
 from hybridlm.manifest import package_versions, run_manifest  # noqa: E402
@@ -554,6 +555,11 @@ def main(argv=None) -> int:
             set_seed(seed)
             model = HybridForCausalLM.from_encoder(cfg.model.encoder, cfg.data.cache_dir,
                                                    **model_kwargs(mcfg))
+            if mcfg.head in SPIKING_HEADS and mcfg.dictionary_init == "data":
+                first = order[0]  # the data the sequence starts with, as a fresh run would
+                model.head.init_from_data(sample_states(
+                    model, stream.train[first], (stream.train_caches or {}).get(first),
+                    8 * mcfg.n_neurons, seed))
 
             def log(row, name=method.name, seed=seed):
                 nonlocal wb_step

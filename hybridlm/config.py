@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 
 from hybridlm.heads import HEADS
+from hybridlm.plasticity import GATES
 
 
 class ConfigError(ValueError):
@@ -63,27 +64,27 @@ class ModelConfig:
     # The trunk: "smollm2" (offline SmolLM2-135M-Instruct, a causal LM), "minilm" (offline
     # all-MiniLM-L6-v2, an encoder run causally), a .gguf file, a local folder or a Hub id.
     encoder: str = "smollm2"
-    head: str = "spiking_pc"  # trunk | linear | mlp | mlp_macs | spiking_pc (hybridlm.heads)
+    head: str = "spiking_pc"  # one of hybridlm.heads.HEADS
+    # The spiking predictive-coding layer (hybridlm/spiking.py): N neurons, T inner steps,
+    # energy F(r) = 1/2 ||x_c - D r||^2 + mu/2 ||r||^2 + nu sum r, spikes of size delta.
     n_neurons: int = 512
     time_steps: int = 8
-    beta: float = 0.9
-    threshold: float = 1.0
-    reset: str = "subtract"  # subtract | zero
-    detach_reset: bool = False
+    spike_quantum: float = 1.0  # delta: how much one spike adds to a neuron's code
+    l2_cost: float = 0.0  # mu
+    rate_cost: float = 0.1  # nu > 0: the cost of a spike; bounds spikes per token
+    dictionary_init: str = "data"  # data (atoms = centred trunk states) | random
     surrogate: str = "atan"  # atan | fast_sigmoid
     surrogate_alpha: float = 2.0  # atan's alpha, or fast_sigmoid's slope
-    trace_decay: float = 0.5  # gamma of the spike trace r_k = gamma r_{k-1} + (1 - gamma) s_k
-    pc_energy_weight: float = 0.0  # weight of the PC energy mean_k ||e_k||^2 added to the loss
-    trainable_encoder_layers: int = 0  # top-k encoder layers that train; the rest is frozen
+    pc_energy_weight: float = 0.0  # weight of the settled energy F(r_T) added to the loss
+    trainable_encoder_layers: int = 0  # top-k trunk layers that train; the rest is frozen
     kernel_backend: str = "auto"  # auto | torch | compiled | cpu_shim | cuda (HYBRIDLM_BACKEND)
-    # How the generative weights W_d learn (spiking_pc only; see hybridlm/plasticity.py):
+    # How the dictionary and mean learn (spiking_pc only; see hybridlm/plasticity.py):
     learning: str = "bptt"  # bptt | hebbian | hybrid
-    hebbian_lr: float = 0.01  # eta of dW_d = eta g (mean(e r^T) - decay W_d)
-    hebbian_decay: float = 0.01  # keeps ||W_d|| bounded
-    gate: str = "surprise"  # constant | surprise
+    hebbian_lr: float = 0.01  # eta of the local rule D <- normalise(D + eta g mean(e r^T))
+    gate: str = "surprise"  # constant | surprise (batch loss) | energy (each token's F_T)
     gate_min: float = 0.0
     gate_max: float = 2.0
-    gate_momentum: float = 0.9  # running mean of the loss, for the surprise gate
+    gate_momentum: float = 0.9  # running means of the loss / energy, for the gates
 
 
 @dataclass
@@ -190,17 +191,19 @@ def validate(cfg: RunConfig) -> None:
     _check(m.head in HEADS, "model.head", f"'{m.head}' is not one of {HEADS}")
     _check(m.n_neurons >= 1, "model.n_neurons", f"must be >= 1, got {m.n_neurons}")
     _check(m.time_steps >= 1, "model.time_steps", f"must be >= 1, got {m.time_steps}")
-    _check(0 < m.beta <= 1, "model.beta", f"must be in (0, 1], got {m.beta}")
-    _check(m.threshold > 0, "model.threshold", f"must be > 0, got {m.threshold}")
-    _check(m.reset in ("subtract", "zero"), "model.reset", f"'{m.reset}' is not subtract|zero")
-    _check(
-        m.surrogate in ("atan", "fast_sigmoid"),
-        "model.surrogate",
-        f"'{m.surrogate}' is not atan|fast_sigmoid",
-    )
-    _check(m.surrogate_alpha > 0, "model.surrogate_alpha", "must be > 0")
-    _check(0 <= m.trace_decay < 1, "model.trace_decay", f"must be in [0, 1), got {m.trace_decay}")
-    _check(m.pc_energy_weight >= 0, "model.pc_energy_weight", "must be >= 0")
+    for key, ok, need in (("spike_quantum", m.spike_quantum > 0, "> 0"),
+                          ("l2_cost", m.l2_cost >= 0, ">= 0"),
+                          ("rate_cost", m.rate_cost > 0, "> 0 (it bounds the spikes per token)")):
+        v = getattr(m, key)
+        _check(math.isfinite(v) and ok, f"model.{key}", f"must be finite and {need}, got {v}")
+    _check(m.dictionary_init in ("data", "random"), "model.dictionary_init",
+           f"'{m.dictionary_init}' is not data|random")
+    _check(m.surrogate in ("atan", "fast_sigmoid"), "model.surrogate",
+           f"'{m.surrogate}' is not atan|fast_sigmoid")
+    _check(math.isfinite(m.surrogate_alpha) and m.surrogate_alpha > 0, "model.surrogate_alpha",
+           "must be finite and > 0")
+    _check(math.isfinite(m.pc_energy_weight) and m.pc_energy_weight >= 0,
+           "model.pc_energy_weight", "must be finite and >= 0")
     backends = ("auto", "torch", "compiled", "cpu_shim", "cpu_shim_grid", "cuda")
     _check(m.kernel_backend in backends, "model.kernel_backend",
            f"'{m.kernel_backend}' is not one of {backends}")
@@ -208,9 +211,7 @@ def validate(cfg: RunConfig) -> None:
            f"'{m.learning}' is not bptt|hebbian|hybrid")
     _check(math.isfinite(m.hebbian_lr) and m.hebbian_lr >= 0, "model.hebbian_lr",
            f"must be finite and >= 0, got {m.hebbian_lr}")
-    _check(math.isfinite(m.hebbian_decay) and m.hebbian_decay >= 0, "model.hebbian_decay",
-           f"must be finite and >= 0, got {m.hebbian_decay}")
-    _check(m.gate in ("constant", "surprise"), "model.gate", f"'{m.gate}' is not constant|surprise")
+    _check(m.gate in GATES, "model.gate", f"'{m.gate}' is not one of {GATES}")
     for key in ("gate_min", "gate_max"):
         v = getattr(m, key)
         _check(math.isfinite(v) and v >= 0, f"model.{key}", f"must be finite and >= 0, got {v}")

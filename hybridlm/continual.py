@@ -333,22 +333,24 @@ def pc_diagnostics(model, stream: Stream, accelerator, batch_size: int,
                 require_split(blocks, stream.eval_split)
                 cache = stream.test_caches[d] if stream.test_caches else None
                 loader = accelerator.prepare(DataLoader(blocks, batch_size=batch_size))
-                totals = torch.zeros(3 + 2 * t, dtype=torch.float64)
+                totals = torch.zeros(3 + 2 * t + 1, dtype=torch.float64)
                 for batch in loader:
                     feats = cache.features(base, batch["index"], batch["input_ids"]) \
                         if cache else None
-                    o = base(input_ids=batch["input_ids"], features=feats)
+                    o = base(input_ids=batch["input_ids"], features=feats,
+                             token_mask=batch["labels"] != -100)
                     stats = token_stats(o.logits, batch["labels"])[:, :3]  # (B, 3)
                     n = stats[:, 1:2]
-                    e = base.head.stats["energy_per_step"].reshape(1, t).float().cpu()
+                    # the energy after 0..T steps and the firing rate of each step
+                    e = base.head.stats["energy_per_step"].reshape(1, t + 1).float().cpu()
                     r = base.head.stats["rate_per_step"].reshape(1, t).float().cpu()
                     per_block = torch.cat([stats.cpu(), e * n.cpu(), r * n.cpu()], 1)
                     totals += accelerator.gather_for_metrics(
                         per_block.to(stats.device)).double().sum(0).cpu()
                 nll, n, correct = totals[:3].tolist()
                 loss = nll / n
-                e_step = (totals[3:3 + t] / n).tolist()
-                r_step = (totals[3 + t:] / n).tolist()
+                e_step = (totals[3:3 + t + 1] / n).tolist()
+                r_step = (totals[3 + t + 1:] / n).tolist()
                 out[t][d] = {"loss": loss, "perplexity": math.exp(loss), "accuracy": correct / n,
                              "firing_rate": sum(r_step) / t, "energy_per_step": e_step,
                              "rate_per_step": r_step}
@@ -465,6 +467,7 @@ def run_sequence(model, method: MethodConfig, stream: Stream, cc: ContinualConfi
             scheduler.step()
             optimizer.zero_grad()
             if local is not None:
+                local.collect(base.head.stats["local_statistic"])
                 gates.append(local.step(loss, reduce_mean)["plasticity/gate"])
             losses.append(loss.item())
         train_loss = sum(losses) / len(losses) if losses else None

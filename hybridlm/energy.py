@@ -7,12 +7,15 @@ multiply-accumulate (MAC) of a real-valued input counts as one op at E_MAC; a sp
 synapse is one accumulate (AC, a synaptic operation) at E_AC.
 
 Counts per token (D model width, N neurons, T inner steps, H MLP hidden size):
-- spiking_pc: the error e_k is real-valued, so the current W_e e_k is T*N*D MACs (dense);
-  the prediction update W_d s_k is driven by spikes: rate*T*N*D ACs (synaptic operations);
-  the readout W_o r_T is N*D MACs. Elementwise LIF/trace/LayerNorm work (O(T*N + D)) is
-  left out, as is usual.
-- mlp: (D*H + H*D) MACs. linear: D*D MACs.
-The LM head (D x vocabulary) and the encoder are identical for every method and left out;
+- spiking_pc: the bottom-up drive V_1 = D^T x_c is real-valued, N*D MACs; every later step
+  only propagates spikes through the lateral weights D^T D (+ mu I): each spike adds one row
+  of N values, spikes_per_token * N ACs (synaptic operations); the readout W_o r_T is N*D
+  MACs. Its dense equivalent (the lateral product done densely every step, as on a GPU
+  without event-driven kernels) adds T*N*N MACs. The Gram matrix D^T D (N*N*D per batch,
+  not per token), the proposal checks and LayerNorm are left out, as is usual.
+- ista (the non-spiking control): N*D + T*N*N + N*D MACs, all dense.
+- mlp, mlp_macs: 2*D*H MACs. linear: D*D MACs. trunk: none.
+The LM head (D x vocabulary) and the trunk are identical for every method and left out;
 `lm_head_macs` gives the former for scale.
 
 Caveat: this ignores memory traffic (weights and membrane state read every step), which
@@ -33,20 +36,27 @@ CAVEAT = (
 
 def head_ops(head: str, d_model: int, n_neurons: int, time_steps: int, mlp_hidden: int,
              rate: float | None = None) -> dict[str, float]:
-    """Per-token operation counts of a head: `mac` (real-valued) and `sop` (spike-driven)."""
+    """Per-token operation counts of a head: `mac` (real-valued), `sop` (spike-driven) and
+    `dense_equivalent_mac` (every operation done densely). `rate` is the spiking layer's
+    measured firing rate (fraction of neurons spiking per step)."""
+    lateral = time_steps * n_neurons * n_neurons
     if head == "spiking_pc":
         if rate is None:
             raise ValueError("a spiking head's operation count needs its firing rate")
-        mac = time_steps * n_neurons * d_model + n_neurons * d_model
-        sop = rate * time_steps * n_neurons * d_model
-        return {"mac": float(mac), "sop": float(sop),
-                "dense_equivalent_mac": float(mac + time_steps * n_neurons * d_model)}
-    if head == "mlp":
+        mac = 2 * n_neurons * d_model
+        return {"mac": float(mac), "sop": float(rate * lateral),
+                "dense_equivalent_mac": float(mac + lateral)}
+    if head == "ista":
+        mac = 2 * n_neurons * d_model + lateral
+        return {"mac": float(mac), "sop": 0.0, "dense_equivalent_mac": float(mac)}
+    if head in ("mlp", "mlp_macs"):
         mac = 2 * d_model * mlp_hidden
         return {"mac": float(mac), "sop": 0.0, "dense_equivalent_mac": float(mac)}
     if head == "linear":
         return {"mac": float(d_model * d_model), "sop": 0.0,
                 "dense_equivalent_mac": float(d_model * d_model)}
+    if head == "trunk":
+        return {"mac": 0.0, "sop": 0.0, "dense_equivalent_mac": 0.0}
     raise ValueError(f"unknown head '{head}'")
 
 

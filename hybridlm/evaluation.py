@@ -59,32 +59,56 @@ def scores(nll: float, tokens: float, correct: float, chars: float) -> dict:
     return out
 
 
+# The spiking layer's diagnostics that evaluate() averages over real tokens.
+LAYER_STATS = ("rate", "spikes_per_token", "active_steps", "relative_energy")
+
+
 @torch.no_grad()
-def evaluate(model, blocks: Blocks, accelerator, batch_size: int, cache: FeatureCache | None):
-    """Loss, perplexity, bits per character, accuracy and (spiking heads) mean firing rate
-    on `blocks`.
+def evaluate(model, blocks: Blocks, accelerator, batch_size: int, cache: FeatureCache | None,
+             time_steps: int | None = None):
+    """Loss, perplexity, bits per character, accuracy and, for the spiking layer, its mean
+    firing rate, spikes and active inner steps per token, settled energy F_T / F_0 and the
+    largest per-neuron firing rate, on `blocks`. `time_steps` overrides the layer's T.
 
     Each process scores its shard; `gather_for_metrics` drops the padding duplicates of the
-    last batch, so every block counts exactly once.
+    last batch, so every block counts exactly once in the scores. (The layer's diagnostics
+    are batch means weighted by real tokens; with several processes a duplicated last block
+    counts twice in them.)
     """
     loader = accelerator.prepare(DataLoader(blocks, batch_size=batch_size, shuffle=False))
     base = accelerator.unwrap_model(model)
     was_training = base.training
     base.eval()
-    totals = torch.zeros(5, dtype=torch.float64)
+    extra = {"time_steps": time_steps} if time_steps is not None else {}
+    totals = torch.zeros(4, dtype=torch.float64)
+    layer = torch.zeros(len(LAYER_STATS) + 1, dtype=torch.float64)  # weighted sums, tokens
+    neuron_spikes = None
     for batch in loader:
         feats = cache.features(base, batch["index"], batch["input_ids"]) if cache else None
+        real = batch["labels"] != -100
         with accelerator.autocast():
-            out = base(input_ids=batch["input_ids"], features=feats)
+            out = base(input_ids=batch["input_ids"], features=feats, token_mask=real, **extra)
         stats = token_stats(out.logits, batch["labels"], batch["chars"])
-        rate = base.head.stats.get("rate", torch.tensor(float("nan")))
-        per_block = torch.cat([stats, rate.reshape(1, 1).expand(len(stats), 1) * stats[:, 1:2]], 1)
-        totals += accelerator.gather_for_metrics(per_block).double().sum(0).cpu()
+        totals += accelerator.gather_for_metrics(stats).double().sum(0).cpu()
+        hs = base.head.stats
+        if "rate" in hs:
+            n_real = float(real.sum())
+            layer += torch.tensor([float(hs[k]) * n_real for k in LAYER_STATS] + [n_real],
+                                  dtype=torch.float64)
+            counts = hs["neuron_spikes"].double().cpu()
+            neuron_spikes = counts if neuron_spikes is None else neuron_spikes + counts
     base.train(was_training)
-    nll, n, correct, chars, rate_sum = totals.tolist()
-    result = scores(nll, n, correct, chars)
-    if not math.isnan(rate_sum):
-        result["firing_rate"] = rate_sum / n
+    result = scores(*totals.tolist())
+    if neuron_spikes is not None:
+        if accelerator.num_processes > 1:
+            layer = accelerator.reduce(layer.to(accelerator.device), "sum").cpu()
+            neuron_spikes = accelerator.reduce(neuron_spikes.to(accelerator.device),
+                                               "sum").cpu()
+        n_real = float(layer[-1])
+        for k, v in zip(LAYER_STATS, layer[:-1].tolist(), strict=True):
+            result["firing_rate" if k == "rate" else k] = v / n_real
+        steps = base.head.time_steps if time_steps is None else time_steps
+        result["max_neuron_rate"] = float(neuron_spikes.max()) / (n_real * steps)
     return result
 
 

@@ -162,3 +162,20 @@ def cache_report(caches: list[FeatureCache]) -> dict:
             "bytes": sum(e["bytes"] for e in entries),
             "encode_seconds": round(sum(e["encode_seconds"] for e in built), 1),
             "seconds_saved": round(sum(e["encode_seconds"] for e in reused), 1)}
+
+
+def sample_states(model, train, cache: FeatureCache | None, n_tokens: int, seed: int
+                  ) -> torch.Tensor:
+    """The trunk's states (n_tokens, D) of real tokens drawn (seeded) from the blocks of
+    `train` (a dataset of input_ids/labels/index items; `cache` its features, if any): what a
+    data-initialised dictionary is built from."""
+    g = torch.Generator().manual_seed(seed)
+    blocks = torch.randperm(len(train), generator=g)[: max(1, n_tokens // 16)]
+    items = [train[int(i)] for i in blocks]
+    ids = torch.stack([it["input_ids"] for it in items])
+    real = torch.stack([it["labels"] for it in items]) != -100
+    index = torch.stack([it["index"] for it in items])
+    feats = cache.features(model, index, ids) if cache is not None \
+        else model.encoder_features(ids)
+    states = feats[real]  # (tokens, D)
+    return states[torch.randperm(len(states), generator=g)[:n_tokens]]

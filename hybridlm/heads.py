@@ -9,8 +9,12 @@ head's last layer starts at zero, so an untrained model is exactly the trunk's l
 | `trunk`      | 0 (nothing trains: the zero-shot trunk) | -                                      |
 | `linear`     | W LN(z) + b                             | D x D                                  |
 | `mlp`        | W2 GELU(W1 LN(z) + b1) + b2             | the spiking layer's parameter count    |
-| `mlp_macs`   | the same MLP                            | the spiking layer's multiply-adds/token |
+| `mlp_macs`   | the same MLP                            | the spiking layer's dense-equivalent   |
+|              |                                         | multiply-adds per token                |
 | `spiking_pc` | the spiking predictive-coding layer     | `n_neurons`, `time_steps`              |
+| `ista`       | the same energy minimised without spikes| the spiking layer (same parameters, T) |
+
+Every head takes an optional `mask` (B, L) of real tokens (diagnostics skip padding).
 """
 
 from __future__ import annotations
@@ -19,9 +23,10 @@ import torch
 from torch import nn
 
 from hybridlm.energy import head_ops
-from hybridlm.spiking import SpikingPCLayer
+from hybridlm.spiking import ISTALayer, SpikingPCLayer
 
-HEADS = ("trunk", "linear", "mlp", "mlp_macs", "spiking_pc")
+HEADS = ("trunk", "linear", "mlp", "mlp_macs", "spiking_pc", "ista")
+SPIKING_HEADS = ("spiking_pc", "ista")  # the energy-based layers (same parameters)
 
 
 class TrunkHead(nn.Module):
@@ -31,7 +36,7 @@ class TrunkHead(nn.Module):
         super().__init__()
         self.stats: dict[str, torch.Tensor] = {}
 
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
+    def forward(self, z: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         return torch.zeros((), dtype=z.dtype, device=z.device)  # broadcasts: y = z
 
 
@@ -46,7 +51,7 @@ class LinearHead(nn.Module):
         nn.init.zeros_(self.proj.bias)
         self.stats: dict[str, torch.Tensor] = {}
 
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
+    def forward(self, z: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         return self.proj(self.norm(z))
 
 
@@ -62,17 +67,17 @@ class MLPHead(nn.Module):
         nn.init.zeros_(self.down.bias)
         self.stats: dict[str, torch.Tensor] = {}
 
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
+    def forward(self, z: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         return self.down(nn.functional.gelu(self.up(self.norm(z))))
 
 
-def spiking_layer(d_model: int, config) -> SpikingPCLayer:
-    """The spiking PC layer with the hyper-parameters of `config` (a HybridConfig)."""
-    return SpikingPCLayer(
-        d_model, config.n_neurons, config.time_steps, config.beta, config.threshold,
-        config.reset, config.detach_reset, config.surrogate, config.surrogate_alpha,
-        config.trace_decay, config.kernel_backend,
-    )
+def spiking_layer(d_model: int, config, head: str = "spiking_pc") -> SpikingPCLayer:
+    """The spiking PC layer (or its non-spiking `ista` control) with the hyper-parameters of
+    `config` (a HybridConfig)."""
+    cls = ISTALayer if head == "ista" else SpikingPCLayer
+    return cls(d_model, config.n_neurons, config.time_steps, config.spike_quantum,
+               config.l2_cost, config.rate_cost, config.surrogate, config.surrogate_alpha,
+               backend=config.kernel_backend)
 
 
 def mlp_parameters(d_model: int, hidden: int) -> int:
@@ -83,15 +88,15 @@ def mlp_parameters(d_model: int, hidden: int) -> int:
 def mlp_hidden(head: str, d_model: int, config) -> int:
     """The MLP hidden size H that matches the spiking layer of `config`: in trainable
     parameters (`mlp`; the counts then differ by at most D + 1) or in multiply-adds per token
-    (`mlp_macs`: 2 D H against the layer's real-valued MACs; its spike-driven accumulates are
-    not counted, see `hybridlm.energy`)."""
+    (`mlp_macs`: 2 D H against the layer's dense-equivalent MACs, i.e. with its spike-driven
+    lateral propagation counted as a dense product every step; see `hybridlm.energy`)."""
     if head == "mlp":
         with torch.device("meta"):
             target = sum(p.numel() for p in spiking_layer(d_model, config).parameters())
         return max(1, round((target - 3 * d_model) / (2 * d_model + 1)))
     if head == "mlp_macs":
         macs = head_ops("spiking_pc", d_model, config.n_neurons, config.time_steps, 0, rate=0.0)
-        return max(1, round(macs["mac"] / (2 * d_model)))
+        return max(1, round(macs["dense_equivalent_mac"] / (2 * d_model)))
     raise ValueError(f"head '{head}' has no MLP hidden size")
 
 
@@ -103,6 +108,6 @@ def build_head(head: str, d_model: int, config) -> nn.Module:
         return LinearHead(d_model)
     if head in ("mlp", "mlp_macs"):
         return MLPHead(d_model, mlp_hidden(head, d_model, config))
-    if head == "spiking_pc":
-        return spiking_layer(d_model, config)
+    if head in SPIKING_HEADS:
+        return spiking_layer(d_model, config, head)
     raise ValueError(f"unknown head '{head}' (one of {', '.join(HEADS)})")

@@ -439,10 +439,14 @@ def card_data(config: dict, metrics: dict, cfg: dict, model_name: str):
 
 
 HEADS = {
-    "spiking_pc": "a spiking predictive-coding layer ({n} leaky integrate-and-fire neurons, "
-                  "{t} inner time steps, surrogate-gradient training)",
+    "spiking_pc": "a spiking predictive-coding layer ({n} neurons, {t} inner steps of "
+                  "spike-coding inference that descends an energy; surrogate-gradient training)",
+    "ista": "the non-spiking control of the spiking layer (the same energy minimised by ISTA "
+            "for {t} steps, {n} units)",
     "mlp": "a non-spiking MLP head (the parameter-matched baseline of the spiking layer)",
+    "mlp_macs": "a non-spiking MLP head (multiply-adds per token matched to the spiking layer)",
     "linear": "a linear residual head",
+    "trunk": "no head (the trunk alone)",
 }
 
 
@@ -455,7 +459,8 @@ def card_text(config: dict, metrics: dict, summary: dict | None, cfg: dict,
     summary = summary or {}
     head = config.get("head", metrics.get("head", "?"))
     enc = config.get("encoder_config") or {}
-    base = enc.get("_name_or_path") or "a BERT-family encoder"
+    causal = config.get("trunk_kind") == "causal_lm"
+    base = enc.get("_name_or_path") or "a pretrained trunk"
     n_top = config.get("trainable_encoder_layers", 0)
     desc = HEADS.get(head, f"a '{head}' head").format(n=config.get("n_neurons"),
                                                       t=config.get("time_steps"))
@@ -463,10 +468,14 @@ def card_text(config: dict, metrics: dict, summary: dict | None, cfg: dict,
     lines = [
         f"# {model_name}", "",
         f"A hybrid transformer + spiking language model built with hybridlm: the pretrained "
-        f"encoder `{base}` ({enc.get('num_hidden_layers', '?')} layers, hidden size "
-        f"{enc.get('hidden_size', '?')}) run causally, "
+        f"trunk `{base}` ({enc.get('num_hidden_layers', '?')} layers, hidden size "
+        f"{enc.get('hidden_size', '?')}), "
         + ("frozen" if not n_top else f"frozen except its top {n_top} layer(s)")
-        + f", topped with {desc}, and an LM head tied to the encoder's word embeddings.",
+        + f", topped with {desc}, whose output corrects the trunk's final hidden state "
+        + ("before the trunk's own LM head (the correction starts at zero, so the untrained "
+           "model is the trunk's language model)." if causal else
+           "before a readout tied to the encoder's word embeddings (the encoder runs with a "
+           "causal mask)."),
         "", "All numbers below were measured by `train/train.py` and copied from its "
         "`metrics.json`; nothing is estimated.", "",
         "## Results", "",
@@ -504,7 +513,7 @@ def card_text(config: dict, metrics: dict, summary: dict | None, cfg: dict,
 
     rates = [(r["step"], r["snn/firing_rate"]) for r in metrics.get("history") or []
              if "snn/firing_rate" in r]
-    if head == "spiking_pc":
+    if head in ("spiking_pc", "ista"):
         lines += ["", "## Firing rates", "",
                   "Mean fraction of neurons spiking per inner time step (0 = silent, 1 = every "
                   "neuron every step), measured on the evaluation sets above."]
@@ -512,8 +521,26 @@ def card_text(config: dict, metrics: dict, summary: dict | None, cfg: dict,
             lines += ["", "During training (`snn/firing_rate`, training batches): "
                       + ", ".join(f"step {s}: {r:.4f}" for s, r in rates[:: max(1, len(rates)
                                                                             // 8)]) + "."]
-        lines += ["", "Energy use was not measured: on conventional hardware the spiking layer "
-                  "runs as dense matrix products and saves nothing."]
+        ops = metrics.get("operations_per_token") or {}
+        if ops:
+            lines += ["", f"Operations per token (`hybridlm.energy`): {_fmt(ops.get('mac'))} "
+                      f"multiply-adds and {_fmt(ops.get('sop'))} synaptic operations at the "
+                      f"measured validation rate {_fmt(ops.get('firing_rate'), 4)} "
+                      f"({_fmt(ops.get('dense_equivalent_mac'))} multiply-adds if the spike "
+                      f"propagation ran densely); estimated {_fmt(ops.get('energy_pj'))} pJ "
+                      f"per token at 45 nm, against {_fmt(ops.get('dense_energy_pj'))} dense. "
+                      f"{ops.get('caveat', '')}"]
+        sweep = metrics.get("time_sweep") or {}
+        if sweep:
+            lines += ["", "The trained layer evaluated with other numbers of inner steps T "
+                      "(validation bits per character, mean over domains; not retrained):", "",
+                      "| T | mean bits/char | firing rate | spikes per token |",
+                      "|---|---|---|---|"]
+            for k, res in sweep.items():
+                vals = list(res.values())
+                mean = lambda key, vals=vals: sum(v[key] for v in vals) / len(vals)  # noqa: E731
+                lines.append(f"| {k} | {mean('bits_per_char'):.4f} | {mean('firing_rate'):.4f} "
+                             f"| {mean('spikes_per_token'):.1f} |")
 
     if cfg:
         lines += ["", "## Training configuration", "", "```yaml",
@@ -544,16 +571,19 @@ def card_text(config: dict, metrics: dict, summary: dict | None, cfg: dict,
     lines += [
         "", "## Intended use", "",
         "Research on hybrid transformer / spiking networks: comparing a spiking "
-        "predictive-coding head with a parameter-matched non-spiking baseline on top of the "
-        "same frozen encoder, and studying firing rates and predictive-coding energy. It is "
-        "not a general-purpose or production text generator.", "",
+        "predictive-coding head with matched non-spiking baselines on top of the same frozen "
+        "trunk, and studying firing rates and predictive-coding energy. It is not a "
+        "general-purpose or production text generator.", "",
         "## Limitations", "",
-        f"- The encoder `{base}` was pretrained bidirectionally for sentence embeddings; it is "
-        "run here with a causal mask it was not trained with, so its features are weaker than "
-        "a causal LM's and the perplexities above are far from those of comparable LMs.",
+        (f"- The trunk `{base}` was pretrained on web text that may contain the evaluation "
+         "texts (public-domain literature, open-source code and documentation, common "
+         "licences); read the trunk's own scores with that in mind." if causal else
+         f"- The encoder `{base}` was pretrained bidirectionally for sentence embeddings; it "
+         "is run here with a causal mask it was not trained with, so its features are weaker "
+         "than a causal LM's."),
         "- The results hold for the domains and the evaluation slices listed above only (see "
         "the token counts); other text may behave differently.",
-        "- The vocabulary is the encoder's WordPiece vocabulary"
+        "- The vocabulary is the trunk's"
         + (" (lower-cased input)" if lower_case else "")
         + "; generation recomputes the whole prefix at every step (no key/value cache), so it "
         f"is slow, and the context is limited to {enc.get('max_position_embeddings', '?')} "

@@ -28,7 +28,7 @@ from transformers.configuration_utils import SubConfigSpec
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_outputs import CausalLMOutput
 
-from hybridlm.heads import build_head
+from hybridlm.heads import SPIKING_HEADS, build_head
 from hybridlm.trunks import resolve_trunk
 
 
@@ -52,19 +52,17 @@ class HybridConfig(PretrainedConfig):
     head: str = "spiking_pc"
     n_neurons: int = 512
     time_steps: int = 8
-    beta: float = 0.9
-    threshold: float = 1.0
-    reset: str = "subtract"
-    detach_reset: bool = False
+    spike_quantum: float = 1.0
+    l2_cost: float = 0.0
+    rate_cost: float = 0.1
+    dictionary_init: str = "data"
     surrogate: str = "atan"
     surrogate_alpha: float = 2.0
-    trace_decay: float = 0.5
     pc_energy_weight: float = 0.0
     trainable_encoder_layers: int = 0
     kernel_backend: str = "auto"
     learning: str = "bptt"
     hebbian_lr: float = 0.01
-    hebbian_decay: float = 0.01
     gate: str = "surprise"
     gate_min: float = 0.0
     gate_max: float = 2.0
@@ -99,10 +97,11 @@ class HybridForCausalLM(PreTrainedModel, GenerationMixin):
         else:
             raise ValueError(f"trunk_kind '{config.trunk_kind}' is not causal_lm | encoder")
         self.head = build_head(config.head, trunk_cfg.hidden_size, config)
-        if config.head == "spiking_pc":
-            # hebbian: W_d learns only from the local rule; hybrid: from both
-            self.head.decode.weight.requires_grad_(config.learning != "hebbian")
-            self.head.collect_hebbian = config.learning != "bptt"
+        if config.head in SPIKING_HEADS:
+            # hebbian: the dictionary and mean learn only from the local rule; hybrid: both
+            for p in self.head.local_parameters():
+                p.requires_grad_(config.learning != "hebbian")
+            self.head.collect_local = config.learning != "bptt"
         self.post_init()
         self.freeze_encoder()
 
@@ -196,14 +195,24 @@ class HybridForCausalLM(PreTrainedModel, GenerationMixin):
         attention_mask: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         features: torch.Tensor | None = None,
+        token_mask: torch.Tensor | None = None,
+        time_steps: int | None = None,
         **kwargs,
     ) -> CausalLMOutput:
         """`features` (B, L, D), when given, replaces the frozen trunk's output (cache hit).
-        `labels` (B, L) are the input ids with -100 where no loss is taken; shifted inside."""
+        `labels` (B, L) are the input ids with -100 where no loss is taken; shifted inside.
+        `token_mask` (B, L) marks real tokens for the head's diagnostics (default: the labels
+        that are not -100, else the attention mask, else every token). `time_steps` overrides
+        the spiking layer's T for this call."""
         if features is None:
             features = self.encoder_features(input_ids, attention_mask)
         z = self.top_layers(features, attention_mask)  # (B, L, D)
-        y = z + self.head(z)
+        # real tokens, for the head's diagnostics: padding has no label (or no attention)
+        mask = token_mask
+        if mask is None:
+            mask = labels != -100 if labels is not None else attention_mask
+        extra = {"time_steps": time_steps} if time_steps is not None else {}
+        y = z + self.head(z, mask, **extra)
         logits = self.lm_logits(y)  # (B, L, V)
         loss = None
         if labels is not None:
@@ -258,16 +267,16 @@ class HybridForCausalLM(PreTrainedModel, GenerationMixin):
         from hybridlm.plasticity import LocalLearning, NeuromodulatoryGate
 
         c = self.config
-        if c.head != "spiking_pc" or c.learning == "bptt":
+        if c.head not in SPIKING_HEADS or c.learning == "bptt":
             return None
         gate = NeuromodulatoryGate(c.gate, c.gate_min, c.gate_max, c.gate_momentum)
-        return LocalLearning(self.head, c.hebbian_lr, c.hebbian_decay, gate)
+        return LocalLearning(self.head, c.hebbian_lr, gate)
 
     def trainable_parameters(self) -> int:
         """Parameters that learn: by gradient, or (hebbian mode) by the local rule."""
         n = sum(p.numel() for p in self.parameters() if p.requires_grad)
-        if self.config.head == "spiking_pc" and self.config.learning == "hebbian":
-            n += self.head.decode.weight.numel()
+        if self.config.head in SPIKING_HEADS and self.config.learning == "hebbian":
+            n += sum(p.numel() for p in self.head.local_parameters())
         return n
 
     def head_parameters(self) -> int:

@@ -1,26 +1,28 @@
-"""Local Hebbian learning of the generative weights, gated by a neuromodulatory signal.
+"""The local learning rule of the spiking PC layer, gated by a neuromodulatory signal.
 
-The spiking PC layer explains x with predictions x_hat_k = W_d r_{k-1}. Its local energy is
+The layer's inference settles each token at a code r_T that (locally) minimises its energy
 
-    F = 1/2 * mean_tokens (1/T) sum_k ||x - W_d r_{k-1}||^2,
+    F(r; D, m) = 1/2 ||x - m - D r||^2 + mu/2 ||r||^2 + nu sum r.
 
-and, holding the activity r fixed, -dF/dW_d = mean_tokens (1/T) sum_k e_k r_{k-1}^T: the
-post-synaptic prediction error times the pre-synaptic spike trace. The local rule is
+With the code held at r_T, the gradient of the same F with respect to the generative weights
+is local, the prediction error times the presynaptic code, and the rule descends it:
 
-    dW_d = eta * g * (mean(e r^T) - lambda * W_d)
+    -dF/dD = e_T r_T^T                    (e_T = x - m - D r_T, the settled error)
+    D <- normalise_columns(D + eta g mean_tokens(e_T r_T^T))
 
-with a neuromodulatory gate g (a bounded scalar, e.g. the surprise of the current batch) and
-a weight decay lambda that keeps ||W_d|| bounded. Modes (`model.learning`):
+Only the atoms of neurons that spiked change (r_i = 0 leaves column i untouched), and the
+atoms stay unit-norm. g is the neuromodulatory gate (`NeuromodulatoryGate`). Modes
+(`model.learning`):
 
-- `bptt`: W_d learns from the next-token loss only (gradients through the T steps);
-- `hebbian`: W_d learns only from the local rule (it gets no gradient);
-- `hybrid`: both. The optimizer applies its gradient step first; the local step is then
-  added to W_d directly, outside the optimizer, so eta keeps its plain meaning (Adam would
-  otherwise rescale it).
+- `bptt`: D learns from the next-token loss only (gradients through the T steps);
+- `hebbian`: D learns only from the local rule (it gets no gradient);
+- `hybrid`: both. The optimizer steps first; the local step is then applied directly,
+  outside the optimizer, so eta keeps its plain meaning (Adam would otherwise rescale it).
 
-Updates made outside autograd are not synchronised by DDP: `LocalLearning.step` averages the
-Hebbian statistic and the gate's loss across processes itself, so every rank applies the
-same update and stays bit-identical.
+The statistic is summed over micro-batches (`collect`) and applied when the optimizer steps
+(`step`). Updates made outside autograd are not synchronised by DDP: `step` averages the
+statistic and the gate's inputs across processes itself, so every rank applies the same
+update and stays bit-identical.
 """
 
 from __future__ import annotations
@@ -30,13 +32,19 @@ import math
 import torch
 
 LEARNING_MODES = ("bptt", "hebbian", "hybrid")
-GATES = ("constant", "surprise")
+GATES = ("constant", "surprise", "energy")
 
 
 class NeuromodulatoryGate:
-    """g in [g_min, g_max]. `constant`: g = g_max (so g_max = 0 switches learning off).
-    `surprise`: g = loss / running mean of past losses (a dopamine-like "better or worse than
-    expected" signal), clipped; the running mean is an exponential average with `momentum`."""
+    """g in [g_min, g_max], a dopamine-like signal of how unexpected the data is.
+
+    - `constant`: g = g_max (so g_max = 0 switches learning off);
+    - `surprise`: g = batch loss / running mean of past batch losses;
+    - `energy`: per token, g_t = F_T(t) / running mean of the settled energy: tokens the code
+      explains badly learn more (the rule uses the energy-weighted statistic); the reported g
+      is its mean over the batch, and it is clipped as a whole to [g_min, g_max].
+    Running means are exponential averages with `momentum`.
+    """
 
     def __init__(self, kind: str = "surprise", g_min: float = 0.0, g_max: float = 2.0,
                  momentum: float = 0.9):
@@ -50,13 +58,18 @@ class NeuromodulatoryGate:
         self.kind, self.g_min, self.g_max, self.momentum = kind, g_min, g_max, momentum
         self.expected: float | None = None
 
-    def __call__(self, loss: float) -> float:
+    def __call__(self, signal: float) -> float:
+        """The gate for a batch whose loss (surprise) or mean settled energy (energy) is
+        `signal`; for `energy` the value returned is the factor 1 / expected energy."""
         if self.kind == "constant":
             return self.g_max
         if self.expected is None:
-            self.expected = loss
-        g = loss / self.expected if self.expected > 0 else 1.0
-        self.expected = self.momentum * self.expected + (1 - self.momentum) * loss
+            self.expected = signal
+        expected = self.expected
+        self.expected = self.momentum * self.expected + (1 - self.momentum) * signal
+        if self.kind == "energy":
+            return 1.0 / expected if expected > 0 else 0.0
+        g = signal / expected if expected > 0 else 1.0
         return min(self.g_max, max(self.g_min, g))
 
     def state_dict(self) -> dict:
@@ -66,34 +79,65 @@ class NeuromodulatoryGate:
         self.expected = state["expected"]
 
 
-class LocalLearning:
-    """Applies the gated Hebbian step to a `SpikingPCLayer` after each optimizer step."""
+STAT_KEYS = ("error_code", "error", "weighted_error_code", "weighted_error", "energy", "tokens")
 
-    def __init__(self, layer, eta: float, decay: float, gate: NeuromodulatoryGate):
+
+class LocalLearning:
+    """Applies the gated local rule to a `SpikingPCLayer` when the optimizer steps."""
+
+    def __init__(self, layer, eta: float, gate: NeuromodulatoryGate):
         if not (math.isfinite(eta) and eta >= 0):
             raise ValueError(f"hebbian eta must be finite and >= 0, got {eta}")
-        if not (math.isfinite(decay) and decay >= 0):
-            raise ValueError(f"hebbian decay must be finite and >= 0, got {decay}")
-        self.layer, self.eta, self.decay, self.gate = layer, eta, decay, gate
+        self.layer, self.eta, self.gate = layer, eta, gate
         self.skipped = 0
+        self.pending: dict[str, torch.Tensor] | None = None
+
+    @torch.no_grad()
+    def collect(self, statistic: dict[str, torch.Tensor]) -> None:
+        """Add one forward's statistic (the layer's `stats["local_statistic"]`)."""
+        if self.pending is None:
+            self.pending = {k: statistic[k].detach().clone() for k in STAT_KEYS}
+        else:
+            for k in STAT_KEYS:
+                self.pending[k] += statistic[k].detach()
 
     @torch.no_grad()
     def step(self, loss: torch.Tensor, reduce=None) -> dict[str, float]:
-        """Apply and clear the accumulated statistic. `reduce(tensor)` averages over
-        processes (identity in one process). Returns the values to log."""
+        """Apply and clear the collected statistic. `reduce(tensor)` averages over processes
+        (identity in one process). Returns the values to log."""
         reduce = reduce or (lambda t: t)
-        stat, count = self.layer.take_hebbian_statistic()
-        packed = torch.cat([stat.flatten(), torch.stack([count, loss.detach().float().cpu()
-                                                         .to(stat.dtype)])])
-        packed = reduce(packed)  # one collective for the statistic, its count and the loss
-        stat, count, mean_loss = packed[:-2].view_as(stat), packed[-2], packed[-1]
-        g = self.gate(float(mean_loss))
-        w = self.layer.decode.weight
-        delta = self.eta * g * (stat / count.clamp_min(1) - self.decay * w)
-        if not torch.isfinite(delta).all():
+        if self.pending is None:
+            raise RuntimeError("LocalLearning.step: no statistic was collected since the last "
+                               "step (collect() the layer's stats after each forward)")
+        stat, self.pending = self.pending, None
+        flat = torch.cat([stat[k].flatten() for k in STAT_KEYS]
+                         + [loss.detach().float().reshape(1).to(stat["tokens"])])
+        flat = reduce(flat)  # one collective for everything the update depends on
+        parts, i = {}, 0
+        for k in STAT_KEYS:
+            parts[k] = flat[i : i + stat[k].numel()].view_as(stat[k])
+            i += stat[k].numel()
+        tokens = parts["tokens"].clamp_min(1)
+        if self.gate.kind == "energy":
+            mean_energy = float(parts["energy"] / tokens)
+            inv_expected = self.gate(mean_energy)  # 1 / running mean of F_T before this batch
+            g_raw = mean_energy * inv_expected  # the batch mean of g_t = F_t / expected
+            g = min(self.gate.g_max, max(self.gate.g_min, g_raw))
+            scale = inv_expected * (g / g_raw if g_raw > 0 else 0.0)
+            code = parts["weighted_error_code"] * scale
+        else:
+            g = self.gate(float(flat[-1]))
+            code = parts["error_code"] * g
+        d_atoms = self.eta * code / tokens  # (D, N): eta g mean(e r^T)
+        if not torch.isfinite(d_atoms).all():
             self.skipped += 1  # never write a non-finite update into the weights
-            return {"plasticity/gate": g, "plasticity/hebbian_step_norm": float("nan"),
+            return {"plasticity/gate": g, "plasticity/step_norm": float("nan"),
                     "plasticity/skipped": self.skipped}
-        w.add_(delta)
-        return {"plasticity/gate": g, "plasticity/hebbian_step_norm": float(delta.norm()),
+        layer = self.layer
+        atoms = layer.atoms().detach()
+        touched = d_atoms.abs().sum(0) > 0  # the atoms of neurons that spiked
+        new = atoms[:, touched] + d_atoms[:, touched]
+        layer.dictionary.data[:, touched] = new / new.norm(dim=0).clamp_min(1e-12)
+        return {"plasticity/gate": g, "plasticity/step_norm": float(d_atoms.norm()),
+                "plasticity/atoms_updated": int(touched.sum()),
                 "plasticity/skipped": self.skipped}

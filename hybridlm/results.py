@@ -16,8 +16,10 @@ BASELINE_NOTES = {
     "trunk": "the pretrained trunk alone (zero-shot, nothing trained)",
     "linear": "linear residual head",
     "mlp": "MLP head, parameters matched to the spiking layer",
-    "mlp_macs": "MLP head, multiply-adds per token matched to the spiking layer",
+    "mlp_macs": "MLP head, multiply-adds per token matched to the spiking layer's dense "
+                "equivalent",
     "spiking_pc": "spiking predictive-coding head",
+    "ista": "the same energy minimised without spikes (ISTA), same parameters and T",
 }
 
 

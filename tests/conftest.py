@@ -26,7 +26,7 @@ def tiny_model(head: str = "spiking_pc", **kwargs) -> HybridForCausalLM:
     """A randomly initialised hybrid model small enough for unit tests (no download)."""
     torch.manual_seed(0)
     enc = BertConfig(**TINY_ENCODER).to_dict()
-    defaults = dict(n_neurons=16, time_steps=4, threshold=0.7)
+    defaults = dict(n_neurons=16, time_steps=4, rate_cost=0.05)
     cfg = HybridConfig(encoder_config=enc, head=head, **(defaults | kwargs))
     return HybridForCausalLM(cfg).eval()
 

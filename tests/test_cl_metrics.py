@@ -97,11 +97,13 @@ def test_chaudhry_forgetting_bounds_first_minus_last(R):
 def test_energy_by_hand():
     ops = energy.head_ops("spiking_pc", d_model=4, n_neurons=3, time_steps=2, mlp_hidden=0,
                           rate=0.5)
-    assert ops["mac"] == 2 * 3 * 4 + 3 * 4  # W_e e_k every step + readout
-    assert ops["sop"] == 0.5 * 2 * 3 * 4  # spike-driven W_d s_k
+    assert ops["mac"] == 3 * 4 + 3 * 4  # bottom-up drive D^T x_c once + readout
+    assert ops["sop"] == 0.5 * 2 * 3 * 3  # spikes through the lateral D^T D, each step
     e = energy.energy_pj(ops, "fp32")
-    assert e["energy_pj"] == pytest.approx(4.6 * 36 + 0.9 * 12)
-    assert e["dense_energy_pj"] == pytest.approx(4.6 * (36 + 24))
+    assert e["energy_pj"] == pytest.approx(4.6 * 24 + 0.9 * 9)
+    assert e["dense_energy_pj"] == pytest.approx(4.6 * (24 + 18))  # lateral done densely
+    ista = energy.head_ops("ista", 4, 3, 2, 0)
+    assert ista["mac"] == 24 + 18 and ista["sop"] == 0
     mlp = energy.head_ops("mlp", 4, 3, 2, mlp_hidden=5)
     assert mlp["mac"] == 2 * 4 * 5 and mlp["sop"] == 0
     assert energy.energy_pj(mlp, "int8")["energy_pj"] == pytest.approx(0.23 * 40)

@@ -97,7 +97,7 @@ def test_every_method_fills_the_matrices_with_equal_tokens():
     assert g["stages"][0]["gate_mean"] is not None
     diag = g["diagnostics"]["by_T"]
     assert sorted(diag, key=int) == ["1", "2", "4"]  # the sweep plus the trained T
-    assert len(diag["4"]["a"]["energy_per_step"]) == 4
+    assert len(diag["4"]["a"]["energy_per_step"]) == 5  # F after 0..T steps
     assert len(diag["2"]["b"]["rate_per_step"]) == 2
     # the sweep restores the trained T, and at that T it matches the last R row
     assert diag["4"]["c"]["loss"] == pytest.approx(g["R"]["loss"][-1][2], rel=1e-5)
@@ -174,7 +174,7 @@ def test_diagnostics_aggregate_over_every_seed(tmp_path):
                 for r in runs["gated"]]
     assert ppl["n"] == 2 and ppl["mean"] == pytest.approx(sum(per_seed) / 2)
     assert ppl["std"] > 0  # the seeds differ
-    assert len(d["energy_per_step"]["mean"]) == len(d["energy_per_step"]["std"]) == 4
+    assert len(d["energy_per_step"]["mean"]) == len(d["energy_per_step"]["std"]) == 5
     assert "pc_diagnostics.png" in script.make_plots(tmp_path, runs, script.aggregate(runs),
                                                      ["a", "b", "c"])
 

@@ -18,7 +18,7 @@ import torch
 
 from hybridlm.kernels import _build, ops
 from hybridlm.kernels import reference as ref
-from hybridlm.kernels.ops import lif_multistep, pc_step, spike_matmul
+from hybridlm.kernels.ops import lif_multistep, spike_matmul
 
 HAVE_CXX = _build.find_cxx() is not None
 HAVE_NVRTC = importlib.util.find_spec("cuda") is not None and importlib.util.find_spec(
@@ -212,49 +212,6 @@ def test_lif_no_grad_and_shapes():
 
 
 # ---------------------------------------------------------------------------------------
-# predictive-coding step
-# ---------------------------------------------------------------------------------------
-
-@needs_cxx
-@pytest.mark.parametrize("backend", SHIM_BACKENDS)
-@pytest.mark.parametrize("reset", ref.RESETS)
-@pytest.mark.parametrize("detach", [False, True])
-@pytest.mark.parametrize("surrogate", ref.SURROGATES)
-def test_pc_step_matches_reference(backend, reset, detach, surrogate):
-    alpha = 2.0 if surrogate == "atan" else 25.0
-    I, v, r = (_x((5, 1031), seed=k) for k in (4, 5, 6))  # noqa: E741  (2 tiles)
-    kw = dict(threshold=THETA, gamma=0.8, reset=reset, detach_reset=detach,
-              surrogate=surrogate, alpha=alpha)
-    out_ref = ref.pc_step_reference(I, v, r, 0.9, **kw)
-    out = pc_step(I, v, r, 0.9, backend=backend, **kw)
-    for a, b in zip(out, out_ref):
-        assert torch.equal(a, b)
-    gs = [torch.randn_like(o) for o in out]
-    g_ref = torch.autograd.grad(out_ref, (I, v, r), gs)
-    g = torch.autograd.grad(out, (I, v, r), gs)
-    for a, b in zip(g, g_ref):
-        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
-
-
-@needs_cxx
-def test_pc_step_gradcheck():
-    # The spike's surrogate gradient is not the derivative of a step function by design, so
-    # gradcheck applies to the paths without a spike: v' (reset detached) w.r.t. I and v, and
-    # r' w.r.t. r. Inputs are kept away from the threshold so finite differences see no flip.
-    I, v = (torch.rand(7, 9, dtype=torch.float64) * 0.2 for _ in range(2))  # noqa: E741
-    I[:, :4] += 1.0  # some neurons fire
-    r = torch.rand(7, 9, dtype=torch.float64)
-    I.requires_grad_()
-    v.requires_grad_()
-    r.requires_grad_()
-    kw = dict(threshold=THETA, gamma=0.8, detach_reset=True, backend="cpu_shim")
-    assert torch.autograd.gradcheck(lambda a, b: pc_step(a, b, r.detach(), 0.9, **kw)[1],
-                                    (I, v), fast_mode=True)
-    assert torch.autograd.gradcheck(lambda c: pc_step(I.detach(), v.detach(), c, 0.9, **kw)[2],
-                                    (r,), fast_mode=True)
-
-
-# ---------------------------------------------------------------------------------------
 # spike propagation
 # ---------------------------------------------------------------------------------------
 
@@ -400,10 +357,8 @@ def test_bad_inputs_name_the_tensor():
         lif_multistep(x, 0.9, reset="hard")
     with pytest.raises(ValueError, match="beta must be a finite number"):
         lif_multistep(x, float("nan"))
-    with pytest.raises(ValueError, match=r"r has shape \(3,\) but I has \(4,\)"):
-        pc_step(torch.zeros(4), torch.zeros(4), torch.zeros(3), 0.9)
-    with pytest.raises(ValueError, match="v is torch.float64"):
-        pc_step(torch.zeros(4), torch.zeros(4, dtype=torch.float64), torch.zeros(4), 0.9)
+    with pytest.raises(ValueError, match="W is torch.float64"):
+        spike_matmul(torch.zeros(2, 3), torch.zeros(3, 4, dtype=torch.float64))
     with pytest.raises(ValueError, match=r"S.shape\[1\] must equal W.shape\[0\]"):
         spike_matmul(torch.zeros(2, 3), torch.zeros(4, 5))
     with pytest.raises(ValueError, match="W must be 2-D"):
@@ -443,7 +398,7 @@ asan = pytest.mark.skipif(not HAVE_CXX or _libasan() is None or os.environ.get(
 def test_shim_under_address_sanitizer(tmp_path):
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--capture=sys",
            __file__, "-k", "shim_matches_reference or "
-           "large_multithreaded or pc_step_matches or spike_matmul_event or float64 or "
+           "large_multithreaded or spike_matmul_event or float64 or "
            "recompute"]
     res = subprocess.run(cmd, env=_asan_env(tmp_path), capture_output=True, text=True,
                          timeout=300)
@@ -510,13 +465,7 @@ def test_cuda_runs_on_torch_current_stream():
 
 
 @needs_cuda
-@needs_cxx
-def test_cuda_pc_step_and_spike_matmul():
-    I, v, r = (_x((3, 5001), seed=k).detach() for k in (13, 14, 15))  # noqa: E741
-    out = pc_step(I, v, r, 0.9, THETA, 0.8, backend="cpu_shim")
-    outc = pc_step(I.cuda(), v.cuda(), r.cuda(), 0.9, THETA, 0.8, backend="cuda")
-    for a, b in zip(outc, out):
-        assert torch.equal(a.cpu(), b)
+def test_cuda_spike_matmul():
     g = torch.Generator().manual_seed(16)
     S = (torch.rand(64, 999, generator=g) < 0.05).float()
     W = torch.randint(-8, 9, (999, 257), generator=g).float()

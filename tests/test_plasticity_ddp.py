@@ -34,6 +34,7 @@ def _train(rank: int, world: int, accelerator=None):
     for ids in _batches():
         mine = ids[rank * per_rank : (rank + 1) * per_rank]
         loss = model(input_ids=mine, labels=mine).loss
+        local.collect(base.head.stats["local_statistic"])
         loss.backward()
         opt.step()
         opt.zero_grad()

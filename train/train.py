@@ -47,7 +47,8 @@ from hybridlm.config import ConfigError, RunConfig, load_config
 from hybridlm.corpora import DataError
 from hybridlm.data import build_corpora, format_report, subsample
 from hybridlm.evaluation import Blocks, evaluate, ranks_agree
-from hybridlm.features import FeatureCache, cache_report, trunk_fingerprint
+from hybridlm.features import FeatureCache, cache_report, sample_states, trunk_fingerprint
+from hybridlm.heads import SPIKING_HEADS
 from hybridlm.io import write_json_atomic, write_text_atomic
 from hybridlm.modeling import HybridForCausalLM
 from hybridlm.report import Run, log_plots
@@ -86,6 +87,21 @@ def model_kwargs(cfg: RunConfig, head: str) -> dict:
     return kw | {"head": head}
 
 
+def operations(head: str, model, validation: dict) -> dict:
+    """Multiply-adds and synaptic operations per token of a head (hybridlm.energy), with the
+    spiking layer's measured validation firing rate, and the 45 nm energy estimate."""
+    from hybridlm.energy import CAVEAT, energy_pj, head_ops
+    from hybridlm.heads import mlp_hidden
+
+    c = model.config
+    d = c.encoder_config.hidden_size
+    rates = [r["firing_rate"] for r in validation.values() if "firing_rate" in r]
+    rate = sum(rates) / len(rates) if rates else None
+    hidden = mlp_hidden(head, d, c) if head in ("mlp", "mlp_macs") else 0
+    ops = head_ops(head, d, c.n_neurons, c.time_steps, hidden, rate)
+    return ops | energy_pj(ops) | {"firing_rate": rate, "caveat": CAVEAT}
+
+
 def make_accelerator(cfg: RunConfig) -> Accelerator:
     """A fresh Accelerator: it tracks the objects it prepared, and `save_state` writes all of
     them, so each head gets its own. The seedable sampler makes each epoch's order a function
@@ -118,6 +134,9 @@ def train_head(head, cfg, args, splits, caches, tokenizer, out: Path, identity: 
     accelerator = make_accelerator(cfg)
     model = HybridForCausalLM.from_encoder(cfg.model.encoder, cfg.data.cache_dir,
                                            **model_kwargs(cfg, head))
+    if head in SPIKING_HEADS and cfg.model.dictionary_init == "data":
+        model.head.init_from_data(sample_states(model, splits["train"], caches.get("train"),
+                                                8 * cfg.model.n_neurons, cfg.seed))
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [
         {"params": [p for p in params if p.ndim >= 2], "weight_decay": t.weight_decay},
@@ -132,7 +151,7 @@ def train_head(head, cfg, args, splits, caches, tokenizer, out: Path, identity: 
     scheduler = get_cosine_schedule_with_warmup(
         optimizer, int(t.warmup_fraction * total_steps), total_steps
     )
-    local = base.local_learning()  # gated Hebbian updates of W_d (None in bptt mode)
+    local = base.local_learning()  # the gated local rule (None in bptt mode, other heads)
     frozen = frozen_trunk_keys(base)  # left out of checkpoints: the pretrained trunk
     accelerator.register_save_state_pre_hook(lambda models, weights, _: drop_keys(weights, frozen))
 
@@ -241,16 +260,14 @@ def train_head(head, cfg, args, splits, caches, tokenizer, out: Path, identity: 
                 bad = (~torch.isfinite(loss.detach())).float()
                 finite = accelerator.reduce(bad, "sum").item() == 0
                 if finite:
+                    if local is not None:  # the local rule's statistic, summed over micro-batches
+                        local.collect(base.head.stats["local_statistic"])
                     accelerator.backward(loss)
                     if accelerator.sync_gradients:
                         grad_norm = accelerator.clip_grad_norm_(params, t.max_grad_norm)
-                        if local is not None:
-                            w_before = base.head.decode.weight.detach().clone()
                     optimizer.step()
                     if local is not None and accelerator.sync_gradients:
-                        w_d = base.head.decode.weight
-                        plasticity = {"plasticity/grad_step_norm": float((w_d - w_before).norm())}
-                        plasticity |= local.step(loss, mean_over_processes)
+                        plasticity = local.step(loss, mean_over_processes)
                 optimizer.zero_grad()
             progress["batches_done"] += 1
             if not finite:
@@ -273,10 +290,13 @@ def train_head(head, cfg, args, splits, caches, tokenizer, out: Path, identity: 
             step = progress["step"]
             row = {"train/loss": loss.item(), "train/lr": scheduler.get_last_lr()[0],
                    "train/grad_norm": float(grad_norm), "train/epoch": epoch}
-            if "rate" in base.head.stats:
-                row["snn/firing_rate"] = base.head.stats["rate"].item()
-                row["snn/pc_energy"] = base.head.stats["pc_energy"].item()
-                row["snn/decoder_norm"] = float(base.head.decode.weight.detach().norm())
+            hs = base.head.stats
+            if "rate" in hs:  # the spiking layer on this batch
+                row |= {"snn/firing_rate": float(hs["rate"]),
+                        "snn/spikes_per_token": float(hs["spikes_per_token"]),
+                        "snn/energy_settled_over_initial": float(hs["relative_energy"]),
+                        "snn/max_neuron_rate": float(hs["max_neuron_rate"]),
+                        "snn/pc_energy": float(hs["pc_energy_loss"].detach())}
             if local is not None:
                 row |= plasticity
             tracker.log(row, step)
@@ -307,6 +327,13 @@ def train_head(head, cfg, args, splits, caches, tokenizer, out: Path, identity: 
     final = {"validation": last_validation or validate(progress["step"]),
              "test": {d: evaluate(model, b, accelerator, t.batch_size, caches.get(("test", d)))
                       for d, b in splits["test"].items()}}
+    if head in SPIKING_HEADS:
+        # does iterative inference help? the trained layer scored at other T, not retrained
+        final["time_sweep"] = {
+            str(k): {d: evaluate(model, b, accelerator, t.batch_size,
+                                 caches.get(("validation", d)), time_steps=k)
+                     for d, b in splits["validation"].items()}
+            for k in sorted({1, 2, 4, cfg.model.time_steps, 2 * cfg.model.time_steps})}
     metrics = {
         "head": head,
         "ranks_identical": ranks_identical(accelerator, base),
@@ -314,19 +341,21 @@ def train_head(head, cfg, args, splits, caches, tokenizer, out: Path, identity: 
         "head_parameters": base.head_parameters(),
         "optimizer_steps": progress["step"],
         "skipped_steps": progress["skipped_steps"],
-        "learning": cfg.model.learning if head == "spiking_pc" else "bptt",
+        "learning": cfg.model.learning if head in SPIKING_HEADS else "bptt",
+        "operations_per_token": operations(head, base, final["validation"]),
         "skipped_hebbian_updates": local.skipped if local is not None else 0,
         "train_tokens_per_epoch": splits["train_tokens"],
         "epoch_seconds": progress["epoch_seconds"],
         "validation": final["validation"],
         "test": final["test"],
+        "time_sweep": final.get("time_sweep"),
         "history": progress["history"],
         "data_sha256": progress["data_sha256"],
         "resumes": progress["resumes"],
     }
     log_plots(tracker.run, Run(out, {}, {head: metrics}, cfg.to_dict()), step=progress["step"])
     tracker.summary({f"final/{s}/{d}/perplexity": r["perplexity"]
-                     for s, res in final.items() for d, r in res.items()})
+                     for s in ("validation", "test") for d, r in final[s].items()})
     tracker.finish()
     if accelerator.is_main_process:
         if t.save_model:
@@ -481,7 +510,8 @@ def main(argv=None) -> int:
     names = [dom.name for dom in domains]
     models = {h: {k: r.get(k) for k in ("trainable_parameters", "head_parameters", "learning",
                                         "validation", "test", "epoch_seconds",
-                                        "ranks_identical")}
+                                        "ranks_identical", "time_sweep",
+                                        "operations_per_token") if k in r}
               for h, r in results.items()}
     summary = {
         "trunk": {"name": trunk.name, "kind": trunk.kind, "note": trunk.note,

@@ -4,8 +4,9 @@ through a small CUDA-to-C++ shim, with a plain-torch reference as the source of 
 Public API (time-first tensors, float32):
 
 - :func:`lif_multistep` (x [T, *]) -> spikes [T, *]
-- :func:`pc_step` (I, v, r) -> (s, v', r')
 - :func:`spike_matmul` (S [M, K], W [K, N]) -> [M, N]
+- :func:`sc_inference` (V_1 [M, N], G [N, N]) -> (r_T, spikes, dF): spike-coding inference,
+  the spiking predictive-coding layer's T steps
 
 Large CPU outputs come from a pool that reuses their memory once no tensor refers to it
 (:mod:`hybridlm.kernels.pool`). Backends and their selection: see
@@ -16,14 +17,14 @@ from hybridlm.kernels.ops import (
     BACKENDS,
     SPIKE_MATMUL_CROSSOVER,
     lif_multistep,
-    pc_step,
     resolve_backend,
+    sc_inference,
     spike_matmul,
 )
 from hybridlm.kernels.pool import empty_cache, output_pool_stats, reset_output_pool_peak
 from hybridlm.kernels.reference import (
     lif_multistep_reference,
-    pc_step_reference,
+    sc_inference_reference,
     spike_matmul_reference,
 )
 
@@ -34,10 +35,10 @@ __all__ = [
     "lif_multistep",
     "lif_multistep_reference",
     "output_pool_stats",
-    "pc_step",
-    "pc_step_reference",
     "reset_output_pool_peak",
     "resolve_backend",
+    "sc_inference",
+    "sc_inference_reference",
     "spike_matmul",
     "spike_matmul_reference",
 ]

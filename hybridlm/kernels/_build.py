@@ -24,7 +24,8 @@ import numpy as np
 import torch
 
 KERNEL_DIR = Path(__file__).resolve().parent
-CU_FILES = ("neuron.cu", "propagate.cu")
+# One translation unit, in this order: spike_coding.cu uses neuron.cu's helpers.
+CU_FILES = ("neuron.cu", "propagate.cu", "spike_coding.cu")
 SHIM_HEADER = "cuda_shim.h"
 CTYPES = {"float32": "float", "float64": "double"}
 
@@ -59,9 +60,8 @@ def gpu_kernel_names() -> list[str]:
     for c in CTYPES.values():
         names += [f"hl::lif_fwd<{c},{d},{r}>" for d, r in _bits(2)]
         names += [f"hl::lif_bwd<{c},{d},{r},{dt},{sg}>" for d, r, dt, sg in _lif_bwd_bits()]
-        names += [f"hl::pc_fwd<{c},{r}>" for (r,) in _bits(1)]
-        names += [f"hl::pc_bwd<{c},{r},{dt},{sg}>" for r, dt, sg in _bits(3)]
         names += [f"hl::spike_matmul_fwd<{c}>", f"hl::spike_matmul_grad_w<{c}>"]
+        names += [f"hl::sc_fwd<{c},{sg}>" for (sg,) in _bits(1)]
     return names
 
 
@@ -72,9 +72,8 @@ def cpu_kernel_names() -> list[str]:
         names += [f"hl::lif_fwd_tile<{c},{d},{r}>" for d, r in _bits(2)]
         names += [f"hl::lif_bwd_tile<{c},{d},{r},{dt},{sg}>"
                   for d, r, dt, sg in _lif_bwd_bits()]
-        names += [f"hl::pc_fwd_tile<{c},{r}>" for (r,) in _bits(1)]
-        names += [f"hl::pc_bwd_tile<{c},{r},{dt},{sg}>" for r, dt, sg in _bits(3)]
         names += [f"hl::spike_matmul_fwd_rows<{c}>", f"hl::spike_matmul_grad_w_rows<{c}>"]
+        names += [f"hl::sc_fwd_rows<{c},{sg}>" for (sg,) in _bits(1)]
     return names
 
 
@@ -84,17 +83,16 @@ def cpu_kernel_names() -> list[str]:
 _PARAMS = {
     "lif_fwd": "F*,F*,int32,int64,F,F",  # x, s, T, N, beta, theta
     "lif_bwd": "F*,F*,F*,int32,int64,F,F,F,F",  # x, gs, gx, T, N, beta, theta, sa, sb
-    "pc_fwd": "F*,F*,F*,F*,F*,F*,F*,int64,F,F,F,F",
-    "pc_bwd": "F*,F*,F*,F*,F*,F*,F*,int64,F,F,F,F,F,F",
     "spike_matmul_fwd": "F*,F*,F*,int32,int32,int32",
     "spike_matmul_grad_w": "F*,F*,F*,int32,int32,int32",
+    # v1, G, V, P, r, spk, dF, dsdu, M, N, T, theta, delta, -delta, delta^2/2, sa, sb, save
+    "sc_fwd": "F*,F*,F*,int32*,F*,uint8*,F*,F*,int32,int32,int32,F,F,F,F,F,F,int32",
 }
 _PARAMS["lif_fwd_tile"] = _PARAMS["lif_fwd"]
 _PARAMS["lif_bwd_tile"] = _PARAMS["lif_bwd"]
-_PARAMS["pc_fwd_tile"] = _PARAMS["pc_fwd"]
-_PARAMS["pc_bwd_tile"] = _PARAMS["pc_bwd"]
 _PARAMS["spike_matmul_fwd_rows"] = _PARAMS["spike_matmul_fwd"]
 _PARAMS["spike_matmul_grad_w_rows"] = _PARAMS["spike_matmul_grad_w"]
+_PARAMS["sc_fwd_rows"] = _PARAMS["sc_fwd"]
 
 
 def kernel_signature(name: str) -> tuple[str, ...]:

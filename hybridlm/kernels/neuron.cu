@@ -1,6 +1,6 @@
-// Fused leaky integrate-and-fire (LIF) kernels: multi-step forward/backward and the
-// predictive-coding per-step update. One source for the GPU (NVRTC via cupy.RawModule) and
-// the CPU (g++ through cuda_shim.h, which defines HL_CPU_SHIM).
+// Fused leaky integrate-and-fire (LIF) kernels: multi-step forward/backward. One source for
+// the GPU (NVRTC via cupy.RawModule) and the CPU (g++ through cuda_shim.h, which defines
+// HL_CPU_SHIM).
 //
 // Layout: time-first, x[t * N + i] for t < T, i < N (N = product of the non-time dims).
 // Math, with u_t = h_t - theta and H(u) = 1 if u > 0 else 0 (snntorch's convention):
@@ -147,41 +147,6 @@ __global__ void lif_bwd(const F* __restrict__ x, const F* __restrict__ gs, F* __
       }
     }
   }
-}
-
-// Predictive-coding step, elementwise over n neurons:
-//   h = beta * v + I ; s = H(h - theta) ; v' = reset(h, s) ; r' = gamma * r + (1 - gamma) * s
-// omg is (1 - gamma) rounded once on the host.
-template <typename F, int RESET>
-__global__ void pc_fwd(const F* __restrict__ I, const F* __restrict__ v, const F* __restrict__ r,
-                       F* __restrict__ s, F* __restrict__ v_out, F* __restrict__ r_out,
-                       F* __restrict__ h_out, long long n, F beta, F theta, F gamma, F omg) {
-  const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-  if (i >= n) return;
-  F vi = v[i], sp = F(0);
-  const F h = lif_fwd_step<F, 0, RESET>(I[i], vi, sp, beta, theta);
-  s[i] = sp;
-  v_out[i] = vi;
-  r_out[i] = mul_rn(gamma, r[i]) + mul_rn(omg, sp);
-  h_out[i] = h;
-}
-
-// Backward of pc_fwd: gs_total = gs + (1 - gamma) * gr' (+ gv' * dv'/ds unless detached);
-// gh = gs_total * sg + gv' * dv'/dh ; gI = gh ; gv = beta * gh ; gr = gamma * gr'.
-template <typename F, int RESET, int DETACH, int SURR>
-__global__ void pc_bwd(const F* __restrict__ gs, const F* __restrict__ gv_out,
-                       const F* __restrict__ gr_out, const F* __restrict__ h,
-                       F* __restrict__ gI, F* __restrict__ gv, F* __restrict__ gr, long long n,
-                       F beta, F theta, F gamma, F omg, F sa, F sb) {
-  const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-  if (i >= n) return;
-  const F gro = gr_out[i];
-  F g = gv_out[i];
-  const F gh = lif_bwd_step<F, RESET, DETACH, SURR>(gs[i] + omg * gro, h[i], g, beta, theta,
-                                                    sa, sb);
-  gI[i] = gh;
-  gv[i] = g;
-  gr[i] = gamma * gro;
 }
 
 #ifdef HL_CPU_SHIM
@@ -362,48 +327,6 @@ __global__ void lif_bwd_tile(const F* __restrict__ x, const F* __restrict__ gs,
     for (int l = 0; l < m; ++l)
       gx[o + l] = lif_bwd_step<F, RESET, DET, SURR>(gs[o + l], gx[o + l], gv[l], beta, theta, sa,
                                                     sb);
-  }
-}
-
-// pc_fwd / pc_bwd over a tile of HL_TILE consecutive neurons (same step functions).
-template <typename F, int RESET>
-__global__ void pc_fwd_tile(const F* __restrict__ I, const F* __restrict__ v,
-                            const F* __restrict__ r, F* __restrict__ s, F* __restrict__ v_out,
-                            F* __restrict__ r_out, F* __restrict__ h_out, long long n, F beta,
-                            F theta, F gamma, F omg) {
-  const long long i0 = ((long long)blockIdx.x * blockDim.x + threadIdx.x) * HL_TILE;
-  if (i0 >= n) return;
-  const int m = (n - i0 < HL_TILE) ? (int)(n - i0) : HL_TILE;
-#pragma omp simd
-  for (int l = 0; l < m; ++l) {
-    const long long i = i0 + l;
-    F vi = v[i], sp = F(0);
-    const F h = lif_fwd_step<F, 0, RESET>(I[i], vi, sp, beta, theta);
-    s[i] = sp;
-    v_out[i] = vi;
-    r_out[i] = mul_rn(gamma, r[i]) + mul_rn(omg, sp);
-    h_out[i] = h;
-  }
-}
-
-template <typename F, int RESET, int DETACH, int SURR>
-__global__ void pc_bwd_tile(const F* __restrict__ gs, const F* __restrict__ gv_out,
-                            const F* __restrict__ gr_out, const F* __restrict__ h,
-                            F* __restrict__ gI, F* __restrict__ gv, F* __restrict__ gr,
-                            long long n, F beta, F theta, F gamma, F omg, F sa, F sb) {
-  const long long i0 = ((long long)blockIdx.x * blockDim.x + threadIdx.x) * HL_TILE;
-  if (i0 >= n) return;
-  const int m = (n - i0 < HL_TILE) ? (int)(n - i0) : HL_TILE;
-#pragma omp simd
-  for (int l = 0; l < m; ++l) {
-    const long long i = i0 + l;
-    const F gro = gr_out[i];
-    F g = gv_out[i];
-    const F gh = lif_bwd_step<F, RESET, DETACH, SURR>(gs[i] + omg * gro, h[i], g, beta, theta,
-                                                      sa, sb);
-    gI[i] = gh;
-    gv[i] = g;
-    gr[i] = gamma * gro;
   }
 }
 #endif  // HL_CPU_SHIM

@@ -8,11 +8,13 @@ Backends (argument ``backend=`` or env ``HYBRIDLM_BACKEND``; the argument wins):
 - ``cuda``: the .cu kernels through CuPy (NVRTC), on torch's current stream, zero-copy.
 - ``cpu_shim``: the same .cu source compiled for the CPU with cuda_shim.h; the LIF runs the
   CPU tile schedule of the same step functions (1024-neuron tiles walked in 16-lane vector
-  chunks, 16 time steps unrolled in registers).
+  chunks, 16 time steps unrolled in registers), sc_inference its CPU twin (one token per
+  task, the same sums in the same order as the GPU kernel, vectorised).
 - ``cpu_shim_grid``: the GPU kernels themselves run on the CPU, one loop iteration per CUDA
   thread (slow; it exists to test the exact GPU code paths without a GPU).
 - ``torch``: the plain-torch reference loop over ``x.unbind(0)`` (any device).
-- ``compiled``: that loop under ``torch.compile`` (3-20 s to compile per distinct shape).
+- ``compiled``: that loop under ``torch.compile`` (3-20 s to compile per distinct shape);
+  sc_inference runs its reference eagerly (torch.compile cannot trace its selection).
 """
 
 from __future__ import annotations
@@ -49,7 +51,6 @@ class _Neuron:
     surrogate: str
     alpha: float
     dynamics: str = "standard"
-    gamma: float = 0.0
 
 
 # ------------------------------------------------------------------------------------------
@@ -84,7 +85,7 @@ def _check_neuron(op: str, cfg: _Neuron) -> None:
                          ("dynamics", ref.DYNAMICS)):
         if getattr(cfg, key) not in allowed:
             raise ValueError(f"{op}: {key} must be one of {allowed}, got {getattr(cfg, key)!r}")
-    for key in ("beta", "threshold", "alpha", "gamma"):
+    for key in ("beta", "threshold", "alpha"):
         val = getattr(cfg, key)
         if not isinstance(val, (int, float)) or not math.isfinite(val):
             raise ValueError(f"{op}: {key} must be a finite number, got {val!r}")
@@ -118,8 +119,9 @@ def resolve_backend(backend: str | None, t: torch.Tensor, op: str = "kernel") ->
 
 
 # Below this many elements of work a CPU launch runs on the calling thread: waking the OpenMP
-# team costs more than the work (measured: a 32k-element pc_step took 0.37 ms on one thread,
-# 8 ms on two on this loaded 2-core machine). Same order as torch's intra-op grain (32768).
+# team costs more than the work (measured on a former elementwise op: 32k elements took
+# 0.37 ms on one thread, 8 ms on two on this loaded 2-core machine). Same order as torch's
+# intra-op grain (32768).
 _PARALLEL_MIN_WORK = 1 << 16
 
 
@@ -253,73 +255,6 @@ def lif_multistep(x: torch.Tensor, beta: float, threshold: float = 1.0,
 
 
 # ------------------------------------------------------------------------------------------
-# predictive-coding step
-# ------------------------------------------------------------------------------------------
-
-class _PCStep(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, I, v, r, cfg: _Neuron, backend: str):  # noqa: E741
-        n = I.numel()
-        c, F = _ctype(I)
-        s, v_new, r_new, h = (empty_output(I.shape, I) for _ in range(4))
-        if n:
-            grid, block, tile = _grid(n, backend)
-            name = f"hl::pc_fwd{'_tile' if tile else ''}<{c},{int(cfg.reset == 'zero')}>"
-            _launch(backend, name, grid, block,
-                    (I, v, r, s, v_new, r_new, h, np.int64(n), F(cfg.beta), F(cfg.threshold),
-                     F(cfg.gamma), F(1.0 - cfg.gamma)), I.device, n)
-        ctx.save_for_backward(h)
-        ctx.cfg, ctx.backend = cfg, backend
-        return s, v_new, r_new
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, gs, gv_new, gr_new):
-        (h,) = ctx.saved_tensors
-        cfg = ctx.cfg
-        n = h.numel()
-        c, F = _ctype(h)
-        gI, gv, gr = (empty_output(h.shape, h) for _ in range(3))
-        if n:
-            sa, sb = ref.surrogate_constants(cfg.surrogate, cfg.alpha)
-            grid, block, tile = _grid(n, ctx.backend)
-            name = (f"hl::pc_bwd{'_tile' if tile else ''}<{c},{int(cfg.reset == 'zero')},"
-                    f"{int(cfg.detach_reset)},{int(cfg.surrogate == 'fast_sigmoid')}>")
-            _launch(ctx.backend, name, grid, block,
-                    (gs.contiguous(), gv_new.contiguous(), gr_new.contiguous(), h, gI, gv, gr,
-                     np.int64(n), F(cfg.beta), F(cfg.threshold), F(cfg.gamma),
-                     F(1.0 - cfg.gamma), F(sa), F(sb)), h.device, n)
-        return gI, gv, gr, None, None
-
-
-def pc_step(I: torch.Tensor, v: torch.Tensor, r: torch.Tensor, beta: float,  # noqa: E741
-            threshold: float = 1.0, gamma: float = 0.9, reset: str = "subtract",
-            detach_reset: bool = False, surrogate: str = "atan", alpha: float = 2.0,
-            backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One fused predictive-coding neuron step (standard LIF dynamics plus a spike trace).
-
-    Shapes: I, v, r all (*) (any shape, same dtype/device, contiguous).
-        h = beta v + I ; s = H(h - theta) ; v' = h - theta s (subtract) | h (1 - s) (zero)
-        r' = gamma r + (1 - gamma) s
-    Returns (s, v', r'), each shaped like I; differentiable w.r.t. I, v and r (through s with
-    the surrogate; see :func:`lif_multistep` for ``surrogate``/``alpha``/``detach_reset``).
-    """
-    op = "pc_step"
-    for name, t in (("I", I), ("v", v), ("r", r)):
-        _check_tensor(op, name, t)
-    _check_same(op, ("I", "v", "r"), (I, v, r))
-    cfg = _Neuron(float(beta), float(threshold), reset, bool(detach_reset), surrogate,
-                  float(alpha), "standard", float(gamma))
-    _check_neuron(op, cfg)
-    b = resolve_backend(backend, I, op)
-    if b in ("torch", "compiled"):
-        fn = ref.pc_step_reference if b == "torch" else _compiled(ref.pc_step_reference)
-        return fn(I, v, r, cfg.beta, cfg.threshold, cfg.gamma, reset, cfg.detach_reset,
-                  surrogate, cfg.alpha)
-    return _PCStep.apply(I, v, r, cfg, b)
-
-
-# ------------------------------------------------------------------------------------------
 # spike propagation
 # ------------------------------------------------------------------------------------------
 
@@ -394,3 +329,135 @@ def spike_matmul(S: torch.Tensor, W: torch.Tensor, backend: str | None = None,
         if spike_rate(S) > SPIKE_MATMUL_CROSSOVER.get(_device_type(S), 0.0):
             return S @ W
     return _SpikeMatmulEvent.apply(S, W, b)
+
+
+# ------------------------------------------------------------------------------------------
+# spike-coding inference (the spiking predictive-coding layer)
+# ------------------------------------------------------------------------------------------
+
+_SC_BLOCK = 64  # tokens per block on the GPU: one thread per token, so M = 2048 makes 32 blocks
+
+
+@dataclasses.dataclass(frozen=True)
+class _SC:
+    theta: float
+    delta: float
+    time_steps: int
+    surrogate: str
+    alpha: float
+
+
+def _sc_forward(v1: torch.Tensor, lateral: torch.Tensor, cfg: _SC, backend: str, save: bool):
+    """Launch the fused kernel: (r_T (M, N), spikes (T, M, N) uint8, dF (T, M), dsdu
+    (T, M, N) = surrogate'(u_t) * keep_t, or None unless ``save``)."""
+    M, N = v1.shape
+    T = cfg.time_steps
+    c, F = _ctype(v1)
+    u8, i32 = v1.new_empty(0, dtype=torch.uint8), v1.new_empty(0, dtype=torch.int32)
+    r = empty_output((M, N), v1)
+    spk = empty_output((T, M, N), u8)
+    dF = empty_output((T, M), v1)
+    dsdu = empty_output((T, M, N), v1) if save else None
+    if M == 0:
+        return r, spk, dF, dsdu
+    # scratch: the membrane (and on the CPU twin a float membership mask), the member lists
+    V = empty_output((M, 2 * N if backend == "cpu_shim" else N), v1)
+    P = empty_output((M, N), i32)
+    sa, sb = ref.surrogate_constants(cfg.surrogate, cfg.alpha)
+    sg = int(cfg.surrogate == "fast_sigmoid")
+    if backend == "cpu_shim":
+        name, grid, block = f"hl::sc_fwd_rows<{c},{sg}>", M, 1
+    else:
+        name, grid, block = f"hl::sc_fwd<{c},{sg}>", -(-M // _SC_BLOCK), _SC_BLOCK
+    d = cfg.delta
+    _launch(backend, name, grid, block,
+            (v1, lateral, V, P, r, spk, dF, dsdu if save else v1.new_empty(1), np.int32(M),
+             np.int32(N), np.int32(T), F(cfg.theta), F(d), F(-d), F(d * d / 2), F(sa), F(sb),
+             np.int32(save)), v1.device, T * M * N)
+    return r, spk, dF, dsdu
+
+
+class _SCInference(torch.autograd.Function):
+    """Forward: the fused kernel. Backward, dense torch, as the reference's autograd: the
+    inhibition a spike sends to later steps is detached (V_{k+1} = V_k - delta s_k.detach() G),
+    so V's gradient passes through a step unchanged and only G learns through the update.
+    With 0-based steps k = T-1..0, gV_T = 0, s_k the spikes and dsdu_k = surrogate'(u_k)
+    keep_k (the kernel's saved factor):
+
+        gG  -= delta s_k^T @ gV_{k+1}                  (V_{k+1} = V_k - delta s_k @ G)
+        gV_k = gV_{k+1} + delta g_r * dsdu_k           (r_T = delta sum_k s_k, u_k = V_k - theta)
+
+    and grad v1 = gV_0. The selection is a fixed mask (the reference selects on detached
+    tensors). Saves G itself, the spikes as uint8 and dsdu."""
+
+    @staticmethod
+    def forward(ctx, v1, lateral, cfg: _SC, backend: str):
+        save = any(ctx.needs_input_grad[:2])
+        r, spk, dF, dsdu = _sc_forward(v1, lateral, cfg, backend, save)
+        spikes = spk.view(torch.bool)
+        ctx.mark_non_differentiable(spikes, dF)
+        if save:
+            ctx.save_for_backward(lateral, spk, dsdu)
+        ctx.cfg = cfg
+        return r, spikes, dF
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g_r, _g_spikes, _g_dF):
+        lateral, spk, dsdu = ctx.saved_tensors
+        delta = ctx.cfg.delta
+        g_rd = g_r.contiguous() * delta  # dL/ds_k from r_T, the same at every step
+        if not ctx.needs_input_grad[1]:
+            return g_rd * dsdu.sum(0), None, None, None
+        gG = torch.zeros_like(lateral)
+        s = torch.empty_like(g_rd)  # one step's spikes as floats
+        gV = None  # dL/dV_{k+1}; 0 after the last step
+        for k in reversed(range(spk.shape[0])):
+            if gV is not None:
+                gG.addmm_(s.copy_(spk[k]).t(), gV, alpha=-delta)
+            g_u = g_rd * dsdu[k]
+            gV = g_u if gV is None else gV.add_(g_u)
+        return gV, gG, None, None
+
+
+def sc_inference(v1: torch.Tensor, lateral: torch.Tensor, theta: float, delta: float,
+                 time_steps: int, surrogate: str = "atan", alpha: float = 2.0,
+                 backend: str | None = None):
+    """T steps of spike-coding inference; the math is :func:`reference.sc_inference_reference`.
+
+    Shapes: v1 (M, N) = D^T x_c per token, lateral (N, N) = D^T D + mu I (symmetric), same
+    dtype and device, contiguous. Returns (r_T (M, N), spikes (T, M, N) bool, dF (T, M)), r_T
+    differentiable w.r.t. v1 and lateral (surrogate gradient through the accepted spikes).
+
+    Backends ``cpu_shim``, ``cpu_shim_grid`` and ``cuda`` run the fused kernel
+    (spike_coding.cu: one thread per token, all T steps, event-driven selection and update)
+    with a dense-torch backward; ``torch`` runs the reference. ``compiled`` runs the reference
+    eagerly too: torch.compile (2.13) skips both of its frames (``nonzero`` and
+    ``if len(rows) == 0`` are data-dependent, and a graph break inside a loop skips the whole
+    frame, even with ``capture_dynamic_output_shape_ops``), so compiling it only added
+    overhead (0.90 against 0.68 s at M = 256, N = 128).
+    """
+    op = "sc_inference"
+    _check_tensor(op, "v1", v1, ndim=2)
+    _check_tensor(op, "lateral", lateral, ndim=2)
+    _check_same(op, ("v1", "lateral"), (v1, lateral), shape=False)
+    n = v1.shape[1]
+    if n == 0:
+        raise ValueError(f"{op}: v1 must have at least one neuron, got shape {tuple(v1.shape)}")
+    if lateral.shape != (n, n):
+        raise ValueError(f"{op}: lateral is {tuple(lateral.shape)}, expected ({n}, {n})")
+    if int(time_steps) != time_steps or time_steps < 1:
+        raise ValueError(f"{op}: time_steps must be an integer >= 1, got {time_steps}")
+    for name, v in (("theta", theta), ("delta", delta)):
+        if not math.isfinite(v) or v <= 0:
+            raise ValueError(f"{op}: {name} must be finite and > 0, got {v}")
+    if surrogate not in ref.SURROGATES:
+        raise ValueError(f"{op}: surrogate must be one of {ref.SURROGATES}, got {surrogate!r}")
+    if not math.isfinite(alpha):
+        raise ValueError(f"{op}: alpha must be a finite number, got {alpha!r}")
+    cfg = _SC(float(theta), float(delta), int(time_steps), surrogate, float(alpha))
+    b = resolve_backend(backend, v1, op)
+    if b in ("torch", "compiled"):
+        return ref.sc_inference_reference(v1, lateral, cfg.theta, cfg.delta, cfg.time_steps,
+                                          surrogate, cfg.alpha)
+    return _SCInference.apply(v1, lateral, cfg, b)
