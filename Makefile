@@ -7,7 +7,8 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 CONFIG ?= configs/default.yaml
 CL_CONFIG ?= configs/continual.yaml
-SEEDS ?= 0 1 2
+SEEDS ?= 0,1,2
+COMPARE_HEADS ?= trunk,linear,mlp,mlp_macs,spiking_pc,ista
 ARGS ?=
 NPROC ?= 1
 SOAK_KILLS ?= 25
@@ -47,8 +48,8 @@ data: install  ## build (or reuse) the tokenized, packed corpora of CONFIG
 train: data  ## build data, score the trunk and n-gram baselines, train every head, evaluate
 	$(LAUNCH) train/train.py --config $(CONFIG) $(ARGS)
 
-compare: data  ## the heads of CONFIG over SEEDS (0 1 2), paired: runs/compare/compare.{md,json,png}
-	$(PY) eval/compare.py --config $(CONFIG) --seeds $(SEEDS) $(ARGS)
+compare: data  ## COMPARE_HEADS on CONFIG over SEEDS (0,1,2), paired: runs/compare/compare.{md,json,png}
+	$(PY) eval/compare.py --config $(CONFIG) --seeds $(SEEDS) "train.heads=[$(COMPARE_HEADS)]" $(ARGS)
 
 eval: install  ## evaluate a saved model folder: make eval MODEL=runs/default/spiking_pc/model
 	$(PY) eval/evaluate.py --config $(CONFIG) --model $(MODEL) $(ARGS)

@@ -1,6 +1,6 @@
 """Compare the heads of a config over several seeds, paired: `make compare`.
 
-    python eval/compare.py --config configs/default.yaml --seeds 0 1 2 [section.key=value ...]
+    python eval/compare.py --config configs/default.yaml --seeds 0,1,2 [section.key=value ...]
 
 Each seed is one `train/train.py` run (same blocks, same cached trunk features; the seed
 changes initialisation and data order only) in `<out>/seed_<s>/`, without model folders.
@@ -36,7 +36,7 @@ UNTRAINED = ("unigram", "kn_bigram", "trunk")
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--config", default="configs/default.yaml")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
     p.add_argument("--out", default="runs/compare", help="folder of the seeds' runs and results")
     p.add_argument("--no-wandb", action="store_true", help="do not log to Weights & Biases")
     p.add_argument("overrides", nargs="*", help="section.key=value, applied to every seed")
@@ -163,7 +163,11 @@ def markdown(agg: dict, config: str, seconds: float) -> str:
     domains = agg["domains"]
     lines = [f"# Heads compared over seeds {agg['seeds']}", "",
              f"`{config}`, every seed on the same blocks and cached trunk features; mean ± std "
-             f"over seeds (sample std). {seconds / 60:.1f} minutes.", ""]
+             f"over seeds (sample std). {seconds / 60:.1f} minutes in this invocation; "
+             "each seed's training run (`train/train.py`; a resumed or reused seed counts "
+             "its last invocation): " + ", ".join(
+                 f"{s / 60:.1f}" for s in agg.get("seed_seconds", []) if s is not None)
+             + " minutes.", ""]
     for split in SPLITS:
         head = ["model", "trainable params"] + [f"{d} bpc" for d in domains] + \
             [f"{d} ppl" for d in domains] + ["mean bpc"]
@@ -189,7 +193,11 @@ def markdown(agg: dict, config: str, seconds: float) -> str:
                          f"{yes[d['same_sign']]} |")
         lines.append("")
     for m, lay in agg.get("layers", {}).items():
-        lines += [f"## The `{m}` layer", "",
+        if m == "ista":  # no spikes: its "rate" is the share of non-zero units per step
+            lines += ["## The `ista` layer", "", "Its units carry real values, not spikes: "
+                      "'firing rate' below is the share of units with a non-zero value per "
+                      "step, and 'spikes per token' counts non-zero unit-steps."]
+        lines += [f"## The `{m}` layer" if m != "ista" else "", "",
                   "Validation, mean over domains, mean ± std over seeds: firing rate "
                   f"{_pm(lay['firing_rate'])}, spikes per token {_pm(lay['spikes_per_token'], 1)}"
                   f", inner steps with a spike per token {_pm(lay['active_steps'], 2)}, settled "
@@ -259,8 +267,13 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     try:
         load_config(args.config, args.overrides)  # refuse a bad config before any run
-        if len(set(args.seeds)) != len(args.seeds):
-            raise ConfigError(f"--seeds repeat: {args.seeds}")
+        try:
+            args.seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
+        except ValueError:
+            raise ConfigError(f"--seeds must be comma-separated integers, got "
+                              f"'{args.seeds}'") from None
+        if not args.seeds or len(set(args.seeds)) != len(args.seeds):
+            raise ConfigError(f"--seeds: give distinct seeds, got {args.seeds}")
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -272,7 +285,8 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     seconds = time.perf_counter() - start
-    agg = aggregate(runs) | {"seconds": seconds, "config": args.config,
+    agg = aggregate(runs) | {"seconds": seconds, "seed_seconds": [r.get("seconds") for r in runs],
+                             "config": args.config,
                              "overrides": args.overrides}
     write_json_atomic(out / "compare.json", agg)
     text = markdown(agg, args.config, seconds)

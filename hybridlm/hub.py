@@ -429,6 +429,14 @@ def card_data(config: dict, metrics: dict, cfg: dict, model_name: str):
                 dataset_split=split, metric_type="perplexity",
                 metric_name=f"{split} perplexity", metric_value=round(r["perplexity"], 4),
             ))
+            if "bits_per_char" in r:
+                results.append(EvalResult(
+                    task_type="text-generation", task_name="Causal language modeling",
+                    dataset_type=src[3:] if src.startswith("hf:") else domain,
+                    dataset_name=f"{domain} ({src})" if src != domain else domain,
+                    dataset_split=split, metric_type="bits_per_character",
+                    metric_name=f"{split} bits per character",
+                    metric_value=round(r["bits_per_char"], 4)))
     head = config.get("head", metrics.get("head", ""))
     return ModelCardData(
         language="en", license="apache-2.0", library_name="transformers",
@@ -448,6 +456,27 @@ HEADS = {
     "linear": "a linear residual head",
     "trunk": "no head (the trunk alone)",
 }
+
+
+def claim_sentence(heads: dict) -> str:
+    """The design's 22% claim, checked on this run's validation perplexities (one seed)."""
+    def rel(a: str, b: str) -> float | None:
+        va, vb = (heads.get(a) or {}).get("validation"), (heads.get(b) or {}).get("validation")
+        if not va or not vb:
+            return None
+        return sum(va[d]["perplexity"] / vb[d]["perplexity"] - 1 for d in va) / len(va)
+
+    parts = [f"{rel('spiking_pc', ref):+.1%} against {what}"
+             for ref, what in (("trunk", "the trunk alone"),
+                               ("mlp", "the parameter-matched MLP head"),
+                               ("mlp_macs", "the MAC-matched MLP head"))
+             if rel("spiking_pc", ref) is not None]
+    if not parts:
+        return ""
+    return ("The claim this design comes from, a 22% lower perplexity when a spiking "
+            "predictive-coding layer sits atop a pretrained model: in this run (one seed; "
+            "`make compare` gives the spread over seeds) the spiking head's validation "
+            "perplexity, mean over domains, changed by " + ", ".join(parts) + ".")
 
 
 def card_text(config: dict, metrics: dict, summary: dict | None, cfg: dict,
@@ -500,6 +529,9 @@ def card_text(config: dict, metrics: dict, summary: dict | None, cfg: dict,
         lines += ["", "Every model of the run on the same blocks, order and seed (validation "
                   "perplexity / bits per character; the `trunk` row is the pretrained trunk "
                   "alone, the n-gram rows are fitted on the same training blocks):", "", table]
+    heads = summary.get("heads") or {}
+    if head == "spiking_pc" and "spiking_pc" in heads:
+        lines += ["", claim_sentence(heads)]
     facts = [("trainable parameters", metrics.get("trainable_parameters")),
              ("head parameters", metrics.get("head_parameters")),
              ("optimizer steps", metrics.get("optimizer_steps")),

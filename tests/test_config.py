@@ -22,7 +22,7 @@ def test_default_has_four_real_domains():
     assert all(d.source.startswith("builtin:") for d in cfg.data.domains)
     assert cfg.model.encoder == "smollm2"  # the real causal LM underneath
     # the trunk alone and every baseline beside the spiking head
-    assert set(cfg.train.heads) == {"trunk", "linear", "mlp", "mlp_macs", "spiking_pc", "ista"}
+    assert set(cfg.train.heads) == {"trunk", "linear", "mlp", "mlp_macs", "spiking_pc"}
 
 
 def test_overrides_apply_with_types():

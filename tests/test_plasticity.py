@@ -145,6 +145,13 @@ def test_hebbian_mode_counts_the_dictionary_as_learned(tiny):
     ("model.gate_min=-1", "model.gate_min"),
     ("model.gate_max=.nan", "model.gate_max"),
     ("model.gate=reward", "model.gate"),
+    ("model.spike_quantum=0", "model.spike_quantum"),
+    ("model.spike_quantum=.nan", "model.spike_quantum"),
+    ("model.rate_cost=0", "model.rate_cost"),
+    ("model.l2_cost=-1", "model.l2_cost"),
+    ("model.time_steps=0", "model.time_steps"),
+    ("model.dictionary_init=kmeans", "model.dictionary_init"),
+    ("model.pc_energy_weight=.inf", "model.pc_energy_weight"),
 ])
 def test_bad_plasticity_config_names_the_key(override, key):
     with pytest.raises(ConfigError, match=key):
