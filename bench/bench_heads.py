@@ -32,7 +32,8 @@ ROOT = Path(__file__).resolve().parent.parent
 SMOLLM2_GEOMETRY = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536,
                         num_hidden_layers=1, num_attention_heads=9, num_key_value_heads=3,
                         tie_word_embeddings=True)
-CASES = [("linear", "bptt"), ("mlp", "bptt"), ("mlp_macs", "bptt"), ("spiking_pc", "bptt"),
+CASES = [("linear", "bptt"), ("mlp", "bptt"), ("mlp_macs", "bptt"), ("kwta", "bptt"),
+         ("spiking_pc", "bptt"),
          ("spiking_pc", "hybrid"), ("spiking_pc", "hebbian"), ("ista", "bptt")]
 TARGET = 1.5
 

@@ -57,7 +57,9 @@ from hybridlm.tracking import Tracker  # noqa: E402
 from hybridlm.trunks import resolve_trunk  # noqa: E402
 
 REFERENCE = "finetune"  # plain fine-tuning: every method is compared with it
-HEADLINE = "spiking_hebbian_gated"  # the seed document's claim is about this one
+CONTROL = "kwta"  # the sparse, non-spiking control: every method is compared with it too
+HEADLINE = "spiking_hybrid_gated"  # the default layer and learning mode: the claim's subject
+CLAIM = 0.30  # the seed document: 30% less catastrophic forgetting from the gate
 PACKAGES = MANIFEST_PACKAGES + ("matplotlib", "pyyaml")  # the report plots and reads YAML
 
 
@@ -67,6 +69,8 @@ def parse_args(argv=None):
     p.add_argument("--no-wandb", action="store_true", help="do not log to Weights & Biases")
     p.add_argument("--checkpoint", default=None,
                    help="only score this saved model folder on every test split")
+    p.add_argument("--methods", default=None,
+                   help="run only these methods of continual.methods (comma-separated names)")
     p.add_argument("--report-only", action="store_true",
                    help="rebuild report and plots from output_dir/continual.json (e.g. of an "
                         "interrupted run) without training")
@@ -81,77 +85,125 @@ def learning_gain(R, b) -> float:
     return sum(b[j] - R[j][j] for j in range(len(R))) / len(R)
 
 
+def finished(rs: list[dict]) -> list[dict]:
+    """The runs whose every stage finished (a run stopped by a non-finite loss is reported
+    apart, with the rows it has)."""
+    return [r for r in rs if "failed" not in r]
+
+
+def per_run(r: dict, quantity: str) -> float | None:
+    """One number of a run, by name: 'forgetting/<score>', 'ACC/<score>', 'BWT/<score>',
+    'learning_gain/<score>' (lower-is-better scores), 'retention_change/<score>' (final minus
+    untrained on the retention text; positive = worse for a loss)."""
+    what, score = quantity.split("/")
+    if what == "learning_gain":
+        if r.get("joint"):  # its one stage trains every domain: the gain on all of them
+            return float(np.mean(np.array(r["baseline"][score]) - np.array(r["final"][score])))
+        return learning_gain(r["R"][score], r["baseline"][score])
+    if what == "retention_change":
+        ret = r.get("retention")
+        return None if ret is None else ret[score][-1] - ret[score][0]
+    return r["metrics"][score][what]
+
+
+COMPARED = ("forgetting/bits_per_char", "forgetting/loss", "learning_gain/bits_per_char",
+            "ACC/bits_per_char", "retention_change/bits_per_char")
+
+
+def paired(runs: dict, name: str, ref: str) -> dict:
+    """`name` against `ref` on every COMPARED quantity, seeds paired."""
+    by_seed = {r["seed"]: r for r in finished(runs[ref])}
+    pairs = [(r, by_seed[r["seed"]]) for r in finished(runs[name]) if r["seed"] in by_seed]
+    return {"reference": ref} | {q: clm.compare([per_run(x, q) for x, _ in pairs],
+                                                [per_run(y, q) for _, y in pairs])
+                                 for q in COMPARED}
+
+
+def gate_pairs(names) -> list[tuple[str, str]]:
+    """(gated, ungated) method pairs: `<name>_gated` against `<name>`, the same head and
+    learning mode with the neuromodulatory gate on and off."""
+    return [(n, n[: -len("_gated")]) for n in names
+            if n.endswith("_gated") and n[: -len("_gated")] in names]
+
+
 def aggregate_diagnostics(rs: list[dict], order: list[str]) -> dict | None:
-    """PC diagnostics over every seed that has them: per T the test perplexity per domain
-    and averaged over domains, and the firing rate; at the trained T the PC energy and
-    firing rate per inner step (each averaged over domains per seed). Mean ± sample std."""
+    """Energy-based heads, every seed that has them: per T (inner steps at evaluation, no
+    retraining) the test bits per character, perplexity, firing rate, spikes per token,
+    settled energy F_T / F_0 and code density, each averaged over domains, mean ± std."""
     rs = [r for r in rs if "diagnostics" in r]
     if not rs:
         return None
-    trained = rs[0]["diagnostics"]["trained_time_steps"]
     ts = sorted({int(t) for r in rs for t in r["diagnostics"]["by_T"]})
     by_t = {}
     for t in ts:
         res = [r["diagnostics"]["by_T"][str(t)] for r in rs if str(t) in r["diagnostics"]["by_T"]]
-        by_t[str(t)] = {
-            "perplexity": {o: clm.mean_std([x[o]["perplexity"] for x in res]) for o in order},
-            "perplexity_domain_mean": clm.mean_std(
-                [float(np.mean([x[o]["perplexity"] for o in order])) for x in res]),
-            "firing_rate": clm.mean_std(
-                [float(np.mean([x[o]["firing_rate"] for o in order])) for x in res])}
-    per_step = {}
-    for key in ("energy_per_step", "rate_per_step"):
-        curves = np.array([np.mean([r["diagnostics"]["by_T"][str(trained)][o][key]
-                                    for o in order], 0) for r in rs])  # (seeds, T)
-        per_step[key] = {"mean": curves.mean(0).tolist(),
-                         "std": (curves.std(0, ddof=1) if len(rs) > 1
-                                 else 0 * curves[0]).tolist()}
-    return {"seeds": [r["seed"] for r in rs], "trained_time_steps": trained, "by_T": by_t,
-            **per_step}
+        by_t[str(t)] = {key: clm.mean_std([float(np.mean([x[o][key] for o in order]))
+                                           for x in res])
+                        for key in ("bits_per_char", "perplexity", "firing_rate",
+                                    "spikes_per_token", "relative_energy", "active_fraction")
+                        if key in res[0][order[0]]}
+    return {"seeds": [r["seed"] for r in rs],
+            "trained_time_steps": rs[0]["diagnostics"]["trained_time_steps"], "by_T": by_t}
 
 
 def aggregate(runs: dict[str, list[dict]]) -> dict:
-    """Per method: R mean/std per score, metrics mean/std over seeds, comparisons with the
-    reference method (seeds paired)."""
+    """Per method (finished runs only): R, the final row (joint) and the retention scores
+    mean/std per score, metrics mean/std over seeds, layer statistics, and paired
+    comparisons with fine-tuning, with the k-WTA control and (gated methods) with the same
+    method without the gate."""
     agg = {}
-    for name, rs in runs.items():
-        a = {"seeds": [r["seed"] for r in rs], "R_mean": {}, "R_std": {}, "metrics": {}}
-        for k in SCORES:
-            stack = np.array([r["R"][k] for r in rs])  # (seeds, T, T)
-            a["R_mean"][k] = stack.mean(0).tolist()
-            a["R_std"][k] = (stack.std(0, ddof=1) if len(rs) > 1 else 0 * stack[0]).tolist()
-            a["baseline_mean"] = a.get("baseline_mean", {}) | {
-                k: np.mean([r["baseline"][k] for r in rs], 0).tolist()}
-            a["metrics"][k] = {m: clm.mean_std([r["metrics"][k][m] for r in rs])
-                               for m in ("ACC", "BWT", "FWT", "forgetting")}
-        a["metrics"]["loss"]["learning_gain"] = clm.mean_std(
-            [learning_gain(r["R"]["loss"], r["baseline"]["loss"]) for r in rs])
+    for name, all_rs in runs.items():
+        rs = finished(all_rs)
+        a = {"seeds": [r["seed"] for r in rs], "joint": bool(all_rs[0].get("joint")),
+             "failed": [r["failed"] | {"seed": r["seed"]} for r in all_rs if "failed" in r],
+             "trainable_parameters": all_rs[0]["trainable_parameters"]}
+        agg[name] = a
+        if not rs:
+            continue
+        a["baseline_mean"] = {k: np.mean([r["baseline"][k] for r in rs], 0).tolist()
+                              for k in SCORES}
+        a["metrics"] = {k: {m: clm.mean_std([r["metrics"][k][m] for r in rs])
+                            for m in ("ACC", "BWT", "FWT", "forgetting")} for k in SCORES}
+        for k in ("loss", "bits_per_char"):
+            a["metrics"][k]["learning_gain"] = clm.mean_std(
+                [per_run(r, f"learning_gain/{k}") for r in rs])
+        if a["joint"]:
+            a["final_mean"] = {k: np.mean([r["final"][k] for r in rs], 0).tolist()
+                               for k in SCORES}
+        else:
+            a["R_mean"], a["R_std"] = {}, {}
+            for k in SCORES:
+                stack = np.array([r["R"][k] for r in rs])  # (seeds, T, T)
+                a["R_mean"][k] = stack.mean(0).tolist()
+                a["R_std"][k] = (stack.std(0, ddof=1) if len(rs) > 1 else 0 * stack[0]).tolist()
+        if "retention" in rs[0]:
+            a["retention"] = {}
+            for k in SCORES:
+                stack = np.array([r["retention"][k] for r in rs])  # (seeds, stages + 1)
+                a["retention"][k] = {"mean": stack.mean(0).tolist(), "std": (
+                    stack.std(0, ddof=1) if len(rs) > 1 else 0 * stack[0]).tolist()}
+                a["metrics"][k]["retention_change"] = clm.mean_std(
+                    [per_run(r, f"retention_change/{k}") for r in rs])
+        for key in ("firing_rate", "active_fraction", "relative_energy", "spikes_per_token"):
+            if key in rs[0]:  # final row, mean over domains
+                a[f"{key}_final"] = clm.mean_std([float(np.mean(r[key][-1])) for r in rs])
         if "firing_rate" in rs[0]:
             a["firing_rate_mean"] = np.mean([r["firing_rate"] for r in rs], 0).tolist()
         a["stage_tokens"] = [[s["tokens"] for s in r["stages"]] for r in rs]  # non-padding
         a["stage_token_slots"] = [[s["token_slots"] for s in r["stages"]] for r in rs]
-        a["trainable_parameters"] = rs[0]["trainable_parameters"]
         a["seconds"] = sum(sum(r["seconds"].values()) for r in rs)
         diag = aggregate_diagnostics(rs, rs[0]["order"])
         if diag is not None:
             a["diagnostics"] = diag
-        agg[name] = a
-    ref = REFERENCE if REFERENCE in runs else next(iter(runs))
-    for name, rs in runs.items():
-        by_seed = {r["seed"]: r for r in runs[ref]}
-        paired = [(r, by_seed[r["seed"]]) for r in rs if r["seed"] in by_seed]
-        agg[name]["vs_reference"] = {"reference": ref} | {
-            f"{m}/{k}": clm.compare([x["metrics"][k][m] for x, _ in paired],
-                                    [y["metrics"][k][m] for _, y in paired])
-            for k in ("loss", "accuracy") for m in ("forgetting", "BWT")}
-    if "spiking_bptt" in runs:
-        by_seed = {r["seed"]: r for r in runs["spiking_bptt"]}
-        for name, rs in runs.items():
-            paired = [(r, by_seed[r["seed"]]) for r in rs if r["seed"] in by_seed]
-            agg[name]["vs_spiking_bptt"] = {
-                f"forgetting/{k}": clm.compare([x["metrics"][k]["forgetting"] for x, _ in paired],
-                                               [y["metrics"][k]["forgetting"] for _, y in paired])
-                for k in ("loss", "accuracy")}
+    done = [n for n in runs if finished(runs[n])]
+    ref = REFERENCE if REFERENCE in done else (done[0] if done else None)
+    for name in done:
+        if ref is not None:
+            agg[name]["vs_reference"] = paired(runs, name, ref)
+        if CONTROL in done:
+            agg[name]["vs_kwta"] = paired(runs, name, CONTROL)
+    for gated, ungated in gate_pairs(done):
+        agg[gated]["vs_ungated"] = paired(runs, gated, ungated)
     return agg
 
 
@@ -160,17 +212,19 @@ def energy_table(cfg: RunConfig, runs: dict, agg: dict, d_model: int, vocab: int
     out = {"preset": cfg.continual.energy_preset, "caveat": energy.CAVEAT,
            "lm_head_mac_per_token": energy.lm_head_macs(d_model, vocab), "methods": {}}
     for i, m in enumerate(cfg.continual.methods):
-        if m.name not in runs:
+        rs = finished(runs.get(m.name, []))
+        if not rs:
             continue
         mc = method_model_config(cfg, i)
-        hidden = mlp_hidden(mc.head, d_model, HybridConfig(**model_kwargs(mc))) \
-            if mc.head in ("mlp", "mlp_macs") else 0
-        rates = agg[m.name].get("firing_rate_mean")
+        cfg_h = HybridConfig(**model_kwargs(mc))
+        hidden = mlp_hidden("mlp" if mc.head == "kwta" else mc.head, d_model, cfg_h) \
+            if mc.head in ("mlp", "mlp_macs", "kwta") else 0
+        key = "active_fraction" if mc.head == "kwta" else "firing_rate"
         per_domain = {}
-        for j, dom in enumerate(runs[m.name][0]["order"]):
-            rate = rates[-1][j] if rates else None
+        for j, dom in enumerate(rs[0]["order"]):
+            rate = float(np.mean([r[key][-1][j] for r in rs])) if key in rs[0] else None
             ops = energy.head_ops(mc.head, d_model, mc.n_neurons, mc.time_steps, hidden, rate)
-            per_domain[dom] = {"firing_rate": rate} | ops | energy.energy_pj(
+            per_domain[dom] = {"rate": rate} | ops | energy.energy_pj(
                 ops, cfg.continual.energy_preset)
         out["methods"][m.name] = {"head": mc.head, "time_steps": mc.time_steps,
                                   "n_neurons": mc.n_neurons, "mlp_hidden": hidden,
@@ -180,180 +234,262 @@ def energy_table(cfg: RunConfig, runs: dict, agg: dict, d_model: int, vocab: int
 
 # ---- report ---------------------------------------------------------------------------------
 def pm(ms: dict, digits: int = 4) -> str:
-    if ms["mean"] is None:
+    if ms is None or ms["mean"] is None:
         return clm.NOT_DEFINED
     return f"{ms['mean']:.{digits}f} ± {ms['std']:.{digits}f}"
 
 
+def rel_s(c: dict) -> str:
+    """1 - a/b as '30.0% less' or '12.0% more' (forgetting), or 'not defined'."""
+    r = c.get("relative_reduction")
+    if r is None:
+        return clm.NOT_DEFINED
+    return f"{100 * r:.1f}% less" if r >= 0 else f"{-100 * r:.1f}% more"
+
+
+def spread_s(c: dict) -> str:
+    if c["method"]["n"] < 2:
+        return "one seed, so no spread to judge it by"
+    return "exceeds the seed spread" if c["exceeds_seed_spread"] else "within the seed spread"
+
+
+def beyond_spread(c: dict | None) -> bool:
+    """Defined, at least two seeds, and the mean ± std intervals do not overlap."""
+    return bool(c and c["defined"] and c["method"]["n"] >= 2 and c["exceeds_seed_spread"])
+
+
+def comparison_line(label: str, c: dict, unit: str) -> str:
+    if not c["defined"]:
+        return f"- {label}: {clm.NOT_DEFINED}."
+    return (f"- {label}: {pm(c['method'])} vs {pm(c['reference'])} {unit}; paired difference "
+            f"{pm(c['paired_difference'])}, {spread_s(c)}; 1 − a/b: **{rel_s(c)}**.")
+
+
 def verdict(agg: dict, order: list[str], split: str = "test") -> list[str]:
-    lines = []
+    """The plain-language answers: does fine-tuning forget, does the spiking layer forget less
+    than fine-tuning and than the k-WTA control (and learn as much), does the gate reduce
+    forgetting, and does the 30% claim hold. Forgetting is Chaudhry's on bits per character."""
     if split != "test":
         return [f"**Tuning run on {split.upper()} splits: no verdict.** Claims are judged on "
                 "the test split only; this run exists to choose a hyper-parameter."]
     if len(order) < 2:
         return ["With a single-domain sequence BWT, FWT and forgetting are **not defined** "
                 "(no earlier stage to forget); only ACC is reported."]
-    ref = agg[next(iter(agg))]["vs_reference"]["reference"]
-    for name in [n for n in (HEADLINE, "spiking_bptt") if n in agg and n != ref]:
-        for k, unit in (("loss", "nats"), ("accuracy", "accuracy points (fraction)")):
-            c = agg[name]["vs_reference"][f"forgetting/{k}"]
-            if not c["defined"]:
-                lines.append(f"- {name} vs {ref} (forgetting, {k}): not defined.")
-                continue
-            less = c["method"]["mean"] < c["reference"]["mean"]
-            if max(c["method"]["mean"], c["reference"]["mean"]) <= 0:
-                outcome = ("neither forgets on average (F <= 0 for both: later stages kept "
-                           f"improving earlier domains, {name} {'more' if less else 'less'} so)")
-            else:
-                outcome = f"{name} forgets **{'less' if less else 'more'}**"
-            rel = c["relative_reduction"]
-            rel_s = f"{100 * rel:.1f}%" if rel is not None else \
-                f"{clm.NOT_DEFINED} ({ref} does not forget: F <= 0)"
-            lines.append(
-                f"- **{name} vs {ref}**, Chaudhry forgetting on test {k} ({unit}, positive = "
-                f"forgetting): {pm(c['method'])} vs {pm(c['reference'])} → {outcome}; "
-                f"relative reduction 1 − F_{name}/F_{ref} = "
-                f"**{rel_s}** (positive = less forgetting). Paired per-seed difference "
-                f"{pm(c['paired_difference'])}. The difference "
-                f"**{'exceeds' if c['exceeds_seed_spread'] else 'does not exceed'}** the seed "
-                "spread (mean ± std intervals "
-                f"{'do not overlap' if c['exceeds_seed_spread'] else 'overlap'}).")
-    if HEADLINE in agg and "vs_spiking_bptt" in agg[HEADLINE]:
-        c = agg[HEADLINE]["vs_spiking_bptt"]["forgetting/loss"]
-        if c["defined"]:
-            lines.append(
-                f"- Same spiking head, Hebbian gating on vs off ({HEADLINE} vs spiking_bptt), "
-                f"Chaudhry forgetting on test loss: {pm(c['method'])} vs {pm(c['reference'])}; "
-                f"paired difference {pm(c['paired_difference'])}, "
-                f"{'exceeds' if c['exceeds_seed_spread'] else 'within'} the seed spread.")
-    if HEADLINE in agg and ref in agg and HEADLINE != ref:
-        c = agg[HEADLINE]["vs_reference"]["forgetting/loss"]
-        if c["defined"] and c["relative_reduction"] is not None:
-            rel = 100 * c["relative_reduction"]
-            holds = rel >= 30 and c["exceeds_seed_spread"]
-            lines.append(
-                f"- The seed document claims a 30% reduction in forgetting. Measured here (test "
-                f"loss, Chaudhry): {rel:.1f}%"
-                f"{'' if c['exceeds_seed_spread'] else ' (within the seed spread)'}: the claim "
-                f"is **{'supported' if holds else 'not supported'}** by this run.")
-        elif c["defined"]:
-            lines.append(
-                f"- The seed document claims a 30% reduction in forgetting. Here {ref} itself "
-                f"shows no forgetting (Chaudhry F on test loss = {pm(c['reference'])} <= 0: "
-                "earlier domains' test loss did not rise above its best), so a relative "
-                "reduction is **not defined** and the claim is **not tested** by this run; "
-                "a longer per-stage budget (continual.tokens_per_stage) is needed for "
-                "fine-tuning to forget.")
+    done = {n: a for n, a in agg.items() if a.get("metrics")}
+    if REFERENCE not in done:
+        return [f"No finished `{REFERENCE}` run: nothing to compare with."]
+    f_ref = done[REFERENCE]["metrics"]["bits_per_char"]["forgetting"]
+    lines = [f"- Fine-tuning (`{REFERENCE}`) forgets {pm(f_ref)} bits/char (Chaudhry, mean "
+             "over earlier domains; positive = forgetting)"
+             + (" — **it does not forget on this budget**, so a relative reduction means "
+                "nothing here." if f_ref["mean"] is not None and f_ref["mean"] <= 0 else ".")]
+    for name, a in done.items():
+        if name == REFERENCE or a["joint"]:
+            continue
+        c = a["vs_reference"]["forgetting/bits_per_char"]
+        g = a["vs_reference"]["learning_gain/bits_per_char"]
+        if not c["defined"]:
+            continue
+        less = c["method"]["mean"] < c["reference"]["mean"]
+        learns = ("learns less" if g["defined"] and g["method"]["mean"] < g["reference"]["mean"]
+                  else "learns as much or more")
+        lines.append(
+            f"- `{name}` forgets **{'less' if less else 'more'}** than fine-tuning "
+            f"({pm(c['method'])} vs {pm(c['reference'])}, {rel_s(c)}, "
+            f"{spread_s(c)}) and {learns} (learning gain {pm(g['method'])} vs "
+            f"{pm(g['reference'])} bits/char).")
+    if HEADLINE in done and CONTROL in done:
+        lines.append(comparison_line(
+            f"`{HEADLINE}` vs the k-WTA control `{CONTROL}`, forgetting",
+            done[HEADLINE]["vs_kwta"]["forgetting/bits_per_char"], "bits/char"))
+    for gated, ungated in gate_pairs(list(done)):
+        lines.append(comparison_line(f"Gate on vs off (`{gated}` vs `{ungated}`), forgetting",
+                                     done[gated]["vs_ungated"]["forgetting/bits_per_char"],
+                                     "bits/char"))
+    if HEADLINE in done:
+        vs_ft = done[HEADLINE]["vs_reference"]["forgetting/bits_per_char"]
+        vs_gate = (done[HEADLINE].get("vs_ungated") or {}).get("forgetting/bits_per_char")
+        ok_ft = beyond_spread(vs_ft) and (vs_ft["relative_reduction"] or -1) >= CLAIM
+        ok_gate = beyond_spread(vs_gate) and (vs_gate["relative_reduction"] or -1) >= CLAIM
+
+        def against(c, what):
+            if not (c and c["defined"]):
+                return f"against {what}: not measured"
+            if c["relative_reduction"] is None:
+                return (f"against {what}: no relative reduction is defined ({what} does not "
+                        f"forget; paired difference {pm(c['paired_difference'])} bits/char)")
+            return (f"against {what}: {rel_s(c)} forgetting ({spread_s(c)}; paired "
+                    f"difference {pm(c['paired_difference'])} bits/char)")
+
+        lines.append(
+            f"- **The claim** (a {100 * CLAIM:.0f}% reduction in catastrophic forgetting from "
+            "dopamine-like gating when fine-tuning across heterogeneous domains), measured "
+            f"for `{HEADLINE}`: {against(vs_ft, 'fine-tuning')}; "
+            f"{against(vs_gate, 'the same layer without the gate')}. It **"
+            f"{'holds' if ok_ft and ok_gate else 'does not hold'}** here (it needs at least "
+            f"{100 * CLAIM:.0f}% less forgetting, beyond the seed spread, in both).")
+    joint = [n for n, a in done.items() if a["joint"]]
+    if joint:
+        j = done[joint[0]]["metrics"]["bits_per_char"]["ACC"]
+        best = min((n for n, a in done.items() if not a["joint"]),
+                   key=lambda n: done[n]["metrics"]["bits_per_char"]["ACC"]["mean"])
+        lines.append(f"- Upper bound: joint training on every domain at once ends at ACC "
+                     f"{pm(j)} bits/char; the best sequential method is `{best}` "
+                     f"({pm(done[best]['metrics']['bits_per_char']['ACC'])}).")
     return lines
+
+
+def method_table(c, agg) -> list[str]:
+    L = ["| method | head | model overrides | EWC λ | replay buffer | DER++ α | joint | "
+         "trainable params | tokens per sequence, first seed (non-padding) |", "|---" * 9 + "|"]
+    for m in c.methods:
+        if m.name in agg and agg[m.name].get("stage_tokens"):
+            a = agg[m.name]
+            L.append(f"| {m.name} | {m.head} | {', '.join(m.model) or '-'} | {m.ewc_lambda} | "
+                     f"{m.replay_size} | {m.der_alpha} | {'yes' if m.joint else '-'} | "
+                     f"{a['trainable_parameters']:,} | {sum(a['stage_tokens'][0]):,} |")
+    return L
 
 
 def report(cfg: RunConfig, runs, agg, energy_info, cache_info, wall, manifest,
            plots: list[str]) -> str:
     c = cfg.continual
     sp = c.eval_split  # "test"; "validation" only in a tuning run
-    order = next(iter(runs.values()))[0]["order"]
     first = next(iter(runs.values()))[0]
+    order = first["order"]
+    done = {n: a for n, a in agg.items() if a.get("metrics")}
     L = ["# Continual learning: forgetting across domains", ""]
     if sp != "test":
         L = [f"# TUNING RUN on {sp.upper()} splits (continual.eval_split={sp}): not a result",
              "", f"Every score below is on the {sp} split, to choose hyper-parameters without "
              "looking at test data; results are reported from a normal run on the test "
              "split.", ""]
-    L += [f"Domains in training order: {', '.join(order)}; seeds {c.seeds}; "
-          f"{c.tokens_per_stage:,} training tokens budgeted per stage "
-          f"({c.epochs_per_stage} epoch(s)); batch {cfg.train.batch_size} × "
-          f"{cfg.data.block_size} tokens per process, {first.get('processes', 1)} "
-          f"process(es); lr {cfg.train.lr}. Scores are on each domain's {sp.upper()} "
-          f"split (at most {cfg.data.max_eval_tokens_per_domain} tokens per domain). "
-          f"Wall time {wall:.0f} s.", ""]
-    L += ["## Methods (equal data order, tokens per stage and seeds)", "",
-          "| method | head | model overrides | EWC λ | replay buffer | trainable params | "
-          "tokens per stage, first seed (non-padding) |", "|---" * 7 + "|"]
-    for m in c.methods:
-        if m.name in agg:
-            a = agg[m.name]
-            L.append(f"| {m.name} | {m.head} | {', '.join(m.model) or '-'} | {m.ewc_lambda} | "
-                     f"{m.replay_size} | {a['trainable_parameters']:,} | "
-                     f"{', '.join(str(t) for t in a['stage_tokens'][0])} |")
+    L += [f"Trunk `{cfg.model.encoder}` (frozen; every head starts as the identity, so the "
+          "untrained row is the trunk alone). Domains in training order: "
+          f"{', '.join(order)}; seeds {c.seeds}; {c.tokens_per_stage:,} training tokens "
+          f"budgeted per stage ({c.epochs_per_stage} epoch(s)); batch "
+          f"{cfg.train.batch_size} × {cfg.data.block_size} tokens per process, "
+          f"{first.get('processes', 1)} process(es); lr {cfg.train.lr}. Scores are on each "
+          f"domain's {sp.upper()} split (at most {cfg.data.max_eval_tokens_per_domain} tokens "
+          f"per domain). Wall time {wall:.0f} s.", ""]
+    if c.retention is not None:
+        L += [f"Retention text: `{c.retention.name}` ({c.retention.source}), its {sp} split, "
+              "scored before the first stage and after every stage. It is in none of the "
+              "training domains: a head that adapts to the domains by breaking what the "
+              "trunk knew about ordinary text shows here.", ""]
+    L += ["## Methods (equal data order, tokens per sequence and seeds)", ""] + \
+        method_table(c, agg)
     L += ["", "## Metrics and their signs", ""]
     L += [f"- **{k}**: {v}" for k, v in clm.SIGN_CONVENTIONS.items()]
-    L += ["- **learning gain** (loss only, not a GEM metric): mean_j (b[j] − R[j][j]), how "
-          f"much each stage lowered its own domain's {sp} loss; forgetting is read against "
-          "it.",
-          "", "## Results (mean ± std over seeds)", ""]
+    L += ["- **learning gain**: mean_j (b[j] − R[j][j]), how much each stage lowered its own "
+          f"domain's {sp} score (joint: the mean gain at the end); forgetting is read "
+          "against it: a head that learns little forgets little.",
+          "- **retention Δ**: the retention text's score after the last stage minus before "
+          "the first (positive = the trunk's general ability got worse).",
+          "- **code density**: the share of units with a non-zero code after inference "
+          "(spiking layer: neurons with r > 0; k-WTA: units that pass).", "",
+          "## Verdict", ""] + verdict(agg, order, sp) + [""]
+    L += ["## Results (bits per character, mean ± std over seeds)", "",
+          "| method | ACC | BWT | FWT | forgetting | learning gain | retention Δ | code "
+          "density |", "|---" * 8 + "|"]
+    for name, a in done.items():
+        ms = a["metrics"]["bits_per_char"]
+        dens = pm(a["active_fraction_final"]) if "active_fraction_final" in a else "-"
+        L.append(f"| {name} | {pm(ms['ACC'])} | {pm(ms['BWT'])} | {pm(ms['FWT'])} | "
+                 f"{pm(ms['forgetting'])} | {pm(ms['learning_gain'])} | "
+                 f"{pm(ms.get('retention_change'))} | {dens} |")
+    L.append("")
     for k in ("loss", "accuracy", "perplexity"):
         L += [f"### {sp.capitalize()} {k}", "",
-              "| method | ACC | BWT | FWT | forgetting (Chaudhry)"
-              + (" | learning gain |" if k == "loss" else " |"),
-              "|---" * (6 if k == "loss" else 5) + "|"]
-        for name, a in agg.items():
+              "| method | ACC | BWT | FWT | forgetting (Chaudhry) |", "|---" * 5 + "|"]
+        for name, a in done.items():
             ms = a["metrics"][k]
-            row = (f"| {name} | {pm(ms['ACC'])} | {pm(ms['BWT'])} | {pm(ms['FWT'])} | "
-                   f"{pm(ms['forgetting'])} |")
-            if k == "loss":
-                row += f" {pm(ms['learning_gain'])} |"
-            L.append(row)
+            L.append(f"| {name} | {pm(ms['ACC'])} | {pm(ms['BWT'])} | {pm(ms['FWT'])} | "
+                     f"{pm(ms['forgetting'])} |")
         L.append("")
-    L += ["## Verdict", ""] + verdict(agg, order, sp) + [""]
-    L += [f"## R matrices ({sp} loss, mean over seeds; rows: after stage, columns: domain)", ""]
-    for name, a in agg.items():
-        L += [f"**{name}**", "", "| after | " + " | ".join(order) + " |",
-              "|---" * (len(order) + 1) + "|",
-              "| untrained | " + " | ".join(f"{v:.3f}" for v in a["baseline_mean"]["loss"])
-              + " |"]
-        for i, row in enumerate(a["R_mean"]["loss"]):
-            L.append(f"| {i + 1}: {order[i]} | " + " | ".join(f"{v:.3f}" for v in row) + " |")
+    for key, title in (("vs_reference", f"against fine-tuning (`{REFERENCE}`)"),
+                       ("vs_kwta", f"against the k-WTA control (`{CONTROL}`)"),
+                       ("vs_ungated", "gate on against gate off (same head and mode)")):
+        rows = [(n, a[key]) for n, a in done.items() if key in a and a[key]["reference"] != n]
+        if not rows:
+            continue
+        L += [f"## Paired differences {title}", "",
+              "Per seed, method minus reference (bits/char); **bold** where the two "
+              "mean ± std intervals do not overlap.", "",
+              "| method | reference | forgetting | learning gain | ACC | retention Δ |",
+              "|---" * 6 + "|"]
+        for n, v in rows:
+            cells = []
+            for q in ("forgetting/bits_per_char", "learning_gain/bits_per_char",
+                      "ACC/bits_per_char", "retention_change/bits_per_char"):
+                x = v[q]
+                s = pm(x["paired_difference"]) if x["defined"] else clm.NOT_DEFINED
+                cells.append(f"**{s}**" if beyond_spread(x) else s)
+            L.append(f"| {n} | {v['reference']} | " + " | ".join(cells) + " |")
         L.append("")
-    L += ["## Sparsity and energy (head only)", "",
-          "The encoder is the same frozen MiniLM for every method and the tied LM head is the "
-          f"same too ({energy_info['lm_head_mac_per_token']:,} MACs per token), so both are "
-          "left out; counts are per token, at the final stage, firing rates averaged over "
-          f"seeds. Preset {energy_info['preset']}: E_MAC = "
+    L += [f"## R matrices ({sp} bits per character, mean over seeds; rows: after stage, "
+          "columns: domain)", ""]
+    for name, a in done.items():
+        L += [f"**{name}**", "", "| after | " + " | ".join(order) + " | retention |",
+              "|---" * (len(order) + 2) + "|"]
+        ret = a.get("retention", {}).get("bits_per_char")
+        rv = [f"{v:.4f}" for v in ret["mean"]] if ret else ["-"] * (len(order) + 1)
+        L.append("| untrained | " + " | ".join(
+            f"{v:.4f}" for v in a["baseline_mean"]["bits_per_char"]) + f" | {rv[0]} |")
+        rows = [a["final_mean"]["bits_per_char"]] if a["joint"] else a["R_mean"]["bits_per_char"]
+        labels = ["all domains at once"] if a["joint"] else [f"{i + 1}: {o}"
+                                                             for i, o in enumerate(order)]
+        for i, row in enumerate(rows):
+            L.append(f"| {labels[i]} | " + " | ".join(f"{v:.4f}" for v in row)
+                     + f" | {rv[i + 1]} |")
+        L.append("")
+    failed = [(n, f) for n, a in agg.items() for f in a["failed"]]
+    if failed:
+        L += ["## Runs stopped by a non-finite loss", "",
+              "Their finished stages are in continual.json (`rows`); they are left out of "
+              "every mean above.", ""]
+        L += [f"- {n}, seed {f['seed']}: stage {f['stage']} ({f['domain']}): {f['message']}"
+              for n, f in failed]
+        L.append("")
+    L += ["## Operations and energy per token (head only, final stage)", "",
+          f"The trunk and its LM head are the same for every method "
+          f"({energy_info['lm_head_mac_per_token']:,} MACs per token in the LM head), so "
+          f"they are left out. Preset {energy_info['preset']}: E_MAC = "
           f"{energy.PRESETS_PJ[energy_info['preset']][0]} pJ, E_AC = "
-          f"{energy.PRESETS_PJ[energy_info['preset']][1]} pJ. The spiking head's error path "
-          "(W_e e_k) is real-valued, so it counts as MACs; only W_d s_k is spike-driven.", "",
-          "| method | domain | firing rate | MACs | synaptic ops | energy (pJ) | all-dense "
-          "energy (pJ) |", "|---" * 7 + "|"]
+          f"{energy.PRESETS_PJ[energy_info['preset']][1]} pJ. Rate: the spiking layer's "
+          "firing rate per neuron and step, or the k-WTA head's share of passing units.", "",
+          "| method | domain | rate | MACs | synaptic ops | energy (pJ) | all-dense energy "
+          "(pJ) |", "|---" * 7 + "|"]
     for name, e in energy_info["methods"].items():
         for dom, v in e["per_domain"].items():
-            rate = clm.fmt(v["firing_rate"]) if v["firing_rate"] is not None else "-"
+            rate = clm.fmt(v["rate"]) if v["rate"] is not None else "-"
             L.append(f"| {name} | {dom} | {rate} | {v['mac']:,.0f} | {v['sop']:,.0f} | "
                      f"{v['energy_pj']:,.0f} | {v['dense_energy_pj']:,.0f} |")
     L += ["", f"Caveat: {energy_info['caveat']}", ""]
-    diag = {n: a["diagnostics"] for n, a in agg.items() if "diagnostics" in a}
+    diag = {n: a["diagnostics"] for n, a in done.items() if "diagnostics" in a}
     if diag:
-        L += ["## PC diagnostics (after the last stage, mean ± std over seeds)", "",
-              f"{sp.capitalize()} perplexity against the number of inner steps T used at "
-              "evaluation (trained with T = " + ", ".join(
-                  f"{n}: {d['trained_time_steps']} (seeds {d['seeds']})" for n, d in diag.items())
-              + "); the firing rate is the mean over domains:", "",
-              "| method | T | " + " | ".join(order) + " | mean over domains | firing rate |",
-              "|---" * (len(order) + 4) + "|"]
+        L += ["## The layer after the last stage, against T (mean over domains, mean ± std "
+              "over seeds)", "",
+              f"Scored with T inner steps at evaluation, without retraining ({sp} split).", "",
+              "| method | T | bits/char | firing rate | spikes per token | F_T / F_0 | code "
+              "density |", "|---" * 7 + "|"]
         for n, d in diag.items():
             for t, res in sorted(d["by_T"].items(), key=lambda kv: int(kv[0])):
-                L.append(f"| {n} | {t} | " + " | ".join(pm(res["perplexity"][o], 2)
-                                                         for o in order)
-                         + f" | {pm(res['perplexity_domain_mean'], 2)} | "
-                         f"{pm(res['firing_rate'])} |")
-        L += ["", "PC energy mean_tokens ||e_k||² per inner step k at the trained T (mean over "
-              "domains, then mean ± std over seeds):", ""]
-        for n, d in diag.items():
-            e, sd = d["energy_per_step"]["mean"], d["energy_per_step"]["std"]
-            falls = e[-1] < e[0]
-            L.append(f"- {n}: " + ", ".join(f"{v:.3f} ± {w:.3f}" for v, w in zip(e, sd,
-                                                                               strict=True))
-                     + f" (the mean energy {'falls' if falls else 'rises'} from step 1 to "
-                     f"step {len(e)}: the prediction error "
-                     f"{'shrinks' if falls else 'grows'} over the inner steps)")
+                trained = " (trained)" if int(t) == d["trained_time_steps"] else ""
+                L.append(f"| {n} | {t}{trained} | {pm(res['bits_per_char'])} | "
+                         f"{pm(res.get('firing_rate'))} | {pm(res.get('spikes_per_token'), 1)} "
+                         f"| {pm(res.get('relative_energy'), 3)} | "
+                         f"{pm(res.get('active_fraction'), 3)} |")
         L.append("")
-    L += ["## Frozen-encoder feature cache", "",
-          f"One cache per domain split, shared by every stage, method and seed: "
-          f"{cache_info['blocks_encoded']:,} blocks encoded in "
-          f"{cache_info['encoder_seconds']:.1f} s ({cache_info['seconds_per_block'] * 1e3:.1f} "
-          f"ms per block, measured); {cache_info['blocks_served_from_cache']:,} more were served "
-          f"from the cache. Recomputing every time would cost about "
-          f"{cache_info['seconds_without_cache']:.0f} s of encoder time (measured cost per "
-          f"block × blocks served): {cache_info['seconds_saved']:.0f} s saved.", ""]
+    L += ["## Trunk feature cache", "",
+          f"The trunk's features are computed once per (trunk, data, split) and kept on disk "
+          f"(shared with `make train`): {cache_info.get('disk_entries_reused', 0)} of "
+          f"{cache_info.get('disk_entries', 0)} entries were reused from earlier runs; "
+          f"{cache_info['blocks_encoded']:,} blocks were encoded here in "
+          f"{cache_info['encoder_seconds']:.1f} s and {cache_info['blocks_served_from_cache']:,} "
+          f"served from the cache. Recomputing the features every time would have cost about "
+          f"{cache_info['seconds_without_cache']:.0f} s of trunk time (each entry's measured "
+          f"cost per block × blocks served): {cache_info['seconds_saved']:.0f} s saved.", ""]
     L += ["## Reproducibility", "",
           f"Commit {manifest['git']['commit']} (uncommitted changes: "
           f"{manifest['git']['dirty']}); "
@@ -366,16 +502,18 @@ def report(cfg: RunConfig, runs, agg, energy_info, cache_info, wall, manifest,
 # ---- plots ----------------------------------------------------------------------------------
 def make_plots(out: Path, runs: dict, agg: dict, order: list[str],
                split: str = "test") -> list[str]:
-    names = list(agg)
+    done = {n: a for n, a in agg.items() if a.get("metrics")}
+    seq = [n for n, a in done.items() if not a["joint"]]
+    joint = [n for n, a in done.items() if a["joint"]]
     files = []
-    for k in ("loss", "accuracy"):
-        fig, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names), 3.2), squeeze=False)
-        for ax, n in zip(axes[0], names, strict=True):
-            R = np.array(agg[n]["R_mean"][k])
-            ax.imshow(R, cmap="viridis_r" if k == "loss" else "viridis")
+    for k in ("bits_per_char", "accuracy"):
+        fig, axes = plt.subplots(1, len(seq), figsize=(3.2 * len(seq), 3.2), squeeze=False)
+        for ax, n in zip(axes[0], seq, strict=True):
+            R = np.array(done[n]["R_mean"][k])
+            ax.imshow(R, cmap="viridis_r" if k != "accuracy" else "viridis")
             for i in range(len(order)):
                 for j in range(len(order)):
-                    ax.text(j, i, f"{R[i, j]:.2f}", ha="center", va="center", fontsize=7,
+                    ax.text(j, i, f"{R[i, j]:.3f}", ha="center", va="center", fontsize=6,
                             color="w")
             ax.set_xticks(range(len(order)), order, rotation=45, fontsize=7)
             ax.set_yticks(range(len(order)), [f"after {o}" for o in order], fontsize=7)
@@ -386,69 +524,85 @@ def make_plots(out: Path, runs: dict, agg: dict, order: list[str],
         plt.close(fig)
         files.append(f"R_{k}.png")
 
-        fig, axes = plt.subplots(1, len(order), figsize=(3.2 * len(order), 3.2), squeeze=False)
-        x = np.arange(len(order) + 1)
-        for j, (ax, dom) in enumerate(zip(axes[0], order, strict=True)):
-            for n in names:
-                ys = np.array([[r["baseline"][k][j]] + [row[j] for row in r["R"][k]]
-                               for r in runs[n]])  # (seeds, T + 1)
-                m, s = ys.mean(0), ys.std(0)
-                ax.plot(x, m, marker="o", label=n)
-                ax.fill_between(x, m - s, m + s, alpha=0.15)
-            ax.axvline(j + 1, color="grey", ls=":", lw=1)
-            ax.set_xticks(x, ["init"] + [o[:6] for o in order], fontsize=7)
-            ax.set_title(f"{dom} (trained at stage {j + 1})", fontsize=8)
-            ax.set_ylabel(f"{split} {k}", fontsize=8)
-        axes[0][0].legend(fontsize=6)
-        fig.tight_layout()
-        fig.savefig(out / f"curves_{k}.png", dpi=110)
-        plt.close(fig)
-        files.append(f"curves_{k}.png")
+    fig, axes = plt.subplots(1, len(order), figsize=(3.2 * len(order), 3.2), squeeze=False)
+    x = np.arange(len(order) + 1)
+    for j, (ax, dom) in enumerate(zip(axes[0], order, strict=True)):
+        for n in seq:
+            ys = np.array([[r["baseline"]["bits_per_char"][j]]
+                           + [row[j] for row in r["R"]["bits_per_char"]]
+                           for r in finished(runs[n])])  # (seeds, T + 1)
+            m, s = ys.mean(0), ys.std(0)
+            ax.plot(x, m, marker="o", label=n, lw=1)
+            ax.fill_between(x, m - s, m + s, alpha=0.12)
+        for n in joint:
+            ax.axhline(done[n]["final_mean"]["bits_per_char"][j], color="k", ls="--", lw=1,
+                       label=f"{n} (end)")
+        ax.axvline(j + 1, color="grey", ls=":", lw=1)
+        ax.set_xticks(x, ["init"] + [o[:6] for o in order], fontsize=7)
+        ax.set_title(f"{dom} (trained at stage {j + 1})", fontsize=8)
+        ax.set_ylabel(f"{split} bits/char", fontsize=8)
+    axes[0][0].legend(fontsize=5)
+    fig.tight_layout()
+    fig.savefig(out / "curves_bits_per_char.png", dpi=110)
+    plt.close(fig)
+    files.append("curves_bits_per_char.png")
 
-    if len(order) >= 2:
-        fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
-        for ax, k in zip(axes, ("loss", "accuracy"), strict=True):
-            ms = [agg[n]["metrics"][k]["forgetting"] for n in names]
-            ax.bar(range(len(names)), [m["mean"] for m in ms], yerr=[m["std"] for m in ms],
-                   capsize=4, color="tab:red", alpha=0.7)
-            ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=7)
-            ax.set_title(f"Chaudhry forgetting, {split} {k} (mean ± std over seeds)",
-                         fontsize=8)
+    if len(order) >= 2 and seq:
+        fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+        for ax, (key, title) in zip(axes, (("forgetting", "Chaudhry forgetting"),
+                                           ("learning_gain", "learning gain")), strict=True):
+            ms = [done[n]["metrics"]["bits_per_char"][key] for n in seq]
+            ax.bar(range(len(seq)), [m["mean"] for m in ms], yerr=[m["std"] for m in ms],
+                   capsize=4, color="tab:red" if key == "forgetting" else "tab:green",
+                   alpha=0.7)
+            ax.set_xticks(range(len(seq)), seq, rotation=35, ha="right", fontsize=7)
+            ax.set_title(f"{title}, {split} bits/char (mean ± std over seeds)", fontsize=8)
             ax.axhline(0, color="k", lw=0.5)
         fig.tight_layout()
         fig.savefig(out / "forgetting.png", dpi=110)
         plt.close(fig)
         files.append("forgetting.png")
 
-    diag = {n: a["diagnostics"] for n, a in agg.items() if "diagnostics" in a}
+    ret = [n for n in done if "retention" in done[n]]
+    if ret:
+        fig, ax = plt.subplots(figsize=(6, 3.6))
+        for n in ret:
+            r = done[n]["retention"]["bits_per_char"]
+            xs = np.arange(len(r["mean"]))
+            ax.errorbar(xs, r["mean"], yerr=r["std"], marker="o", capsize=3, lw=1, label=n,
+                        ls="--" if done[n]["joint"] else "-")
+        ax.set_xticks(np.arange(len(order) + 1), ["init"] + [f"after {o[:6]}" for o in order],
+                      fontsize=7)
+        ax.set_ylabel(f"retention text, {split} bits/char")
+        ax.set_title("What the trunk knew: general text after each stage (joint: after its "
+                     "one stage)", fontsize=8)
+        ax.legend(fontsize=6)
+        fig.tight_layout()
+        fig.savefig(out / "retention.png", dpi=110)
+        plt.close(fig)
+        files.append("retention.png")
+
+    diag = {n: a["diagnostics"] for n, a in done.items() if "diagnostics" in a}
     if diag:
         fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
         for n, d in diag.items():
-            e = np.array(d["energy_per_step"]["mean"])
-            es = np.array(d["energy_per_step"]["std"])
-            k = np.arange(1, len(e) + 1)
-            axes[0].errorbar(k, e, yerr=es, marker="o", capsize=3,
-                             label=f"{n} ({len(d['seeds'])} seeds)")
             ts = sorted(int(t) for t in d["by_T"])
-            ppl = [d["by_T"][str(t)]["perplexity_domain_mean"] for t in ts]
-            axes[1].errorbar(ts, [p["mean"] for p in ppl], yerr=[p["std"] for p in ppl],
-                             marker="o", capsize=3, label=n)
-        axes[0].set_xlabel("inner step k")
-        axes[0].set_ylabel("PC energy mean ||e_k||²")
-        axes[0].set_title(f"PC energy per inner step ({split}, mean over domains; "
-                          "mean ± std over seeds)", fontsize=8)
-        axes[1].set_xlabel("T (inner steps at evaluation)")
-        axes[1].set_xscale("log", base=2)
-        axes[1].set_yscale("log")
-        axes[1].set_ylabel(f"{split} perplexity (mean over domains)")
-        axes[1].set_title("perplexity against T (trained model, mean ± std over seeds)",
-                          fontsize=8)
+            for ax, key in zip(axes, ("bits_per_char", "relative_energy"), strict=True):
+                v = [d["by_T"][str(t)][key] for t in ts]
+                ax.errorbar(ts, [p["mean"] for p in v], yerr=[p["std"] for p in v],
+                            marker="o", capsize=3, label=n)
+        axes[0].set_ylabel(f"{split} bits/char (mean over domains)")
+        axes[1].set_ylabel("settled energy F_T / F_0")
         for ax in axes:
+            ax.set_xlabel("T (inner steps at evaluation, no retraining)")
+            ax.set_xscale("log", base=2)
             ax.legend(fontsize=6)
+        fig.suptitle("The layer after the last stage against T (mean ± std over seeds)",
+                     fontsize=9)
         fig.tight_layout()
-        fig.savefig(out / "pc_diagnostics.png", dpi=110)
+        fig.savefig(out / "layer_vs_T.png", dpi=110)
         plt.close(fig)
-        files.append("pc_diagnostics.png")
+        files.append("layer_vs_T.png")
     return files
 
 
@@ -499,6 +653,32 @@ def report_only(cfg: RunConfig, argv, order, encoder_path) -> int:
     return 0
 
 
+def select_methods(c, wanted: str | None) -> list[int]:
+    """Indices of the methods named in `--methods a,b` (all when None); an unknown name is
+    an error naming the known ones."""
+    names = [m.name for m in c.methods]
+    if wanted is None:
+        return list(range(len(names)))
+    picked = [w.strip() for w in wanted.split(",") if w.strip()]
+    unknown = [w for w in picked if w not in names]
+    if unknown or not picked:
+        raise ConfigError(f"--methods: unknown method(s) {unknown or picked} (known: "
+                          f"{', '.join(names)})")
+    return [names.index(w) for w in picked]
+
+
+def check_replay_sizes(c, order: list[str], block: int) -> None:
+    """A buffer larger than everything the earlier stages offer is a mistake: say so."""
+    offered = max(1, c.tokens_per_stage // block) * (len(order) - 1)
+    for i, m in enumerate(c.methods):
+        if m.replay_size > offered:
+            raise ConfigError(
+                f"config key 'continual.methods[{i}].replay_size': {m.replay_size} blocks, but "
+                f"the stages before the last offer only {offered} ({len(order) - 1} stage(s) × "
+                f"{max(1, c.tokens_per_stage // block)} blocks): the buffer would never fill; "
+                f"lower it to at most {offered}")
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
@@ -509,26 +689,37 @@ def main(argv=None) -> int:
         order = c.order or [d.name for d in cfg.data.domains]
         if not c.methods and args.checkpoint is None:
             raise ConfigError("config key 'continual.methods': list at least one method")
+        chosen = select_methods(c, args.methods)
+        cfg = dataclasses.replace(cfg, continual=dataclasses.replace(
+            c, methods=[c.methods[i] for i in chosen]))
+        c = cfg.continual
         method_models = [method_model_config(cfg, i) for i in range(len(c.methods))]
         encoder_path = resolve_trunk(cfg.model.encoder, cfg.data.cache_dir).path
         if args.report_only:
             return report_only(cfg, argv, order, encoder_path)
+        check_replay_sizes(c, order, cfg.data.block_size)
         tokenizer = AutoTokenizer.from_pretrained(encoder_path)
         accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision)
         data_cfg = dataclasses.replace(
-            cfg.data, domains=[d for d in cfg.data.domains if d.name in order])
+            cfg.data, domains=[d for d in cfg.data.domains if d.name in order]
+            + ([c.retention] if c.retention is not None else []))
         with accelerator.main_process_first():
             built = {d.name: d for d in build_corpora(data_cfg, tokenizer,
                                                       accelerator.is_local_main_process)}
         blk, d = cfg.data.block_size, cfg.data
+
+        def scored(name):
+            return subsample(built[name].splits[c.eval_split], d.max_eval_tokens_per_domain,
+                             blk, d.subsample_seed)
+
         stream = Stream.build(
             order,
             {n: subsample(built[n].splits["train"], d.max_train_tokens_per_domain, blk,
                           d.subsample_seed)
              for n in order},
-            {n: subsample(built[n].splits[c.eval_split], d.max_eval_tokens_per_domain, blk,
-                          d.subsample_seed) for n in order},
-            c.tokens_per_stage, cache=cfg.train.cache_features, eval_split=c.eval_split)
+            {n: scored(n) for n in order},
+            c.tokens_per_stage, cache=cfg.train.cache_features, eval_split=c.eval_split,
+            retention=(c.retention.name, scored(c.retention.name)) if c.retention else None)
         if args.checkpoint is not None:
             return score_checkpoint(cfg, args, accelerator, stream, tokenizer)
         batches_per_stage(c, cfg.train.batch_size, blk, accelerator.num_processes)
@@ -538,7 +729,7 @@ def main(argv=None) -> int:
 
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    accelerator.print(format_report([built[n] for n in order]))
+    accelerator.print(format_report([built[n] for n in built]))
     if len(order) < 2:
         accelerator.print("note: a single-domain sequence: BWT, FWT and forgetting are not "
                           "defined (reported as 'not defined')")
@@ -555,6 +746,11 @@ def main(argv=None) -> int:
             set_seed(seed)
             model = HybridForCausalLM.from_encoder(cfg.model.encoder, cfg.data.cache_dir,
                                                    **model_kwargs(mcfg))
+            if cfg.train.cache_features and not runs:  # once: every model shares the trunk
+                with accelerator.main_process_first():
+                    stream.cache_on_disk(model, cfg.data.cache_dir, cfg.train.batch_size,
+                                         [x.name for x in cfg.data.domains],
+                                         accelerator.is_local_main_process)
             if mcfg.head in SPIKING_HEADS and mcfg.dictionary_init == "data":
                 first = order[0]  # the data the sequence starts with, as a fresh run would
                 model.head.init_from_data(sample_states(
@@ -564,8 +760,11 @@ def main(argv=None) -> int:
             def log(row, name=method.name, seed=seed):
                 nonlocal wb_step
                 wb_step += 1
-                flat = {f"{name}/seed{seed}/{c.eval_split}_loss/{dom}": r["loss"]
-                        for dom, r in row["row"].items()}
+                flat = {f"{name}/seed{seed}/{c.eval_split}_bits_per_char/{dom}":
+                        r.get("bits_per_char") for dom, r in row["row"].items()}
+                if row.get("retention"):
+                    flat[f"{name}/seed{seed}/retention_bits_per_char"] = \
+                        row["retention"].get("bits_per_char")
                 flat |= {f"{name}/seed{seed}/train_loss": row["train_loss"],
                          f"{name}/seed{seed}/stage": row["stage"]}
                 tracker.log({k: v for k, v in flat.items() if v is not None}, wb_step)
@@ -573,7 +772,8 @@ def main(argv=None) -> int:
             res = run_sequence(model, method, stream, c, cfg.train, seed, accelerator,
                                diagnostics=True, log=log)
             runs.setdefault(method.name, []).append(res)
-            accelerator.print(f"[{method.name} seed {seed}] done in "
+            accelerator.print(f"[{method.name} seed {seed}] "
+                              f"{'STOPPED' if 'failed' in res else 'done'} in "
                               f"{sum(res['seconds'].values()):.0f} s "
                               f"({time.perf_counter() - start:.0f} s since start)")
             del model
@@ -591,33 +791,51 @@ def main(argv=None) -> int:
 
 
 def stream_cache_info(stream: Stream, accelerator=None) -> dict:
-    """The feature caches' accounting, summed over processes (each caches its own shard)."""
-    if stream.train_caches:
-        info = stream.cache_summary()
-        if accelerator is not None and accelerator.num_processes > 1:
-            keys = ("encoder_seconds", "blocks_encoded", "blocks_served_from_cache")
-            tot = accelerator.reduce(torch.tensor([float(info[k]) for k in keys],
-                                                  device=accelerator.device), "sum").tolist()
-            spent, misses, hits = tot
-            per_block = spent / misses if misses else 0.0
-            info = {"encoder_seconds": spent, "blocks_encoded": int(misses),
-                    "blocks_served_from_cache": int(hits), "seconds_per_block": per_block,
-                    "seconds_without_cache": per_block * (hits + misses),
-                    "seconds_saved": per_block * hits,
-                    "processes": accelerator.num_processes}
-        return info
-    return {"blocks_encoded": 0, "encoder_seconds": 0.0, "seconds_per_block": 0.0,
-            "blocks_served_from_cache": 0, "seconds_without_cache": 0.0, "seconds_saved": 0.0}
+    """The feature caches' accounting, summed over processes (each reads its own shard)."""
+    info = stream.cache_summary()
+    if accelerator is not None and accelerator.num_processes > 1:
+        keys = ("encoder_seconds", "blocks_encoded", "blocks_served_from_cache",
+                "seconds_without_cache")
+        tot = accelerator.reduce(torch.tensor([float(info[k]) for k in keys],
+                                              device=accelerator.device), "sum").tolist()
+        spent, misses, hits, without = tot
+        info |= {"encoder_seconds": spent, "blocks_encoded": int(misses),
+                 "blocks_served_from_cache": int(hits),
+                 "seconds_per_block": without / max(1, hits + misses),
+                 "seconds_without_cache": without, "seconds_saved": without - spent,
+                 "processes": accelerator.num_processes}
+    return info
+
+
+def card_summary(cfg: RunConfig, agg: dict, order: list[str]) -> dict:
+    """What a model card says about continual learning: per finished method its head and
+    overrides and the bits/char metrics, plus the verdict lines."""
+    methods = {}
+    for i, m in enumerate(cfg.continual.methods):
+        a = agg.get(m.name, {})
+        if not a.get("metrics"):
+            continue
+        mc = method_model_config(cfg, i)
+        ms = a["metrics"]["bits_per_char"]
+        methods[m.name] = {"head": m.head, "learning": mc.learning, "gate": mc.gate,
+                           "joint": m.joint, "seeds": a["seeds"]} | {
+            key: ms[key] for key in ("ACC", "BWT", "forgetting", "learning_gain",
+                                     "retention_change") if key in ms}
+    return {"order": order, "trunk": cfg.model.encoder, "split": cfg.continual.eval_split,
+            "tokens_per_stage": cfg.continual.tokens_per_stage, "methods": methods,
+            "verdict": verdict(agg, order, cfg.continual.eval_split)}
 
 
 def write_outputs(cfg, argv, out, runs, cache_info, overlap, wall, complete, order,
                   encoder_path, accelerator=None, tracker=None, wb_step=0) -> None:
-    """Aggregate, then write continual.json, manifest.json, continual.md and the plots."""
+    """Aggregate, then write continual.json, manifest.json, continual.md and the plots, and
+    (when `continual.card_run` holds a trained model) add the results to its model card."""
     from transformers import AutoConfig
 
     agg = aggregate(runs)
-    tokens = {n: a["stage_token_slots"] for n, a in agg.items()}
-    equal_tokens = len({str(v) for v in tokens.values()}) == 1
+    tokens = {n: sum(a["stage_token_slots"][0]) for n, a in agg.items()
+              if a.get("stage_token_slots")}
+    equal_tokens = len(set(tokens.values())) <= 1
     enc = AutoConfig.from_pretrained(encoder_path)
     energy_info = energy_table(cfg, runs, agg, enc.hidden_size, enc.vocab_size)
     man = manifest(cfg, argv, order)
@@ -643,22 +861,38 @@ def write_outputs(cfg, argv, out, runs, cache_info, overlap, wall, complete, ord
             md = md.replace("\n", f"\n\n**PARTIAL RUN** (interrupted; seeds completed per "
                             f"method: {done}); numbers below cover those seeds only.\n", 1)
         if not equal_tokens:
-            md += f"\n**Warning**: methods did not see equal tokens per stage: {tokens}\n"
+            md += f"\n**Warning**: methods did not see equal tokens per sequence: {tokens}\n"
         write_text_atomic(out / "continual.md", md)
+        summary = card_summary(cfg, agg, order)
+        write_json_atomic(out / "card_summary.json", summary)
+        card_run = Path(cfg.continual.card_run) if cfg.continual.card_run else None
+        if card_run is not None and complete and cfg.continual.eval_split == "test":
+            from hybridlm.hub import add_continual_to_cards
+
+            for folder in add_continual_to_cards(card_run, summary):
+                print(f"added the continual results to the model card in {folder}")
         if tracker is not None and tracker.run is not None:
             import wandb
 
-            summary = {f"{n}/{k}/{m}/{s}": v for n, a in agg.items()
-                       for k, ms in a["metrics"].items() for m, st in ms.items()
-                       for s, v in st.items() if v is not None and s != "n"}
-            tracker.summary(summary)
-            tracker.log({f"plots/{p[:-4]}": wandb.Image(str(out / p)) for p in plots},
+            flat = {f"{n}/{k}/{m}/{s}": v for n, a in agg.items()
+                    for k, ms in (a.get("metrics") or {}).items() for m, st in ms.items()
+                    for s, v in st.items() if v is not None and s != "n"}
+            tracker.summary(flat)
+            tables = {}
+            for n, a in agg.items():
+                if a.get("R_mean"):
+                    rows = [["untrained"] + a["baseline_mean"]["bits_per_char"]]
+                    rows += [[f"after {o}"] + r for o, r in zip(order, a["R_mean"][
+                        "bits_per_char"], strict=True)]
+                    tables[f"R/{n}"] = wandb.Table(columns=["row"] + order, data=rows)
+            tracker.log(tables | {f"plots/{p[:-4]}": wandb.Image(str(out / p)) for p in plots},
                         wb_step + 1)
         print("\n".join(verdict(agg, order, cfg.continual.eval_split)))
         print(f"\nwrote {out / 'continual.md'}, continual.json, manifest.json and "
               f"{len(plots)} plots ({wall:.0f} s of run time)")
     if tracker is not None:
         tracker.finish()
+
 
 if __name__ == "__main__":
     sys.exit(main())

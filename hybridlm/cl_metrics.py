@@ -29,7 +29,7 @@ from collections.abc import Sequence
 Matrix = Sequence[Sequence[float]]
 
 # Score name -> whether higher is better. Every score in the matrices is one of these.
-HIGHER_IS_BETTER = {"accuracy": True, "loss": False, "perplexity": False}
+HIGHER_IS_BETTER = {"accuracy": True, "loss": False, "perplexity": False, "bits_per_char": False}
 
 SIGN_CONVENTIONS = {
     "ACC": "mean final score over all domains (GEM); for loss/perplexity lower is better",

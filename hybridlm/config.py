@@ -76,6 +76,9 @@ class ModelConfig:
     surrogate: str = "atan"  # atan | fast_sigmoid
     surrogate_alpha: float = 2.0  # atan's alpha, or fast_sigmoid's slope
     pc_energy_weight: float = 0.0  # weight of the settled energy F(r_T) added to the loss
+    # The k-WTA control (head kwta): the share of its hidden units that pass per token, set
+    # to the spiking layer's measured code density (neurons with r > 0 after inference).
+    kwta_fraction: float = 0.05
     trainable_encoder_layers: int = 0  # top-k trunk layers that train; the rest is frozen
     kernel_backend: str = "auto"  # auto | torch | compiled | cpu_shim | cuda (HYBRIDLM_BACKEND)
     # How the dictionary and mean learn (spiking_pc only; see hybridlm/plasticity.py):
@@ -124,6 +127,12 @@ class MethodConfig:
     model: list[str] = field(default_factory=list)  # e.g. ["learning=hybrid", "gate=surprise"]
     ewc_lambda: float = 0.0  # EWC penalty weight (Fisher diagonal after each stage); 0: off
     replay_size: int = 0  # reservoir buffer of earlier stages' blocks; 0: no replay
+    # DER++ (Buzzega et al. 2020): with replay, also match the logits the model gave each
+    # replayed block when it was stored, weight der_alpha (MSE); 0: plain replay.
+    der_alpha: float = 0.0
+    # The upper bound: one stage on every domain's stage blocks at once, shuffled (the same
+    # blocks, tokens and steps as the sequence), scored once at the end.
+    joint: bool = False
 
 
 @dataclass
@@ -142,6 +151,13 @@ class ContinualConfig:
     # The split every R row scores: "test" for every reported result; "validation" only in
     # an explicit hyper-parameter tuning run (e.g. the EWC lambda sweep, docs/continual.md).
     eval_split: str = "test"
+    # A general text in none of the domains, scored before the first stage and after every
+    # stage (its test split): does adapting to the domains break what the trunk knew?
+    # null: no retention score.
+    retention: DomainConfig | None = None
+    # A `make train` run folder: when it holds trained models, the continual results are
+    # added to their model cards (and model-index). null: no card is touched.
+    card_run: str | None = None
 
 
 @dataclass
@@ -196,6 +212,8 @@ def validate(cfg: RunConfig) -> None:
                           ("rate_cost", m.rate_cost > 0, "> 0 (it bounds the spikes per token)")):
         v = getattr(m, key)
         _check(math.isfinite(v) and ok, f"model.{key}", f"must be finite and {need}, got {v}")
+    _check(0 < m.kwta_fraction <= 1, "model.kwta_fraction",
+           f"must be in (0, 1], got {m.kwta_fraction}")
     _check(m.dictionary_init in ("data", "random"), "model.dictionary_init",
            f"'{m.dictionary_init}' is not data|random")
     _check(m.surrogate in ("atan", "fast_sigmoid"), "model.surrogate",
@@ -257,6 +275,16 @@ def validate(cfg: RunConfig) -> None:
         _check(math.isfinite(mt.ewc_lambda) and mt.ewc_lambda >= 0, f"{key}.ewc_lambda",
                f"must be finite and >= 0, got {mt.ewc_lambda}")
         _check(mt.replay_size >= 0, f"{key}.replay_size", f"must be >= 0, got {mt.replay_size}")
+        _check(math.isfinite(mt.der_alpha) and mt.der_alpha >= 0, f"{key}.der_alpha",
+               f"must be finite and >= 0, got {mt.der_alpha}")
+        _check(mt.der_alpha == 0 or mt.replay_size > 0, f"{key}.der_alpha",
+               "DER++ replays stored logits: set replay_size > 0 too")
+        _check(not mt.joint or (mt.replay_size == 0 and mt.ewc_lambda == 0), f"{key}.joint",
+               "the joint upper bound sees every domain at once: no replay or EWC")
+    if c.retention is not None:
+        _check(c.retention.name not in names, "continual.retention.name",
+               f"'{c.retention.name}' is a training domain; the retention text must be in none")
+        _check(bool(c.retention.source), "continual.retention.source", "must not be empty")
     _check(len(c.seeds) > 0, "continual.seeds", "list at least one seed")
     _check(len(set(c.seeds)) == len(c.seeds), "continual.seeds", f"seeds repeat: {c.seeds}")
     _check(c.tokens_per_stage >= d.block_size, "continual.tokens_per_stage",

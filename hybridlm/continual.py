@@ -2,13 +2,18 @@
 TEST split before any training and after each stage (the matrices R of `hybridlm.cl_metrics`).
 
 A method is data, not code (`continual.methods` in the config): a head, `model` overrides
-(e.g. `learning=hybrid`, `gate=surprise`) and two classic baselines that work with any head:
+(e.g. `learning=hybrid`, `gate=energy`) and the classic baselines that work with any head:
 
 - EWC (Kirkpatrick et al. 2017): after each stage, the diagonal of the empirical Fisher on
   that stage's blocks (squared gradients of batch losses) and the weights are stored; later
   stages add (lambda / 2) sum_t sum_i F_t,i (w_i - w*_t,i)^2 to the loss.
 - Experience replay: a reservoir buffer (Vitter's algorithm R) of earlier stages' blocks;
   a fraction `replay_fraction` of every batch is drawn from it once it holds any.
+- DER++ (Buzzega et al. 2020): replay as above (the replayed blocks' next-token loss is
+  DER++'s beta term) plus der_alpha times the mean squared difference between the model's
+  logits on the replayed blocks and the logits it gave them when they were buffered (at the
+  end of their stage; stored as the corrected state y, since the LM head is frozen).
+- Joint training (the upper bound): every stage's blocks in one shuffled stage.
 
 Every method sees the same number of optimizer steps and tokens per stage, the same stage
 blocks in the same order, from the same seed; with replay, part of each batch is replayed
@@ -16,14 +21,15 @@ blocks instead of new ones (same tokens, fewer new-domain tokens). Each stage st
 AdamW with a warmup + cosine schedule (fine-tuning on each domain in turn); the Hebbian
 learner and its gate persist across stages (the gate sees the loss jump at a domain switch).
 
-Frozen-encoder features come from one `FeatureCache` per domain split, shared by all
-stages, methods and seeds of a process.
+The trunk's features come from the feature caches of the `Stream` (on disk in a normal run,
+shared with `make train`), shared by all stages, methods and seeds. A general text in none
+of the domains (`continual.retention`) is scored with every row: it shows a head that adapts
+to the domains by breaking what the trunk knew.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 import random
 import time
 import typing
@@ -32,7 +38,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from torch.utils.data import DataLoader
 from transformers import get_cosine_schedule_with_warmup
 
 from hybridlm.cl_metrics import HIGHER_IS_BETTER, all_metrics
@@ -47,7 +52,7 @@ from hybridlm.config import (
     validate,
 )
 from hybridlm.corpora import DataError
-from hybridlm.evaluation import Blocks, evaluate, ranks_agree, token_stats
+from hybridlm.evaluation import Blocks, evaluate, ranks_agree
 from hybridlm.features import FeatureCache
 
 SCORES = tuple(HIGHER_IS_BETTER)  # accuracy, loss, perplexity
@@ -129,25 +134,41 @@ def model_kwargs(model: ModelConfig) -> dict:
 
 
 # ---- data ------------------------------------------------------------------------------------
+class PoolRows:
+    """One domain's rows of a feature cache that holds several domains' training pools (rows
+    offset .. offset + n): the training pools share one disk entry, as in `make train`."""
+
+    def __init__(self, cache: FeatureCache, offset: int):
+        self.cache, self.offset = cache, offset
+
+    def features(self, model, index: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.cache.features(model, index + self.offset, input_ids)
+
+
 @dataclass
 class Stream:
     """The domain sequence: per domain a training pool and the scored split (TaggedBlocks),
-    and the shared feature caches (None: no caching). The scored split is the test split;
-    only an explicit tuning run (`eval_split="validation"`) puts validation blocks in `test`,
-    tagged as such, and `require_split` checks the tag on every evaluation."""
+    the retention text's scored split, and the feature caches (None: no caching). The scored
+    split is the test split; only an explicit tuning run (`eval_split="validation"`) puts
+    validation blocks in `test`, tagged as such, and `require_split` checks the tag on every
+    evaluation."""
 
     order: list[str]
     train: dict[str, TaggedBlocks]
     test: dict[str, TaggedBlocks]
-    train_caches: dict[str, FeatureCache] | None = None
+    train_caches: dict[str, FeatureCache | PoolRows] | None = None
     test_caches: dict[str, FeatureCache] | None = None
     eval_split: str = "test"
+    retention: TaggedBlocks | None = None
+    retention_cache: FeatureCache | None = None
 
     @classmethod
     def build(cls, order: list[str], train: dict, test: dict, tokens_per_stage: int,
-              cache: bool = True, eval_split: str = "test") -> Stream:
+              cache: bool = True, eval_split: str = "test",
+              retention: tuple[str, typing.Any] | None = None) -> Stream:
         """Check the sequence and wrap the splits. `train`/`test`: domain -> HF dataset;
-        `test` holds the `eval_split` split ("validation" only for tuning runs)."""
+        `test` holds the `eval_split` split ("validation" only for tuning runs);
+        `retention`: (name, HF dataset of that split) of the general text, or None."""
         if eval_split not in EVAL_SPLITS:
             raise ConfigError(f"config key 'continual.eval_split': '{eval_split}' is not one "
                               f"of {EVAL_SPLITS}")
@@ -173,9 +194,40 @@ class Stream:
                     f"config key 'continual.tokens_per_stage': {tokens_per_stage} tokens need "
                     f"{need} blocks but domain '{d}' has a training pool of {len(tr[d])}; "
                     "lower it or raise data.max_train_tokens_per_domain")
+        ret = None
+        if retention is not None:
+            ret = TaggedBlocks(retention[1], retention[0], eval_split)
+            if len(ret) == 0 or ret.tokens() == 0:
+                raise DataError(f"continual.retention: '{retention[0]}' has no {eval_split} "
+                                "data")
         caches = (lambda sets: {d: FeatureCache(len(b)) for d, b in sets.items()}) if cache \
             else (lambda sets: None)
-        return cls(list(order), tr, te, caches(tr), caches(te), eval_split)
+        return cls(list(order), tr, te, caches(tr), caches(te), eval_split, ret,
+                   FeatureCache(len(ret)) if cache and ret is not None else None)
+
+    def cache_on_disk(self, model, cache_dir: str, batch_size: int, domains: list[str],
+                      progress: bool = True) -> None:
+        """Replace the in-memory caches by disk entries (`FeatureCache.on_disk`): the trunk's
+        features are then computed once per (trunk, data, split) and shared with `make train`
+        (same label and layout: the training pools concatenated in `domains` order, one
+        entry per scored split) and with every later run."""
+        names = [d for d in domains if d in self.order]
+        pool = FeatureCache.on_disk(model, torch.cat([self.train[d].ids for d in names]),
+                                    torch.cat([self.train[d].mask for d in names]), cache_dir,
+                                    "train", batch_size, progress)
+        offsets = [0]
+        for d in names:
+            offsets.append(offsets[-1] + len(self.train[d]))
+        self.train_caches = {d: PoolRows(pool, off) for d, off in zip(names, offsets,
+                                                                       strict=False)}
+        split = self.eval_split
+        self.test_caches = {d: FeatureCache.on_disk(model, b.ids, b.mask, cache_dir,
+                                                    f"{split}-{d}", batch_size, progress)
+                            for d, b in self.test.items()}
+        if self.retention is not None:
+            self.retention_cache = FeatureCache.on_disk(
+                model, self.retention.ids, self.retention.mask, cache_dir,
+                f"{split}-{self.retention.domain}", batch_size, progress)
 
     def overlap(self) -> dict[str, int]:
         """Per domain, test blocks whose tokens equal a training-pool block (should be 0)."""
@@ -185,18 +237,32 @@ class Stream:
             out[d] = sum(bytes(row.numpy()) in seen for row in self.test[d].ids)
         return out
 
+    def caches(self) -> list[FeatureCache]:
+        """Every distinct feature cache of the stream."""
+        found = list((self.train_caches or {}).values()) + list((self.test_caches or {})
+                                                                 .values())
+        found += [self.retention_cache] if self.retention_cache is not None else []
+        unique = {id(c): c for c in (getattr(c, "cache", c) for c in found)}
+        return list(unique.values())
+
     def cache_summary(self) -> dict:
-        """Encoder seconds spent, blocks served, and the measured cost of recomputing."""
-        caches = [c for group in (self.train_caches, self.test_caches) if group
-                  for c in group.values()]
+        """Trunk seconds spent here, blocks served, and what recomputing would have cost (each
+        entry's measured encoding time per block, from when it was built)."""
+        caches = self.caches()
         hits = sum(c.hits for c in caches)
         misses = sum(c.misses for c in caches)
         spent = sum(c.encode_seconds for c in caches)
-        per_block = spent / misses if misses else 0.0
+        without = 0.0
+        for c in caches:
+            built = c.entry["encode_seconds"] if c.entry else c.encode_seconds
+            per_block = built / (c.n_blocks if c.entry else max(1, c.misses))
+            without += per_block * (c.hits + c.misses)
+        blocks = hits + misses
         return {"encoder_seconds": spent, "blocks_encoded": misses, "blocks_served_from_cache":
-                hits, "seconds_per_block": per_block,
-                "seconds_without_cache": per_block * (hits + misses),
-                "seconds_saved": per_block * hits}
+                hits, "seconds_per_block": without / blocks if blocks else 0.0,
+                "seconds_without_cache": without, "seconds_saved": without - spent,
+                "disk_entries_reused": sum(bool(c.entry and c.entry["reused"]) for c in caches),
+                "disk_entries": sum(c.entry is not None for c in caches)}
 
 
 def batches_per_stage(cc: ContinualConfig, batch_size: int, block: int,
@@ -314,50 +380,42 @@ def evaluate_row(model, stream: Stream, accelerator, batch_size: int) -> dict[st
     return row
 
 
-@torch.no_grad()
-def pc_diagnostics(model, stream: Stream, accelerator, batch_size: int,
-                   time_steps: list[int]) -> dict:
-    """Spiking head only: per T (inner steps at evaluation) and domain, test loss,
-    perplexity, accuracy, firing rate, and PC energy / firing rate per inner step."""
-    base = accelerator.unwrap_model(model)
-    trained_t = base.head.time_steps
-    was_training = base.training
-    base.eval()
+def evaluate_retention(model, stream: Stream, accelerator, batch_size: int) -> dict | None:
+    """The general text's scores (None when the stream has none)."""
+    if stream.retention is None:
+        return None
+    require_split(stream.retention, stream.eval_split)
+    return evaluate(model, stream.retention, accelerator, batch_size, stream.retention_cache)
+
+
+def layer_diagnostics(model, stream: Stream, accelerator, batch_size: int,
+                      time_steps: list[int]) -> dict[int, dict]:
+    """Energy-based heads: every domain's scores and layer statistics (firing rate, spikes
+    per token, settled energy F_T / F_0, code density) with T inner steps at evaluation,
+    without retraining, per T."""
     out = {}
-    try:
-        for t in time_steps:
-            base.head.time_steps = t
-            out[t] = {}
-            for d in stream.order:
-                blocks = stream.test[d]
-                require_split(blocks, stream.eval_split)
-                cache = stream.test_caches[d] if stream.test_caches else None
-                loader = accelerator.prepare(DataLoader(blocks, batch_size=batch_size))
-                totals = torch.zeros(3 + 2 * t + 1, dtype=torch.float64)
-                for batch in loader:
-                    feats = cache.features(base, batch["index"], batch["input_ids"]) \
-                        if cache else None
-                    o = base(input_ids=batch["input_ids"], features=feats,
-                             token_mask=batch["labels"] != -100)
-                    stats = token_stats(o.logits, batch["labels"])[:, :3]  # (B, 3)
-                    n = stats[:, 1:2]
-                    # the energy after 0..T steps and the firing rate of each step
-                    e = base.head.stats["energy_per_step"].reshape(1, t + 1).float().cpu()
-                    r = base.head.stats["rate_per_step"].reshape(1, t).float().cpu()
-                    per_block = torch.cat([stats.cpu(), e * n.cpu(), r * n.cpu()], 1)
-                    totals += accelerator.gather_for_metrics(
-                        per_block.to(stats.device)).double().sum(0).cpu()
-                nll, n, correct = totals[:3].tolist()
-                loss = nll / n
-                e_step = (totals[3:3 + t + 1] / n).tolist()
-                r_step = (totals[3 + t + 1:] / n).tolist()
-                out[t][d] = {"loss": loss, "perplexity": math.exp(loss), "accuracy": correct / n,
-                             "firing_rate": sum(r_step) / t, "energy_per_step": e_step,
-                             "rate_per_step": r_step}
-    finally:
-        base.head.time_steps = trained_t
-        base.train(was_training)
+    for t in time_steps:
+        out[t] = {}
+        for d in stream.order:
+            require_split(stream.test[d], stream.eval_split)
+            cache = stream.test_caches[d] if stream.test_caches else None
+            out[t][d] = evaluate(model, stream.test[d], accelerator, batch_size, cache,
+                                 time_steps=t)
     return out
+
+
+def replay_logits(base, y: torch.Tensor, lm_bias: torch.Tensor | None) -> torch.Tensor:
+    """DER++'s stored logits from a stored corrected state y (R, L, D): the trunk's LM head is
+    frozen, so y and (for an encoder trunk) the LM bias of that moment give them exactly;
+    storing y instead of logits costs D instead of V floats per token."""
+    if base.lm_head is not None:
+        return base.lm_head(y)
+    emb = base.encoder.get_input_embeddings().weight
+    return torch.nn.functional.linear(y, emb.to(y.dtype), lm_bias)
+
+
+class NonFiniteStage(FloatingPointError):
+    """A stage whose loss stayed non-finite: the sequence stops, finished stages are kept."""
 
 
 # ---- training -------------------------------------------------------------------------------
@@ -365,8 +423,12 @@ def run_sequence(model, method: MethodConfig, stream: Stream, cc: ContinualConfi
                  tc: TrainConfig, seed: int, accelerator, diagnostics: bool = False,
                  log: Callable[[dict], None] | None = None) -> dict:
     """Train `model` through `stream.order` with `method`; returns the matrices R (rows:
-    stages, columns: domains in training order) of test loss, perplexity and accuracy, the
-    untrained row b, per-stage tokens, steps and timings, and the metrics of each score."""
+    stages, columns: domains in training order) of every score, the untrained row b, the
+    retention text's scores before and after every stage, per-stage tokens, steps and
+    timings, and the metrics of each score. A joint method trains one stage on every
+    domain's stage blocks at once and has a final row instead of R. A stage whose loss stays
+    non-finite ends the sequence: the result then says so (`failed`) and keeps the rows of
+    the stages before it."""
     model = accelerator.prepare(model)
     base = accelerator.unwrap_model(model)
     device = accelerator.device
@@ -379,6 +441,8 @@ def run_sequence(model, method: MethodConfig, stream: Stream, cc: ContinualConfi
     local = base.local_learning()
     ewc = EWC(method.ewc_lambda) if method.ewc_lambda > 0 else None
     reservoir = Reservoir(method.replay_size, seed) if method.replay_size > 0 else None
+    # DER++: (corrected state y (L, D), LM bias of that moment) of every buffered block
+    stored: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor | None]] = {}
 
     def reduce_mean(t: torch.Tensor) -> torch.Tensor:
         return accelerator.reduce(t, "mean") if world > 1 else t
@@ -401,30 +465,25 @@ def run_sequence(model, method: MethodConfig, stream: Stream, cc: ContinualConfi
             feats = torch.stack(rows).to(device)  # (B, L, D)
         return ids.to(device), labels.to(device), feats, int(mask.sum())
 
-    timings = {"train": 0.0, "eval": 0.0, "fisher": 0.0, "diagnostics": 0.0}
-    rows = []
-    t0 = time.perf_counter()
-    rows.append(evaluate_row(model, stream, accelerator, tc.batch_size))  # b: untrained
-    timings["eval"] += time.perf_counter() - t0
-    stages = []
-    sync: list[dict] = []  # with several processes: do the ranks hold identical state?
-    bad_in_a_row = 0
-    for s, dom in enumerate(order):
-        t0 = time.perf_counter()
-        idx = stage_blocks(len(stream.train[dom]), n_stage_blocks, seed, s)
+    def batches(items: list, s: int) -> list[tuple[list, int]]:
+        """The stage's plan: (blocks, how many of them are replayed) per batch, seeded."""
         n_replay = round(cc.replay_fraction * b) if reservoir and reservoir.items else 0
-        # The plan is the same for every process (the reservoir is too: same seed, same
-        # offers, same draws); each takes its share of whole batches, and one optimizer step
-        # averages the ranks' batches (DDP), so W processes of batch b step like one process
-        # of batch W * b: batches (W k, ..., W k + W - 1) of the plan form global step k.
+        per_epoch = steps_per_epoch * (len(order) if method.joint else 1)
         plan = []
         for epoch in range(cc.epochs_per_stage):
-            perm = random.Random(seed * 7919 + s * 31 + epoch).sample(idx, len(idx))
+            perm = random.Random(seed * 7919 + s * 31 + epoch).sample(items, len(items))
             cursor = 0
-            for _ in range(steps_per_epoch):
-                new = [(dom, perm[(cursor + k) % len(perm)]) for k in range(b - n_replay)]
+            for _ in range(per_epoch):
+                new = [perm[(cursor + k) % len(perm)] for k in range(b - n_replay)]
                 cursor += b - n_replay
-                plan.append(new + reservoir.draw(n_replay) if n_replay else new)
+                plan.append((new + reservoir.draw(n_replay) if n_replay else new, n_replay))
+        return plan
+
+    def train_stage(plan: list[tuple[list, int]], s: int, label: str) -> dict:
+        """Optimizer steps over this process's share of `plan`. The plan is the same for
+        every process (the reservoir is too: same seed, same offers, same draws); each takes
+        its share of whole batches, and one optimizer step averages the ranks' batches
+        (DDP), so W processes of batch b step like one process of batch W * b."""
         batches_per_stage(cc, tc.batch_size, block, world)  # raises if len(plan) < world
         plan = plan[: len(plan) // world * world]
         mine = plan[rank::world]
@@ -436,18 +495,27 @@ def run_sequence(model, method: MethodConfig, stream: Stream, cc: ContinualConfi
         scheduler = get_cosine_schedule_with_warmup(
             optimizer, int(tc.warmup_fraction * total_steps), total_steps)
         model.train()
-        tokens = 0
-        losses, gates, penalties, skipped = [], [], [], 0
-        for items in mine:
+        tokens = bad_in_a_row = 0
+        losses, gates, penalties, distill, skipped = [], [], [], [], 0
+        for items, n_rep in mine:
             ids, labels, feats, n_tok = make_batch(items)
             tokens += n_tok
             with accelerator.autocast():
-                loss = model(input_ids=ids, labels=labels, features=feats).loss
-            total = loss
+                out = model(input_ids=ids, labels=labels, features=feats)
+            loss = total = out.loss
             penalty = ewc.penalty(base) if ewc else None
             if penalty is not None:
-                total = loss + penalty
+                total = total + penalty
                 penalties.append(penalty.item())
+            if method.der_alpha > 0 and n_rep:
+                rep = items[-n_rep:]
+                with torch.no_grad():
+                    target = torch.stack([replay_logits(base, stored[it][0].to(device),
+                                                        stored[it][1]) for it in rep])
+                real = labels[-n_rep:] != -100  # (R, L): real tokens only
+                der = (out.logits[-n_rep:][real].float() - target[real].float()).pow(2).mean()
+                total = total + method.der_alpha * der
+                distill.append(der.item())
             # every rank must take the step or none (accelerate's reduce knows sum/mean only)
             ok = torch.isfinite(total.detach()).float().reshape(1)
             finite = (float(accelerator.reduce(ok, "sum")) if world > 1 else float(ok)) == world
@@ -455,10 +523,11 @@ def run_sequence(model, method: MethodConfig, stream: Stream, cc: ContinualConfi
                 optimizer.zero_grad()
                 skipped += 1
                 bad_in_a_row += 1
-                if bad_in_a_row >= 10:
-                    raise FloatingPointError(
-                        f"[{method.name} seed {seed}] loss NaN/inf for 10 steps in a row in "
-                        f"stage {s} ({dom}); lower train.lr")
+                if bad_in_a_row >= min(10, len(mine)):  # short stages: every step failed
+                    raise NonFiniteStage(
+                        f"[{method.name} seed {seed}] loss NaN/inf for {bad_in_a_row} steps in "
+                        f"a row in stage {s + 1} ({label}); the stages before it are kept; "
+                        "lower train.lr")
                 continue
             bad_in_a_row = 0
             accelerator.backward(total)
@@ -471,62 +540,128 @@ def run_sequence(model, method: MethodConfig, stream: Stream, cc: ContinualConfi
                 gates.append(local.step(loss, reduce_mean)["plasticity/gate"])
             losses.append(loss.item())
         train_loss = sum(losses) / len(losses) if losses else None
+        der = sum(distill) / len(distill) if distill else None
         if world > 1:
             tokens = int(accelerator.reduce(torch.tensor(tokens, device=device), "sum").item())
             if train_loss is not None:  # every rank takes the same (non-skipped) steps
                 train_loss = float(reduce_mean(torch.tensor(train_loss, device=device)))
+            if der is not None:  # each rank distils its own replayed blocks
+                der = float(reduce_mean(torch.tensor(der, device=device)))
+        return {"domain": label, "steps": len(mine), "batches": len(plan), "tokens": tokens,
+                "token_slots": len(plan) * b * block,  # equal for every method by design
+                "replayed_per_batch": plan[0][1] if plan else 0, "skipped_steps": skipped,
+                "train_loss": train_loss,
+                "gate_mean": sum(gates) / len(gates) if gates else None,
+                "ewc_penalty_mean": sum(penalties) / len(penalties) if penalties else None,
+                "der_distillation_mean": der,
+                "_mine": mine}
+
+    @torch.no_grad()
+    def store_outputs() -> None:
+        """DER++: the corrected states of newly buffered blocks under the current model."""
+        for key in [k for k in stored if k not in set(reservoir.items)]:
+            del stored[key]
+        new = [it for it in dict.fromkeys(reservoir.items) if it not in stored]
+        bias = None if base.lm_bias is None else base.lm_bias.detach().clone()
+        was_training = base.training
+        base.eval()
+        for k in range(0, len(new), b):
+            chunk = new[k: k + b]
+            ids, labels, feats, _ = make_batch(chunk)
+            y = base.corrected_state(ids, feats, token_mask=labels != -100)
+            for it, row in zip(chunk, y, strict=True):
+                stored[it] = (row.cpu(), bias)
+        base.train(was_training)
+
+    def score(rows: list, retained: list) -> None:
+        t0 = time.perf_counter()
+        rows.append(evaluate_row(model, stream, accelerator, tc.batch_size))
+        retained.append(evaluate_retention(model, stream, accelerator, tc.batch_size))
+        timings["eval"] += time.perf_counter() - t0
+
+    timings = {"train": 0.0, "eval": 0.0, "fisher": 0.0, "diagnostics": 0.0}
+    rows: list[dict] = []
+    retained: list[dict | None] = []
+    score(rows, retained)  # b: untrained
+    stages = []
+    sync: list[dict] = []  # with several processes: do the ranks hold identical state?
+    failed = None
+    sequence = [(0, "joint")] if method.joint else list(enumerate(order))
+    for s, dom in sequence:
+        t0 = time.perf_counter()
+        if method.joint:  # the sequence's own blocks, every stage's at once
+            items = [(d, i) for k, d in enumerate(order)
+                     for i in stage_blocks(len(stream.train[d]), n_stage_blocks, seed, k)]
+        else:
+            items = [(dom, i) for i in stage_blocks(len(stream.train[dom]), n_stage_blocks,
+                                                   seed, s)]
+        try:
+            stage = train_stage(batches(items, s), s, dom)
+        except NonFiniteStage as e:
+            failed = {"stage": s + 1, "domain": dom, "message": str(e)}
+            accelerator.print(f"error: {e}")
+            break
+        mine = stage.pop("_mine")
         timings["train"] += time.perf_counter() - t0
         if ewc is not None and s < len(order) - 1:  # no later stage uses the last Fisher
             t0 = time.perf_counter()
             # each rank's share of the first fisher_batches global batches; consolidate
             # averages each batch's gradient over ranks before squaring (global-batch Fisher)
-            ewc.consolidate(base, [make_batch(items)[:3] for items in mine[: cc.fisher_batches]],
+            ewc.consolidate(base, [make_batch(it)[:3] for it, _ in mine[: cc.fisher_batches]],
                             reduce_mean)
             timings["fisher"] += time.perf_counter() - t0
         if reservoir is not None:
-            for i in idx:
-                reservoir.add((dom, i))
+            for item in items:
+                reservoir.add(item)
+            if method.der_alpha > 0:
+                store_outputs()
         if world > 1:  # local updates, Fisher and buffer are made outside DDP: check them
             sync.append({"stage": s, "weights": ranks_agree(accelerator, head_state(base))}
                         | ({"fisher": ranks_agree(accelerator, ewc.flat_fisher())} if ewc else {})
                         | ({"replay": ranks_agree(accelerator, reservoir.fingerprint())}
                            if reservoir else {}))
-        t0 = time.perf_counter()
-        row = evaluate_row(model, stream, accelerator, tc.batch_size)
-        timings["eval"] += time.perf_counter() - t0
-        rows.append(row)
-        stage = {"domain": dom, "steps": len(mine), "batches": len(plan), "tokens": tokens,
-                 "token_slots": len(plan) * b * block,  # equal for every method by design
-                 "replayed_per_batch": n_replay, "skipped_steps": skipped,
-                 "train_loss": train_loss,
-                 "gate_mean": sum(gates) / len(gates) if gates else None,
-                 "ewc_penalty_mean": sum(penalties) / len(penalties) if penalties else None}
+        score(rows, retained)
+        row = rows[-1]
         stages.append(stage)
         if log is not None:
-            log({"stage": s, "domain": dom, "row": row} | stage)
-        accelerator.print(f"[{method.name} seed {seed}] stage {s + 1}/{len(order)} ({dom}): "
-                          + ", ".join(f"{d} {r['loss']:.3f}" for d, r in row.items()))
+            log({"stage": s, "domain": dom, "row": row, "retention": retained[-1]} | stage)
+        accelerator.print(f"[{method.name} seed {seed}] stage {s + 1}/{len(sequence)} ({dom}): "
+                          + ", ".join(f"{d} {r['loss']:.3f}" for d, r in row.items())
+                          + (f", retention {retained[-1]['loss']:.3f}" if retained[-1] else ""))
 
-    result = {"method": method.name, "seed": seed, "order": order,
+    scores = [k for k in SCORES if k in rows[0][order[0]]]  # bits/char needs `chars` data
+    result = {"method": method.name, "seed": seed, "order": order, "joint": method.joint,
               "trainable_parameters": base.trainable_parameters(),
               "head_parameters": base.head_parameters(),
-              "baseline": {k: [rows[0][d][k] for d in order] for k in SCORES},
-              "R": {k: [[rows[i + 1][d][k] for d in order] for i in range(len(order))]
-                    for k in SCORES},
+              "baseline": {k: [rows[0][d][k] for d in order] for k in scores},
+              "rows": [{k: [r[d][k] for d in order] for k in scores} for r in rows[1:]],
               "stages": stages, "processes": world}
+    if retained[0] is not None:
+        result["retention"] = {k: [r[k] for r in retained] for k in scores}  # [b, stages...]
     if sync:
         result["ranks_identical"] = sync
-    if "firing_rate" in rows[0][order[0]]:
-        result["firing_rate"] = [[rows[i][d]["firing_rate"] for d in order]
-                                 for i in range(len(rows))]  # row 0: untrained
-    result["metrics"] = {k: all_metrics(result["R"][k], result["baseline"][k], k)
-                         for k in SCORES}
-    if diagnostics and "firing_rate" in result:
+    for key in ("firing_rate", "active_fraction", "relative_energy", "spikes_per_token"):
+        if key in rows[0][order[0]]:  # row 0: untrained
+            result[key] = [[r[d][key] for d in order] for r in rows]
+    complete = failed is None and len(rows) == len(sequence) + 1
+    if failed is not None:
+        result["failed"] = failed
+    elif method.joint:
+        result["final"] = result["rows"][0]
+        result["metrics"] = {k: {"ACC": sum(result["final"][k]) / len(order), "BWT": None,
+                                 "FWT": None, "forgetting": None} for k in scores}
+    else:
+        result["R"] = {k: [r[k] for r in result["rows"]] for k in scores}
+        result["metrics"] = {k: all_metrics(result["R"][k], result["baseline"][k], k)
+                             for k in scores}
+    if diagnostics and complete and "relative_energy" in rows[0][order[0]]:
         t0 = time.perf_counter()
-        ts = sorted(set(cc.eval_time_steps) | {base.config.time_steps})
-        by_t = pc_diagnostics(model, stream, accelerator, tc.batch_size, ts)
-        result["diagnostics"] = {"trained_time_steps": base.config.time_steps,  # keys: str(T),
-                                 "by_T": {str(t): v for t, v in by_t.items()}}  # as in JSON
+        trained = base.config.time_steps
+        by_t = layer_diagnostics(model, stream, accelerator, tc.batch_size,
+                                 sorted(set(cc.eval_time_steps) - {trained}))
+        by_t[trained] = rows[-1]  # the last row is already scored at the trained T
+        result["diagnostics"] = {"trained_time_steps": trained,  # keys: str(T), as in JSON
+                                 "by_T": {str(t): by_t[t] for t in sorted(by_t)}}
         timings["diagnostics"] += time.perf_counter() - t0
     result["seconds"] = timings
     accelerator.free_memory()  # drop the references prepare() kept to this run's objects

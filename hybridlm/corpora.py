@@ -93,11 +93,39 @@ def licenses() -> Documents:
             yield doc_id, text
 
 
+# Where `make install` downloads (never installs) the wheels that only carry a text file.
+WHEELS_DIR = ".cache/hybridlm/wheels"
+
+
+def news() -> Documents:
+    """General news text: the Lee background corpus (Lee, Pincombe & Welsh 2005), 300 short
+    news articles of the Australian Broadcasting Corporation on politics, disasters, sport
+    and business, one per line. It ships in gensim's test data; `make install` downloads the
+    gensim wheel into WHEELS_DIR (HYBRIDLM_WHEELS overrides it) without installing it, so
+    gensim's licence does not join the `licenses` corpus."""
+    import os
+    import zipfile
+
+    folder = Path(os.environ.get("HYBRIDLM_WHEELS", WHEELS_DIR))
+    wheels = sorted(folder.glob("gensim-*.whl"))
+    if not wheels:
+        raise DataError(
+            f"builtin:news needs the gensim wheel in {folder}: pip download --no-deps "
+            f"--only-binary=:all: -c constraints.txt gensim -d {folder} (make install does "
+            "this)")
+    with zipfile.ZipFile(wheels[-1]) as zf:
+        raw = zf.read("gensim/test/test_data/lee_background.cor")
+    for i, line in enumerate(raw.decode("utf-8").splitlines()):
+        if line.strip():
+            yield f"lee_background#{i}", line.strip()
+
+
 BUILTIN: dict[str, Callable[[], Documents]] = {
     "shakespeare": shakespeare,
     "python_stdlib": python_stdlib,
     "python_reference": python_reference,
     "licenses": licenses,
+    "news": news,
 }
 
 

@@ -52,6 +52,11 @@ def head_ops(head: str, d_model: int, n_neurons: int, time_steps: int, mlp_hidde
     if head in ("mlp", "mlp_macs"):
         mac = 2 * d_model * mlp_hidden
         return {"mac": float(mac), "sop": 0.0, "dense_equivalent_mac": float(mac)}
+    if head == "kwta":  # W1 dense; W2 only for the k units that pass (k = rate * H)
+        if rate is None:
+            raise ValueError("a k-WTA head's operation count needs its active fraction")
+        return {"mac": float(d_model * mlp_hidden * (1 + rate)), "sop": 0.0,
+                "dense_equivalent_mac": float(2 * d_model * mlp_hidden)}
     if head == "linear":
         return {"mac": float(d_model * d_model), "sop": 0.0,
                 "dense_equivalent_mac": float(d_model * d_model)}

@@ -60,7 +60,7 @@ def scores(nll: float, tokens: float, correct: float, chars: float) -> dict:
 
 
 # The spiking layer's diagnostics that evaluate() averages over real tokens.
-LAYER_STATS = ("rate", "spikes_per_token", "active_steps", "relative_energy")
+LAYER_STATS = ("rate", "spikes_per_token", "active_steps", "relative_energy", "active_fraction")
 
 
 @torch.no_grad()
@@ -83,6 +83,7 @@ def evaluate(model, blocks: Blocks, accelerator, batch_size: int, cache: Feature
     totals = torch.zeros(4, dtype=torch.float64)
     layer = torch.zeros(len(LAYER_STATS) + 1, dtype=torch.float64)  # weighted sums, tokens
     neuron_spikes = None
+    kwta = (0.0, 0.0)
     for batch in loader:
         feats = cache.features(base, batch["index"], batch["input_ids"]) if cache else None
         real = batch["labels"] != -100
@@ -91,6 +92,9 @@ def evaluate(model, blocks: Blocks, accelerator, batch_size: int, cache: Feature
         stats = token_stats(out.logits, batch["labels"], batch["chars"])
         totals += accelerator.gather_for_metrics(stats).double().sum(0).cpu()
         hs = base.head.stats
+        if "active_fraction" in hs and "rate" not in hs:  # the k-WTA control's code density
+            n_real = float(real.sum())
+            kwta = (kwta[0] + float(hs["active_fraction"]) * n_real, kwta[1] + n_real)
         if "rate" in hs:
             n_real = float(real.sum())
             layer += torch.tensor([float(hs[k]) * n_real for k in LAYER_STATS] + [n_real],
@@ -99,6 +103,8 @@ def evaluate(model, blocks: Blocks, accelerator, batch_size: int, cache: Feature
             neuron_spikes = counts if neuron_spikes is None else neuron_spikes + counts
     base.train(was_training)
     result = scores(*totals.tolist())
+    if kwta[1] > 0:
+        result["active_fraction"] = kwta[0] / kwta[1]
     if neuron_spikes is not None:
         if accelerator.num_processes > 1:
             layer = accelerator.reduce(layer.to(accelerator.device), "sum").cpu()

@@ -11,6 +11,9 @@ head's last layer starts at zero, so an untrained model is exactly the trunk's l
 | `mlp`        | W2 GELU(W1 LN(z) + b1) + b2             | the spiking layer's parameter count    |
 | `mlp_macs`   | the same MLP                            | the spiking layer's dense-equivalent   |
 |              |                                         | multiply-adds per token                |
+| `kwta`       | W2 kWTA(ReLU(W1 LN(z) + b1)) + b2: only | the `mlp` head; k = `kwta_fraction` of |
+|              | the k largest hidden units pass         | H, the spiking layer's measured code   |
+|              |                                         | density (sparse, not spiking, not PC)  |
 | `spiking_pc` | the spiking predictive-coding layer     | `n_neurons`, `time_steps`              |
 | `ista`       | the same energy minimised without spikes| the spiking layer (same parameters, T) |
 
@@ -25,7 +28,7 @@ from torch import nn
 from hybridlm.energy import head_ops
 from hybridlm.spiking import ISTALayer, SpikingPCLayer
 
-HEADS = ("trunk", "linear", "mlp", "mlp_macs", "spiking_pc", "ista")
+HEADS = ("trunk", "linear", "mlp", "mlp_macs", "kwta", "spiking_pc", "ista")
 SPIKING_HEADS = ("spiking_pc", "ista")  # the energy-based layers (same parameters)
 
 
@@ -71,6 +74,29 @@ class MLPHead(nn.Module):
         return self.down(nn.functional.gelu(self.up(self.norm(z))))
 
 
+class KWTAHead(MLPHead):
+    """The `mlp` head with a k-winners-take-all hidden layer: per token only the k largest
+    ReLU units pass (the others are zero, and get no gradient). It separates "a sparse code
+    with local structure" from "spiking predictive coding": same parameters as `mlp`, the
+    spiking layer's code density, no spikes and no inference loop."""
+
+    def __init__(self, d_model: int, hidden: int, k: int):
+        super().__init__(d_model, hidden)
+        if not 1 <= k <= hidden:
+            raise ValueError(f"k-WTA: k = {k} must lie in [1, {hidden}] (model.kwta_fraction)")
+        self.k = k
+
+    def forward(self, z: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        h = torch.relu(self.up(self.norm(z)))  # (B, L, H)
+        top = h.topk(self.k, dim=-1)
+        sparse = torch.zeros_like(h).scatter(-1, top.indices, top.values)
+        with torch.no_grad():  # share of hidden units that pass, over real tokens
+            active = (sparse > 0).float().mean(-1)
+            self.stats = {"active_fraction": active[mask.bool()].mean() if mask is not None
+                          else active.mean()}
+        return self.down(sparse)
+
+
 def spiking_layer(d_model: int, config, head: str = "spiking_pc") -> SpikingPCLayer:
     """The spiking PC layer (or its non-spiking `ista` control) with the hyper-parameters of
     `config` (a HybridConfig)."""
@@ -108,6 +134,9 @@ def build_head(head: str, d_model: int, config) -> nn.Module:
         return LinearHead(d_model)
     if head in ("mlp", "mlp_macs"):
         return MLPHead(d_model, mlp_hidden(head, d_model, config))
+    if head == "kwta":
+        hidden = mlp_hidden("mlp", d_model, config)
+        return KWTAHead(d_model, hidden, max(1, round(config.kwta_fraction * hidden)))
     if head in SPIKING_HEADS:
         return spiking_layer(d_model, config, head)
     raise ValueError(f"unknown head '{head}' (one of {', '.join(HEADS)})")

@@ -407,9 +407,23 @@ def _fmt(x, digits: int = 2) -> str:
     return str(x)
 
 
-def card_data(config: dict, metrics: dict, cfg: dict, model_name: str):
+def continual_method(config: dict, continual: dict | None) -> str | None:
+    """The continual-learning method (of `eval/continual.py`'s card summary) that trained a
+    head like this model's: same head and, for the spiking layer, same learning mode and
+    gate; None when no method matches."""
+    for name, m in ((continual or {}).get("methods") or {}).items():
+        same = m["head"] == config.get("head") and not m.get("joint")
+        if same and (m["head"] != "spiking_pc" or (m["learning"], m["gate"]) == (
+                config.get("learning"), config.get("gate"))):
+            return name
+    return None
+
+
+def card_data(config: dict, metrics: dict, cfg: dict, model_name: str,
+              continual: dict | None = None):
     """`ModelCardData` with license, base model, datasets, tags and a model-index of the
-    measured per-domain perplexities (test and validation)."""
+    measured per-domain perplexities (test and validation) and, when given, the continual
+    evaluation's metrics of the method that matches this head."""
     from huggingface_hub import EvalResult, ModelCardData
 
     base = (config.get("encoder_config") or {}).get("_name_or_path") or None
@@ -437,6 +451,21 @@ def card_data(config: dict, metrics: dict, cfg: dict, model_name: str):
                     dataset_split=split, metric_type="bits_per_character",
                     metric_name=f"{split} bits per character",
                     metric_value=round(r["bits_per_char"], 4)))
+    method = continual_method(config, continual)
+    if method is not None:
+        m = continual["methods"][method]
+        stream = " -> ".join(continual["order"])
+        for key, label in (("forgetting", "Chaudhry forgetting"), ("ACC", "ACC"),
+                           ("BWT", "backward transfer"), ("learning_gain", "learning gain"),
+                           ("retention_change", "retention change")):
+            if (m.get(key) or {}).get("mean") is not None:
+                results.append(EvalResult(
+                    task_type="text-generation", task_name="Continual language modeling",
+                    dataset_type="continual", dataset_name=f"continual: {stream}",
+                    dataset_split=continual.get("split", "test"),
+                    metric_type=f"continual_{key.lower()}_bits_per_character",
+                    metric_name=f"{label} (bits/char, mean over {len(m['seeds'])} seeds)",
+                    metric_value=round(m[key]["mean"], 4)))
     head = config.get("head", metrics.get("head", ""))
     return ModelCardData(
         language="en", license="apache-2.0", library_name="transformers",
@@ -453,6 +482,8 @@ HEADS = {
             "for {t} steps, {n} units)",
     "mlp": "a non-spiking MLP head (the parameter-matched baseline of the spiking layer)",
     "mlp_macs": "a non-spiking MLP head (multiply-adds per token matched to the spiking layer)",
+    "kwta": "a k-winners-take-all MLP head (the parameter-matched MLP whose hidden layer keeps "
+            "only its k largest units per token: sparse, not spiking)",
     "linear": "a linear residual head",
     "trunk": "no head (the trunk alone)",
 }
@@ -479,9 +510,42 @@ def claim_sentence(heads: dict) -> str:
             "perplexity, mean over domains, changed by " + ", ".join(parts) + ".")
 
 
+def continual_section(config: dict, continual: dict | None) -> list[str]:
+    """The card's continual-learning section: this head's method and fine-tuning, in bits
+    per character, and the evaluation's verdict, copied from its card summary."""
+    if not continual or not continual.get("methods"):
+        return []
+    method = continual_method(config, continual)
+    lines = ["", "## Continual learning", "",
+             f"`eval/continual.py` trained heads on the trunk `{continual.get('trunk')}` "
+             f"through {' -> '.join(continual['order'])}, "
+             f"{continual.get('tokens_per_stage', 0):,} tokens per stage, and scored every "
+             f"domain's {continual.get('split', 'test')} split after each stage (bits per "
+             "character, mean ± std over seeds; forgetting positive = forgetting; retention: "
+             "a general news text's change, positive = worse).", "",
+             "| method | ACC | BWT | forgetting | learning gain | retention change |",
+             "|---|---|---|---|---|---|"]
+
+    def cell(m, key):
+        v = m.get(key) or {}
+        return "-" if v.get("mean") is None else f"{v['mean']:.4f} ± {v['std']:.4f}"
+
+    for name in dict.fromkeys([n for n in (method, "finetune") if n]):
+        m = continual["methods"].get(name)
+        if m:
+            lines.append(f"| {name}{' (this head)' if name == method else ''} | "
+                         + " | ".join(cell(m, k) for k in ("ACC", "BWT", "forgetting",
+                                                            "learning_gain",
+                                                            "retention_change")) + " |")
+    if method is None:
+        lines += ["", "No method of that evaluation trained a head configured like this one."]
+    lines += [""] + list(continual.get("verdict") or [])
+    return lines
+
+
 def card_text(config: dict, metrics: dict, summary: dict | None, cfg: dict,
               model_name: str, repo_id: str | None, remote_code: bool,
-              lower_case: bool | None = None) -> str:
+              lower_case: bool | None = None, continual: dict | None = None) -> str:
     """The card's Markdown body, built only from the measured metrics and the configs."""
     import yaml
 
@@ -574,6 +638,7 @@ def card_text(config: dict, metrics: dict, summary: dict | None, cfg: dict,
                 lines.append(f"| {k} | {mean('bits_per_char'):.4f} | {mean('firing_rate'):.4f} "
                              f"| {mean('spikes_per_token'):.1f} |")
 
+    lines += continual_section(config, continual)
     if cfg:
         lines += ["", "## Training configuration", "", "```yaml",
                   yaml.safe_dump(cfg, sort_keys=False).rstrip(), "```"]
@@ -632,9 +697,11 @@ def write_model_card(
     summary: dict | None = None,
     cfg=None,
     repo_id: str | None = None,
+    continual: dict | None = None,
 ):
     """Write `folder/README.md` from a head's `metrics.json` dict, the run's summary
-    (`<output_dir>/metrics.json`) and the run config; returns the `ModelCard`."""
+    (`<output_dir>/metrics.json`), the run config and (optional) the continual evaluation's
+    card summary; returns the `ModelCard`."""
     from huggingface_hub import ModelCard
 
     folder = Path(folder)
@@ -644,9 +711,9 @@ def write_model_card(
     lower = _read_json(tok_cfg).get("do_lower_case") if tok_cfg.is_file() else None
     head = config.get("head", metrics.get("head", "model"))
     name = repo_id.split("/")[-1] if repo_id else f"hybridlm-{head}"
-    data = card_data(config, metrics, cfg_d, name)
+    data = card_data(config, metrics, cfg_d, name, continual)
     body = card_text(config, metrics, summary, cfg_d, name, repo_id,
-                     remote_code="auto_map" in config, lower_case=lower)
+                     remote_code="auto_map" in config, lower_case=lower, continual=continual)
     card = ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}")
     card.save(folder / CARD)
     return card
@@ -663,7 +730,29 @@ def write_card_for_run(run_dir: str | Path, head: str, repo_id: str | None = Non
     summary = _read_json(run_dir / "metrics.json") if (run_dir / "metrics.json").is_file() else {}
     cfg_file = run_dir / "config.yaml"
     cfg = yaml.safe_load(cfg_file.read_text()) if cfg_file.is_file() else None
-    return write_model_card(folder or run_dir / head / "model", metrics, summary, cfg, repo_id)
+    cont = run_dir / CONTINUAL_SUMMARY
+    continual = _read_json(cont) if cont.is_file() else None
+    return write_model_card(folder or run_dir / head / "model", metrics, summary, cfg, repo_id,
+                            continual)
+
+
+CONTINUAL_SUMMARY = "continual_summary.json"  # in a run folder: eval/continual.py's results
+
+
+def add_continual_to_cards(run_dir: str | Path, continual: dict) -> list[Path]:
+    """Keep the continual evaluation's card summary in `run_dir` and rewrite the card of
+    every trained model there with it; returns the folders whose card was rewritten (none
+    when `run_dir` holds no model)."""
+    from hybridlm.io import write_json_atomic
+
+    run_dir = Path(run_dir)
+    folders = sorted(p.parent for p in run_dir.glob(f"*/model/{CONFIG}"))
+    if not folders:
+        return []
+    write_json_atomic(run_dir / CONTINUAL_SUMMARY, continual)
+    for folder in folders:
+        write_card_for_run(run_dir, folder.parent.name)
+    return folders
 
 
 # ---- publish -------------------------------------------------------------------------------

@@ -59,6 +59,7 @@ class HybridConfig(PretrainedConfig):
     surrogate: str = "atan"
     surrogate_alpha: float = 2.0
     pc_energy_weight: float = 0.0
+    kwta_fraction: float = 0.05
     trainable_encoder_layers: int = 0
     kernel_backend: str = "auto"
     learning: str = "bptt"
@@ -189,6 +190,15 @@ class HybridForCausalLM(PreTrainedModel, GenerationMixin):
         return F.linear(y, emb.to(y.dtype), bias)
 
     # ---- forward -------------------------------------------------------------------------
+    def corrected_state(self, input_ids=None, features=None, attention_mask=None,
+                        token_mask=None, time_steps: int | None = None) -> torch.Tensor:
+        """y = z + head(z) (B, L, D), what the LM head reads; `features` as in `forward`."""
+        if features is None:
+            features = self.encoder_features(input_ids, attention_mask)
+        z = self.top_layers(features, attention_mask)  # (B, L, D)
+        extra = {"time_steps": time_steps} if time_steps is not None else {}
+        return z + self.head(z, token_mask, **extra)
+
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -204,15 +214,11 @@ class HybridForCausalLM(PreTrainedModel, GenerationMixin):
         `token_mask` (B, L) marks real tokens for the head's diagnostics (default: the labels
         that are not -100, else the attention mask, else every token). `time_steps` overrides
         the spiking layer's T for this call."""
-        if features is None:
-            features = self.encoder_features(input_ids, attention_mask)
-        z = self.top_layers(features, attention_mask)  # (B, L, D)
         # real tokens, for the head's diagnostics: padding has no label (or no attention)
         mask = token_mask
         if mask is None:
             mask = labels != -100 if labels is not None else attention_mask
-        extra = {"time_steps": time_steps} if time_steps is not None else {}
-        y = z + self.head(z, mask, **extra)
+        y = self.corrected_state(input_ids, features, attention_mask, mask, time_steps)
         logits = self.lm_logits(y)  # (B, L, V)
         loss = None
         if labels is not None:

@@ -185,6 +185,8 @@ class SpikingPCLayer(nn.Module):
             "rate_per_step": per_step.mean(1),
             "spikes_per_token": per_token.sum() / n_valid,
             "active_steps": (spikes[:, valid].any(-1)).float().sum(0).mean(),
+            # code density: the share of neurons with r > 0 after inference, per token
+            "active_fraction": (r.detach()[valid] > 0).float().mean(),
             "max_neuron_rate": neuron.max(),
             "neuron_spikes": spikes[:, valid].sum((0, 1)),  # (N,) spikes of each neuron
             "pc_energy_loss": final.mean(),  # differentiable: log it detached

@@ -262,3 +262,39 @@ def test_publish_refuses_incomplete_folder(saved, tmp_path, missing):
     (folder / missing).unlink()
     with pytest.raises(hub.PublishError, match=f"refusing to publish: .*{missing}"):
         hub.publish(folder, "someone/x", token="hf_x", endpoint="http://127.0.0.1:9")
+
+
+def test_continual_results_join_the_card_and_its_model_index(saved, tmp_path):
+    """eval/continual.py's card summary: the method that trained a head like this one (same
+    head, learning mode and gate) goes into the card text and the model-index."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(saved, run_dir / "spiking_pc" / "model")
+    (run_dir / "spiking_pc" / "metrics.json").write_text(json.dumps(fake_metrics()))
+    ms = lambda m: {"mean": m, "std": 0.01, "n": 3}  # noqa: E731
+    summary = {"order": ["literature", "docs"], "trunk": "minilm", "split": "test",
+               "tokens_per_stage": 8192, "verdict": ["- The claim does not hold here."],
+               "methods": {
+                   "finetune": {"head": "mlp", "learning": "bptt", "gate": "surprise",
+                                "joint": False, "seeds": [0, 1, 2], "ACC": ms(1.5),
+                                "forgetting": ms(0.04)},
+                   "spiking_hybrid": {"head": "spiking_pc", "learning": "hybrid",
+                                      "gate": "energy", "joint": False, "seeds": [0, 1, 2],
+                                      "ACC": ms(1.6), "forgetting": ms(0.02)},
+                   "spiking_bptt": {"head": "spiking_pc", "learning": "bptt",
+                                    "gate": "surprise", "joint": False, "seeds": [0, 1, 2],
+                                    "ACC": ms(1.55), "forgetting": ms(0.03)}}}
+    assert hub.add_continual_to_cards(tmp_path / "empty", summary) == []
+    assert hub.add_continual_to_cards(run_dir, summary) == [run_dir / "spiking_pc" / "model"]
+    assert json.loads((run_dir / "continual_summary.json").read_text()) == summary
+    card = ModelCard.load(run_dir / "spiking_pc" / "model" / "README.md")
+    cont = {r.metric_type: r.metric_value for r in card.data.eval_results
+            if r.dataset_type == "continual"}
+    # the saved model learns by BPTT with the surprise gate: spiking_bptt is its method
+    assert cont["continual_forgetting_bits_per_character"] == pytest.approx(0.03)
+    assert cont["continual_acc_bits_per_character"] == pytest.approx(1.55)
+    assert "## Continual learning" in card.text and "spiking_bptt (this head)" in card.text
+    assert "The claim does not hold here." in card.text and "| finetune |" in card.text
+    # a later card rewrite (e.g. before publishing) keeps the section
+    hub.write_card_for_run(run_dir, "spiking_pc")
+    assert "## Continual learning" in ModelCard.load(run_dir / "spiking_pc" / "model" /
+                                                     "README.md").text

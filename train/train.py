@@ -95,9 +95,11 @@ def operations(head: str, model, validation: dict) -> dict:
 
     c = model.config
     d = c.encoder_config.hidden_size
-    rates = [r["firing_rate"] for r in validation.values() if "firing_rate" in r]
+    key = "active_fraction" if head == "kwta" else "firing_rate"  # what the count needs
+    rates = [r[key] for r in validation.values() if key in r]
     rate = sum(rates) / len(rates) if rates else None
-    hidden = mlp_hidden(head, d, c) if head in ("mlp", "mlp_macs") else 0
+    hidden = mlp_hidden("mlp" if head == "kwta" else head, d, c) \
+        if head in ("mlp", "mlp_macs", "kwta") else 0
     ops = head_ops(head, d, c.n_neurons, c.time_steps, hidden, rate)
     return ops | energy_pj(ops) | {"firing_rate": rate, "caveat": CAVEAT}
 
