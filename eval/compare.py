@@ -193,12 +193,12 @@ def markdown(agg: dict, config: str, seconds: float) -> str:
                          f"{yes[d['same_sign']]} |")
         lines.append("")
     for m, lay in agg.get("layers", {}).items():
+        lines += [f"## The `{m}` layer", ""]
         if m == "ista":  # no spikes: its "rate" is the share of non-zero units per step
-            lines += ["## The `ista` layer", "", "Its units carry real values, not spikes: "
-                      "'firing rate' below is the share of units with a non-zero value per "
-                      "step, and 'spikes per token' counts non-zero unit-steps."]
-        lines += [f"## The `{m}` layer" if m != "ista" else "", "",
-                  "Validation, mean over domains, mean ± std over seeds: firing rate "
+            lines += ["Its units carry real values, not spikes: 'firing rate' below is the "
+                      "share of units with a non-zero value per step, and 'spikes per token' "
+                      "counts non-zero unit-steps.", ""]
+        lines += ["Validation, mean over domains, mean ± std over seeds: firing rate "
                   f"{_pm(lay['firing_rate'])}, spikes per token {_pm(lay['spikes_per_token'], 1)}"
                   f", inner steps with a spike per token {_pm(lay['active_steps'], 2)}, settled "
                   f"energy F_T / F_0 {_pm(lay['relative_energy'], 3)}, largest per-neuron rate "

@@ -187,8 +187,6 @@ def aggregate(runs: dict[str, list[dict]]) -> dict:
         for key in ("firing_rate", "active_fraction", "relative_energy", "spikes_per_token"):
             if key in rs[0]:  # final row, mean over domains
                 a[f"{key}_final"] = clm.mean_std([float(np.mean(r[key][-1])) for r in rs])
-        if "firing_rate" in rs[0]:
-            a["firing_rate_mean"] = np.mean([r["firing_rate"] for r in rs], 0).tolist()
         a["stage_tokens"] = [[s["tokens"] for s in r["stages"]] for r in rs]  # non-padding
         a["stage_token_slots"] = [[s["token_slots"] for s in r["stages"]] for r in rs]
         a["seconds"] = sum(sum(r["seconds"].values()) for r in rs)
@@ -216,10 +214,8 @@ def energy_table(cfg: RunConfig, runs: dict, agg: dict, d_model: int, vocab: int
         if not rs:
             continue
         mc = method_model_config(cfg, i)
-        cfg_h = HybridConfig(**model_kwargs(mc))
-        hidden = mlp_hidden("mlp" if mc.head == "kwta" else mc.head, d_model, cfg_h) \
-            if mc.head in ("mlp", "mlp_macs", "kwta") else 0
-        key = "active_fraction" if mc.head == "kwta" else "firing_rate"
+        hidden = mlp_hidden(mc.head, d_model, HybridConfig(**model_kwargs(mc)))
+        key = energy.RATE_STAT.get(mc.head, "firing_rate")
         per_domain = {}
         for j, dom in enumerate(rs[0]["order"]):
             rate = float(np.mean([r[key][-1][j] for r in rs])) if key in rs[0] else None

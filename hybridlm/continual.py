@@ -559,9 +559,10 @@ def run_sequence(model, method: MethodConfig, stream: Stream, cc: ContinualConfi
     @torch.no_grad()
     def store_outputs() -> None:
         """DER++: the corrected states of newly buffered blocks under the current model."""
-        for key in [k for k in stored if k not in set(reservoir.items)]:
+        buffered = set(reservoir.items)
+        for key in [k for k in stored if k not in buffered]:
             del stored[key]
-        new = [it for it in dict.fromkeys(reservoir.items) if it not in stored]
+        new = [it for it in reservoir.items if it not in stored]
         bias = None if base.lm_bias is None else base.lm_bias.detach().clone()
         was_training = base.training
         base.eval()
@@ -643,7 +644,6 @@ def run_sequence(model, method: MethodConfig, stream: Stream, cc: ContinualConfi
     for key in ("firing_rate", "active_fraction", "relative_energy", "spikes_per_token"):
         if key in rows[0][order[0]]:  # row 0: untrained
             result[key] = [[r[d][key] for d in order] for r in rows]
-    complete = failed is None and len(rows) == len(sequence) + 1
     if failed is not None:
         result["failed"] = failed
     elif method.joint:
@@ -654,7 +654,7 @@ def run_sequence(model, method: MethodConfig, stream: Stream, cc: ContinualConfi
         result["R"] = {k: [r[k] for r in result["rows"]] for k in scores}
         result["metrics"] = {k: all_metrics(result["R"][k], result["baseline"][k], k)
                              for k in scores}
-    if diagnostics and complete and "relative_energy" in rows[0][order[0]]:
+    if diagnostics and failed is None and "relative_energy" in rows[0][order[0]]:
         t0 = time.perf_counter()
         trained = base.config.time_steps
         by_t = layer_diagnostics(model, stream, accelerator, tc.batch_size,

@@ -25,6 +25,9 @@ layer beats an equivalent quantised one once data movement is counted.
 
 from __future__ import annotations
 
+# The measured statistic each head's `rate` in head_ops stands for (evaluate() reports it).
+RATE_STAT = {"spiking_pc": "firing_rate", "kwta": "active_fraction"}
+
 PRESETS_PJ = {"fp32": (4.6, 0.9), "fp16": (1.5, 0.4), "int8": (0.23, 0.03)}  # (E_MAC, E_AC)
 
 CAVEAT = (

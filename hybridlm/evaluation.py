@@ -59,7 +59,8 @@ def scores(nll: float, tokens: float, correct: float, chars: float) -> dict:
     return out
 
 
-# The spiking layer's diagnostics that evaluate() averages over real tokens.
+# The heads' diagnostics that evaluate() averages over real tokens, when a head reports them
+# (the energy-based layers all of them; the k-WTA head its code density).
 LAYER_STATS = ("rate", "spikes_per_token", "active_steps", "relative_energy", "active_fraction")
 
 
@@ -82,8 +83,8 @@ def evaluate(model, blocks: Blocks, accelerator, batch_size: int, cache: Feature
     extra = {"time_steps": time_steps} if time_steps is not None else {}
     totals = torch.zeros(4, dtype=torch.float64)
     layer = torch.zeros(len(LAYER_STATS) + 1, dtype=torch.float64)  # weighted sums, tokens
+    reported: list[str] = []  # the LAYER_STATS this head reports (the k-WTA head: one)
     neuron_spikes = None
-    kwta = (0.0, 0.0)
     for batch in loader:
         feats = cache.features(base, batch["index"], batch["input_ids"]) if cache else None
         real = batch["labels"] != -100
@@ -92,29 +93,29 @@ def evaluate(model, blocks: Blocks, accelerator, batch_size: int, cache: Feature
         stats = token_stats(out.logits, batch["labels"], batch["chars"])
         totals += accelerator.gather_for_metrics(stats).double().sum(0).cpu()
         hs = base.head.stats
-        if "active_fraction" in hs and "rate" not in hs:  # the k-WTA control's code density
+        reported = [k for k in LAYER_STATS if k in hs]
+        if reported:
             n_real = float(real.sum())
-            kwta = (kwta[0] + float(hs["active_fraction"]) * n_real, kwta[1] + n_real)
-        if "rate" in hs:
-            n_real = float(real.sum())
-            layer += torch.tensor([float(hs[k]) * n_real for k in LAYER_STATS] + [n_real],
-                                  dtype=torch.float64)
+            layer += torch.tensor([float(hs[k]) * n_real if k in hs else 0.0
+                                   for k in LAYER_STATS] + [n_real], dtype=torch.float64)
+        if "neuron_spikes" in hs:
             counts = hs["neuron_spikes"].double().cpu()
             neuron_spikes = counts if neuron_spikes is None else neuron_spikes + counts
     base.train(was_training)
     result = scores(*totals.tolist())
-    if kwta[1] > 0:
-        result["active_fraction"] = kwta[0] / kwta[1]
-    if neuron_spikes is not None:
+    if reported:  # every process runs the same head, so all of them reduce here
         if accelerator.num_processes > 1:
             layer = accelerator.reduce(layer.to(accelerator.device), "sum").cpu()
-            neuron_spikes = accelerator.reduce(neuron_spikes.to(accelerator.device),
-                                               "sum").cpu()
         n_real = float(layer[-1])
         for k, v in zip(LAYER_STATS, layer[:-1].tolist(), strict=True):
-            result["firing_rate" if k == "rate" else k] = v / n_real
+            if k in reported:
+                result["firing_rate" if k == "rate" else k] = v / n_real
+    if neuron_spikes is not None:
+        if accelerator.num_processes > 1:
+            neuron_spikes = accelerator.reduce(neuron_spikes.to(accelerator.device),
+                                               "sum").cpu()
         steps = base.head.time_steps if time_steps is None else time_steps
-        result["max_neuron_rate"] = float(neuron_spikes.max()) / (n_real * steps)
+        result["max_neuron_rate"] = float(neuron_spikes.max()) / (float(layer[-1]) * steps)
     return result
 
 

@@ -111,19 +111,23 @@ def mlp_parameters(d_model: int, hidden: int) -> int:
     return 2 * d_model + hidden * (d_model + 1) + d_model * (hidden + 1)
 
 
+MLP_HEADS = ("mlp", "mlp_macs", "kwta")  # the heads with a hidden layer of size mlp_hidden
+
+
 def mlp_hidden(head: str, d_model: int, config) -> int:
     """The MLP hidden size H that matches the spiking layer of `config`: in trainable
-    parameters (`mlp`; the counts then differ by at most D + 1) or in multiply-adds per token
-    (`mlp_macs`: 2 D H against the layer's dense-equivalent MACs, i.e. with its spike-driven
-    lateral propagation counted as a dense product every step; see `hybridlm.energy`)."""
-    if head == "mlp":
+    parameters (`mlp`, and `kwta`, which is that MLP made sparse; the counts then differ by
+    at most D + 1) or in multiply-adds per token (`mlp_macs`: 2 D H against the layer's
+    dense-equivalent MACs, i.e. with its spike-driven lateral propagation counted as a dense
+    product every step; see `hybridlm.energy`). 0 for a head without a hidden layer."""
+    if head not in MLP_HEADS:
+        return 0
+    if head in ("mlp", "kwta"):
         with torch.device("meta"):
             target = sum(p.numel() for p in spiking_layer(d_model, config).parameters())
         return max(1, round((target - 3 * d_model) / (2 * d_model + 1)))
-    if head == "mlp_macs":
-        macs = head_ops("spiking_pc", d_model, config.n_neurons, config.time_steps, 0, rate=0.0)
-        return max(1, round(macs["dense_equivalent_mac"] / (2 * d_model)))
-    raise ValueError(f"head '{head}' has no MLP hidden size")
+    macs = head_ops("spiking_pc", d_model, config.n_neurons, config.time_steps, 0, rate=0.0)
+    return max(1, round(macs["dense_equivalent_mac"] / (2 * d_model)))
 
 
 def build_head(head: str, d_model: int, config) -> nn.Module:
@@ -135,7 +139,7 @@ def build_head(head: str, d_model: int, config) -> nn.Module:
     if head in ("mlp", "mlp_macs"):
         return MLPHead(d_model, mlp_hidden(head, d_model, config))
     if head == "kwta":
-        hidden = mlp_hidden("mlp", d_model, config)
+        hidden = mlp_hidden(head, d_model, config)
         return KWTAHead(d_model, hidden, max(1, round(config.kwta_fraction * hidden)))
     if head in SPIKING_HEADS:
         return spiking_layer(d_model, config, head)

@@ -409,20 +409,26 @@ def test_shim_under_address_sanitizer(tmp_path):
     assert list(tmp_path.glob("hl_shim_*.so")), "the ASan build was not used"
 
 
+def assert_asan_reports_overflow(tmp_path, code: str, source: str) -> None:
+    """Run `code` (a kernel launch past its tensors) under ASan: it must fail, naming the
+    overflow and the kernel's source file."""
+    res = subprocess.run([sys.executable, "-c", code], env=_asan_env(tmp_path),
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode != 0
+    assert "heap-buffer-overflow" in res.stderr
+    assert source in res.stderr
+
+
 @asan
 def test_address_sanitizer_catches_overflow(tmp_path):
     # A launch that claims more neurons than the tensors hold must be reported, with the line.
-    code = (
+    assert_asan_reports_overflow(tmp_path, (
         "import numpy as np, torch\n"
         "from hybridlm.kernels import _build\n"
         "x = torch.zeros(2, 100); s = torch.empty_like(x)\n"
         "_build.load_shim().launch('hl::lif_fwd<float,0,0>', 1, 128,\n"
-        "    (x, s, np.int32(2), np.int64(128), np.float32(0.9), np.float32(0.7)))\n")
-    res = subprocess.run([sys.executable, "-c", code], env=_asan_env(tmp_path),
-                         capture_output=True, text=True, timeout=300)
-    assert res.returncode != 0
-    assert "heap-buffer-overflow" in res.stderr
-    assert "neuron.cu" in res.stderr
+        "    (x, s, np.int32(2), np.int64(128), np.float32(0.9), np.float32(0.7)))\n"),
+        "neuron.cu")
 
 
 # ---------------------------------------------------------------------------------------

@@ -90,16 +90,15 @@ def model_kwargs(cfg: RunConfig, head: str) -> dict:
 def operations(head: str, model, validation: dict) -> dict:
     """Multiply-adds and synaptic operations per token of a head (hybridlm.energy), with the
     spiking layer's measured validation firing rate, and the 45 nm energy estimate."""
-    from hybridlm.energy import CAVEAT, energy_pj, head_ops
+    from hybridlm.energy import CAVEAT, RATE_STAT, energy_pj, head_ops
     from hybridlm.heads import mlp_hidden
 
     c = model.config
     d = c.encoder_config.hidden_size
-    key = "active_fraction" if head == "kwta" else "firing_rate"  # what the count needs
+    key = RATE_STAT.get(head, "firing_rate")
     rates = [r[key] for r in validation.values() if key in r]
     rate = sum(rates) / len(rates) if rates else None
-    hidden = mlp_hidden("mlp" if head == "kwta" else head, d, c) \
-        if head in ("mlp", "mlp_macs", "kwta") else 0
+    hidden = mlp_hidden(head, d, c)
     ops = head_ops(head, d, c.n_neurons, c.time_steps, hidden, rate)
     return ops | energy_pj(ops) | {"firing_rate": rate, "caveat": CAVEAT}
 
