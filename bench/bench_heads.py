@@ -26,7 +26,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import LlamaConfig
+from accelerate import Accelerator
+from transformers import LlamaConfig, get_constant_schedule
+
+from hybridlm.engine import Engine, make_optimizer
 
 ROOT = Path(__file__).resolve().parent.parent
 SMOLLM2_GEOMETRY = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536,
@@ -62,19 +65,17 @@ def build(head: str, mode: str, feats: torch.Tensor):
     if head in SPIKING_HEADS:
         model.head.init_from_data(feats.reshape(-1, 576)[:4096])
         torch.nn.init.normal_(model.head.readout.weight, std=0.02)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-    return model, opt, model.local_learning()
+    # the training step of make train: hybridlm.engine, with its clipping and local rule
+    accelerator = Accelerator(cpu=True)
+    model, opt = accelerator.prepare(model, make_optimizer(model, lr=1e-3, weight_decay=0.0))
+    return Engine(accelerator, model, opt, get_constant_schedule(opt), max_grad_norm=1.0,
+                  local=model.local_learning())
 
 
-def step(model, opt, local, feats, ids) -> None:
-    loss = model(input_ids=ids, labels=ids, features=feats).loss
-    if local is not None:
-        local.collect(model.head.stats["local_statistic"])
-    loss.backward()
-    opt.step()
-    opt.zero_grad()
-    if local is not None:
-        local.step(loss)
+def step(engine, feats, ids) -> dict:
+    out = engine.model(input_ids=ids, labels=ids, features=feats)
+    engine.step(out.loss, out.local_statistic)
+    return out.head_stats
 
 
 def one_process(rounds: int) -> dict:
@@ -82,14 +83,14 @@ def one_process(rounds: int) -> dict:
     ids = torch.randint(1000, 40000, (16, 128), generator=torch.Generator().manual_seed(1))
     setups = {f"{h}/{m}": build(h, m, feats) for h, m in CASES}
     times: dict[str, list[float]] = {k: [] for k in setups}
+    stats: dict[str, dict] = {}
     for r in range(rounds + 2):
-        for k, s in setups.items():
+        for k, engine in setups.items():
             start = time.perf_counter()
-            step(*s, feats, ids)
+            stats[k] = step(engine, feats, ids)
             if r >= 2:  # two warm-up rounds
                 times[k].append(time.perf_counter() - start)
-    rates = {k: float(s[0].head.stats["rate"]) for k, s in setups.items()
-             if "rate" in s[0].head.stats}
+    rates = {k: float(s["rate"]) for k, s in stats.items() if "rate" in s}
     return {"median_step_seconds": {k: statistics.median(t) for k, t in times.items()},
             "firing_rate": rates, "features": source, "threads": torch.get_num_threads()}
 

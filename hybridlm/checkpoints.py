@@ -1,4 +1,4 @@
-"""Training checkpoints: which ones are complete and intact.
+"""Training checkpoints: what one holds (`save`, `restore`), which ones are complete and intact.
 
 A checkpoint folder holds what `Accelerator.save_state` wrote (model weights as safetensors,
 optimizer and RNG states read back with `torch.load(weights_only=True)`) and `progress.yaml`,
@@ -10,6 +10,8 @@ was cut off mid-save; one whose files don't match their checksums is corrupt.
 from __future__ import annotations
 
 import hashlib
+import pickle
+import shutil
 import warnings
 from pathlib import Path
 
@@ -132,3 +134,52 @@ def resume_point(ckpt_dir: Path, identity: dict) -> Path | None:
         f"--resume: checkpoint {folder} {what}; resume with the config and tokenizer it was "
         "made with, or choose another output_dir (nothing was changed)"
     )
+
+
+# ---- the checkpoint schema: what a save writes and a resume reads back -----------------------
+def save(accelerator, folder: Path, progress: dict, scheduler, local, identity: dict,
+         keep: int) -> None:
+    """`Accelerator.save_state` into `folder` (the frozen trunk left out by the pre-hook the
+    caller registered), then `progress.yaml`, written last: `progress` (step, data position,
+    history, ...), the scheduler's and the local learner's state, the run identity and the
+    checksums of every other file. Keeps the newest `keep` checkpoints of the folder's parent."""
+    from hybridlm.io import write_text_atomic
+
+    accelerator.save_state(str(folder))
+    accelerator.wait_for_everyone()  # save_state writes on rank 0 without waiting
+    if accelerator.is_main_process:
+        state = progress | {"scheduler": scheduler.state_dict(), "identity": identity,
+                            "files": file_checksums(folder)}
+        if local is not None:
+            state["gate"] = local.gate.state_dict()
+            state["hebbian_skipped"] = local.skipped
+        write_text_atomic(folder / PROGRESS, yaml.safe_dump(state))
+        for old in sorted(folder.parent.glob("step_*"))[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+def restore(accelerator, folder: Path, model, frozen: set[str], scheduler, local) -> dict:
+    """Load the checkpoint `folder` (written by `save`) into the prepared objects, the
+    scheduler and the local learner; returns its progress. A checkpoint that does not fit
+    the model raises ConfigError saying what to do."""
+    try:
+        check_saved_keys(folder, model, frozen)
+        accelerator.load_state(str(folder), strict=False)  # the trunk is not in it
+    except (RuntimeError, KeyError, ValueError, pickle.UnpicklingError) as e:
+        reason = str(e).strip().splitlines()[0][:300]
+        if isinstance(e, pickle.UnpicklingError):  # from torch.load(weights_only=True)
+            reason = "a state file holds objects that would run code when unpickled; refused"
+        raise ConfigError(
+            f"--resume: checkpoint {folder} cannot be loaded into this model "
+            f"({type(e).__name__}: {reason}); resume with the config it was made with, "
+            "or choose another output_dir"
+        ) from e
+    progress = yaml.safe_load((folder / PROGRESS).read_text())
+    progress.pop("identity")
+    progress.pop("files")
+    scheduler.load_state_dict(progress.pop("scheduler"))
+    if local is not None:
+        local.gate.load_state_dict(progress.pop("gate"))
+        local.skipped = progress.pop("hebbian_skipped")
+    return progress

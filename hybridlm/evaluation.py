@@ -92,7 +92,7 @@ def evaluate(model, blocks: Blocks, accelerator, batch_size: int, cache: Feature
             out = base(input_ids=batch["input_ids"], features=feats, token_mask=real, **extra)
         stats = token_stats(out.logits, batch["labels"], batch["chars"])
         totals += accelerator.gather_for_metrics(stats).double().sum(0).cpu()
-        hs = base.head.stats
+        hs = out.head_stats
         reported = [k for k in LAYER_STATS if k in hs]
         if reported:
             n_real = float(real.sum())
@@ -114,7 +114,7 @@ def evaluate(model, blocks: Blocks, accelerator, batch_size: int, cache: Feature
         if accelerator.num_processes > 1:
             neuron_spikes = accelerator.reduce(neuron_spikes.to(accelerator.device),
                                                "sum").cpu()
-        steps = base.head.time_steps if time_steps is None else time_steps
+        steps = base.config.time_steps if time_steps is None else time_steps
         result["max_neuron_rate"] = float(neuron_spikes.max()) / (float(layer[-1]) * steps)
     return result
 

@@ -17,7 +17,9 @@ head's last layer starts at zero, so an untrained model is exactly the trunk's l
 | `spiking_pc` | the spiking predictive-coding layer     | `n_neurons`, `time_steps`              |
 | `ista`       | the same energy minimised without spikes| the spiking layer (same parameters, T) |
 
-Every head takes an optional `mask` (B, L) of real tokens (diagnostics skip padding).
+Every head takes an optional `mask` (B, L) of real tokens (diagnostics skip padding) and
+returns a `HeadOutput` (the correction, its diagnostics, and the spiking layers' local
+statistic when asked for).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import torch
 from torch import nn
 
 from hybridlm.energy import head_ops
+from hybridlm.outputs import HeadOutput
 from hybridlm.spiking import ISTALayer, SpikingPCLayer
 
 HEADS = ("trunk", "linear", "mlp", "mlp_macs", "kwta", "spiking_pc", "ista")
@@ -37,10 +40,9 @@ class TrunkHead(nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.stats: dict[str, torch.Tensor] = {}
 
-    def forward(self, z: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        return torch.zeros((), dtype=z.dtype, device=z.device)  # broadcasts: y = z
+    def forward(self, z: torch.Tensor, mask: torch.Tensor | None = None) -> HeadOutput:
+        return HeadOutput(torch.zeros((), dtype=z.dtype, device=z.device), {})  # y = z
 
 
 class LinearHead(nn.Module):
@@ -52,10 +54,9 @@ class LinearHead(nn.Module):
         self.proj = nn.Linear(d_model, d_model)
         nn.init.zeros_(self.proj.weight)
         nn.init.zeros_(self.proj.bias)
-        self.stats: dict[str, torch.Tensor] = {}
 
-    def forward(self, z: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        return self.proj(self.norm(z))
+    def forward(self, z: torch.Tensor, mask: torch.Tensor | None = None) -> HeadOutput:
+        return HeadOutput(self.proj(self.norm(z)), {})
 
 
 class MLPHead(nn.Module):
@@ -68,10 +69,9 @@ class MLPHead(nn.Module):
         self.down = nn.Linear(hidden, d_model)
         nn.init.zeros_(self.down.weight)
         nn.init.zeros_(self.down.bias)
-        self.stats: dict[str, torch.Tensor] = {}
 
-    def forward(self, z: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        return self.down(nn.functional.gelu(self.up(self.norm(z))))
+    def forward(self, z: torch.Tensor, mask: torch.Tensor | None = None) -> HeadOutput:
+        return HeadOutput(self.down(nn.functional.gelu(self.up(self.norm(z)))), {})
 
 
 class KWTAHead(MLPHead):
@@ -86,15 +86,14 @@ class KWTAHead(MLPHead):
             raise ValueError(f"k-WTA: k = {k} must lie in [1, {hidden}] (model.kwta_fraction)")
         self.k = k
 
-    def forward(self, z: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, z: torch.Tensor, mask: torch.Tensor | None = None) -> HeadOutput:
         h = torch.relu(self.up(self.norm(z)))  # (B, L, H)
         top = h.topk(self.k, dim=-1)
         sparse = torch.zeros_like(h).scatter(-1, top.indices, top.values)
         with torch.no_grad():  # share of hidden units that pass, over real tokens
             active = (sparse > 0).float().mean(-1)
-            self.stats = {"active_fraction": active[mask.bool()].mean() if mask is not None
-                          else active.mean()}
-        return self.down(sparse)
+            fraction = active[mask.bool()].mean() if mask is not None else active.mean()
+        return HeadOutput(self.down(sparse), {"active_fraction": fraction})
 
 
 def spiking_layer(d_model: int, config, head: str = "spiking_pc") -> SpikingPCLayer:

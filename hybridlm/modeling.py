@@ -26,9 +26,9 @@ from transformers import (
 )
 from transformers.configuration_utils import SubConfigSpec
 from transformers.masking_utils import create_causal_mask
-from transformers.modeling_outputs import CausalLMOutput
 
 from hybridlm.heads import SPIKING_HEADS, build_head
+from hybridlm.outputs import HeadOutput, HybridLMOutput
 from hybridlm.trunks import resolve_trunk
 
 
@@ -73,7 +73,8 @@ class HybridConfig(PretrainedConfig):
 
 class HybridForCausalLM(PreTrainedModel, GenerationMixin):
     """Next-token language model. input_ids (B, L) -> logits (B, L, V); position t predicts
-    token t + 1. Head statistics (firing rates, PC energy) are in `self.head.stats`."""
+    token t + 1. The output carries the head's statistics (firing rates, PC energy) and, when
+    training with local learning, the local rule's statistic (`HybridLMOutput`)."""
 
     config_class = HybridConfig
     base_model_prefix = "hybrid"
@@ -102,7 +103,6 @@ class HybridForCausalLM(PreTrainedModel, GenerationMixin):
             # hebbian: the dictionary and mean learn only from the local rule; hybrid: both
             for p in self.head.local_parameters():
                 p.requires_grad_(config.learning != "hebbian")
-            self.head.collect_local = config.learning != "bptt"
         self.post_init()
         self.freeze_encoder()
 
@@ -190,14 +190,25 @@ class HybridForCausalLM(PreTrainedModel, GenerationMixin):
         return F.linear(y, emb.to(y.dtype), bias)
 
     # ---- forward -------------------------------------------------------------------------
-    def corrected_state(self, input_ids=None, features=None, attention_mask=None,
-                        token_mask=None, time_steps: int | None = None) -> torch.Tensor:
-        """y = z + head(z) (B, L, D), what the LM head reads; `features` as in `forward`."""
+    def run_head(self, input_ids=None, features=None, attention_mask=None, token_mask=None,
+                 time_steps: int | None = None) -> tuple[torch.Tensor, HeadOutput]:
+        """y = z + head(z) (B, L, D), what the LM head reads, and the head's output (its
+        diagnostics; the local statistic in training with local learning). `features` as in
+        `forward`."""
         if features is None:
             features = self.encoder_features(input_ids, attention_mask)
         z = self.top_layers(features, attention_mask)  # (B, L, D)
-        extra = {"time_steps": time_steps} if time_steps is not None else {}
-        return z + self.head(z, token_mask, **extra)
+        extra = {}
+        if self.config.head in SPIKING_HEADS:  # only the energy-based layers have T
+            extra = {"time_steps": time_steps,
+                     "local_statistic": self.training and self.config.learning != "bptt"}
+        out = self.head(z, token_mask, **extra)
+        return z + out.delta, out
+
+    def corrected_state(self, input_ids=None, features=None, attention_mask=None,
+                        token_mask=None, time_steps: int | None = None) -> torch.Tensor:
+        """y = z + head(z) (B, L, D), what the LM head reads; `features` as in `forward`."""
+        return self.run_head(input_ids, features, attention_mask, token_mask, time_steps)[0]
 
     def forward(
         self,
@@ -208,26 +219,30 @@ class HybridForCausalLM(PreTrainedModel, GenerationMixin):
         token_mask: torch.Tensor | None = None,
         time_steps: int | None = None,
         **kwargs,
-    ) -> CausalLMOutput:
+    ) -> HybridLMOutput:
         """`features` (B, L, D), when given, replaces the frozen trunk's output (cache hit).
         `labels` (B, L) are the input ids with -100 where no loss is taken; shifted inside.
         `token_mask` (B, L) marks real tokens for the head's diagnostics (default: the labels
         that are not -100, else the attention mask, else every token). `time_steps` overrides
-        the spiking layer's T for this call."""
+        the spiking layer's T for this call. Returns the logits, the loss (with `labels`),
+        the head's detached diagnostics and, in training with local learning, the local
+        rule's statistic."""
         # real tokens, for the head's diagnostics: padding has no label (or no attention)
         mask = token_mask
         if mask is None:
             mask = labels != -100 if labels is not None else attention_mask
-        y = self.corrected_state(input_ids, features, attention_mask, mask, time_steps)
+        y, head = self.run_head(input_ids, features, attention_mask, mask, time_steps)
         logits = self.lm_logits(y)  # (B, L, V)
         loss = None
         if labels is not None:
             loss = F.cross_entropy(
                 logits[:, :-1].float().flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100
             )
-            if self.config.pc_energy_weight > 0 and "pc_energy_loss" in self.head.stats:
-                loss = loss + self.config.pc_energy_weight * self.head.stats["pc_energy_loss"]
-        return CausalLMOutput(loss=loss, logits=logits)
+            if self.config.pc_energy_weight > 0 and "pc_energy_loss" in head.stats:
+                loss = loss + self.config.pc_energy_weight * head.stats["pc_energy_loss"]
+        return HybridLMOutput(loss=loss, logits=logits,
+                              head_stats={k: v.detach() for k, v in head.stats.items()},
+                              local_statistic=head.local_statistic)
 
     # The spiking head re-runs its T inner steps on every position, so generation recomputes
     # the whole prefix each step instead of keeping a key/value cache.

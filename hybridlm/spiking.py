@@ -47,6 +47,7 @@ from torch import nn
 
 from hybridlm import kernels
 from hybridlm.kernels import reference
+from hybridlm.outputs import HeadOutput
 
 
 def spike(u: torch.Tensor, surrogate: str = "atan", alpha: float = 2.0) -> torch.Tensor:
@@ -58,13 +59,13 @@ def spike(u: torch.Tensor, surrogate: str = "atan", alpha: float = 2.0) -> torch
 class SpikingPCLayer(nn.Module):
     """Spiking predictive-coding layer (equations in the module docstring).
 
-    Input z: (B, L, D), the trunk's state. Output: the correction (B, L, D), zero at init
-    (the model adds it to z). After each forward, `stats` holds detached diagnostics over the
-    real (non-padding) tokens: `energy_per_step` (T + 1,) mean F after 0..T steps,
-    `relative_energy` mean F_T / F_0, `rate` and `rate_per_step` (T,) (fraction of neurons
-    spiking per step), `spikes_per_token`, `active_steps` (steps with a spike, per token),
-    `max_neuron_rate`; `pc_energy_loss` keeps the differentiable settled energy, and
-    `local_statistic` (when `collect_local` is on, in training) the local rule's statistic.
+    Input z: (B, L, D), the trunk's state. Output: a `HeadOutput` whose `delta` is the
+    correction (B, L, D), zero at init (the model adds it to z); its `stats` are detached
+    diagnostics over the real (non-padding) tokens: `energy_per_step` (T + 1,) mean F after
+    0..T steps, `relative_energy` mean F_T / F_0, `rate` and `rate_per_step` (T,) (fraction of
+    neurons spiking per step), `spikes_per_token`, `active_steps` (steps with a spike, per
+    token), `max_neuron_rate`, `neuron_spikes` (N,), and `pc_energy_loss`, the differentiable
+    settled energy; `local_statistic`, when asked for, is what the local rule needs.
     """
 
     def __init__(
@@ -96,8 +97,6 @@ class SpikingPCLayer(nn.Module):
         self.delta, self.mu, self.nu = spike_quantum, l2_cost, rate_cost
         self.surrogate, self.surrogate_alpha = surrogate, surrogate_alpha
         self.backend = None if backend == "auto" else backend  # None: kernels decide
-        self.collect_local = False
-        self.stats: dict[str, torch.Tensor] = {}
 
     # ---- the energy and its pieces ------------------------------------------------------
     def atoms(self) -> torch.Tensor:
@@ -142,18 +141,19 @@ class SpikingPCLayer(nn.Module):
                                     self.surrogate, self.surrogate_alpha, backend=self.backend)
 
     def forward(self, z: torch.Tensor, mask: torch.Tensor | None = None,
-                time_steps: int | None = None) -> torch.Tensor:
-        """z (B, L, D) -> correction (B, L, D). `mask` (B, L): real tokens (diagnostics and the
-        local statistic skip padding); `time_steps` overrides T for this call."""
+                time_steps: int | None = None, local_statistic: bool = False) -> HeadOutput:
+        """z (B, L, D) -> HeadOutput(correction (B, L, D), diagnostics, local statistic).
+        `mask` (B, L): real tokens (diagnostics and the local statistic skip padding);
+        `time_steps` overrides T for this call; `local_statistic`: also return the local
+        rule's statistic (computed without gradient)."""
         shape = z.shape
         x_c = self.centred(z).reshape(-1, shape[-1])  # (M, D)
         r, spikes, d_energy = self.infer(x_c, time_steps)
         valid = torch.ones(len(x_c), dtype=torch.bool, device=z.device) if mask is None \
             else mask.reshape(-1).bool()
-        self.stats = self._diagnostics(x_c, r, spikes, d_energy, valid)
-        if self.collect_local and self.training:
-            self.stats["local_statistic"] = self.local_statistic(x_c, r, valid)
-        return self.readout(r).reshape(shape)
+        stats = self._diagnostics(x_c, r, spikes, d_energy, valid)
+        local = self.local_statistic(x_c, r, valid) if local_statistic else None
+        return HeadOutput(self.readout(r).reshape(shape), stats, local)
 
     @torch.no_grad()
     def local_statistic(self, x_c: torch.Tensor, r: torch.Tensor, valid: torch.Tensor) -> dict:

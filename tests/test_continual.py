@@ -538,8 +538,7 @@ def test_kwta_head_passes_k_units_and_starts_as_the_identity():
         z = model.top_layers(model.encoder_features(ids))
         assert torch.equal(model.corrected_state(ids), z)  # zero-initialised readout
         h = torch.relu(model.head.up(model.head.norm(z)))
-    model.head(z)
-    assert model.head.stats["active_fraction"] <= model.head.k / hidden + 1e-6
+    assert model.head(z).stats["active_fraction"] <= model.head.k / hidden + 1e-6
     # only the k largest units reach the readout: perturbing a losing unit changes nothing
     model.head.down.weight.data.normal_()
     losers = h.topk(hidden - model.head.k, dim=-1, largest=False).indices

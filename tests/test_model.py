@@ -89,7 +89,7 @@ def test_encoder_readout_is_tied_to_the_word_embeddings(tiny):
         model.encoder.get_input_embeddings().weight[7] += 3.0
         torch.nn.init.normal_(model.head.proj.weight)
     z = model.encoder_features(ids)
-    y = z + model.head(z)
+    y = z + model.head(z).delta
     expected = y @ model.encoder.get_input_embeddings().weight.T + model.lm_bias
     torch.testing.assert_close(model(input_ids=ids).logits, expected)
 

@@ -11,7 +11,6 @@ def _layer(n=24, d=16, t=6):
     layer = SpikingPCLayer(d, n, time_steps=t, backend="torch").double().train()
     layer.init_from_data(torch.randn(4 * n, d, dtype=torch.float64),
                          torch.Generator().manual_seed(1))
-    layer.collect_local = True
     return layer
 
 
@@ -20,8 +19,9 @@ def _learner(layer, eta=0.5, gate=None):
 
 
 def _forward_and_collect(layer, learner, x):
-    layer(x)
-    learner.collect(layer.stats["local_statistic"])
+    out = layer(x, local_statistic=True)
+    learner.collect(out.local_statistic)
+    return out
 
 
 def test_repeated_local_steps_lower_the_settled_energy():
@@ -30,8 +30,8 @@ def test_repeated_local_steps_lower_the_settled_energy():
     x = torch.randn(8, 5, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
     energies = []
     for _ in range(15):
-        _forward_and_collect(layer, learner, x)
-        energies.append(float(layer.stats["pc_energy_loss"].detach()))
+        out = _forward_and_collect(layer, learner, x)
+        energies.append(float(out.stats["pc_energy_loss"].detach()))
         learner.step(torch.tensor(1.0))
     assert energies[-1] < 0.9 * energies[0]
 
@@ -121,14 +121,15 @@ def test_modes_switch_what_learns(tiny, mode, grad, local):
     model = tiny(learning=mode, rate_cost=0.05).train()
     torch.nn.init.normal_(model.head.readout.weight, std=0.2)
     ids = torch.randint(5, 120, (2, 10))
-    model(input_ids=ids, labels=ids).loss.backward()
+    out = model(input_ids=ids, labels=ids)
+    out.loss.backward()
     w = model.head.dictionary
     assert (w.grad is not None and w.grad.abs().sum() > 0) == grad
     learner = model.local_learning()
     assert (learner is not None) == local
     if learner is not None:
         w0 = w.detach().clone()
-        learner.collect(model.head.stats["local_statistic"])
+        learner.collect(out.local_statistic)
         learner.step(torch.tensor(1.0))
         assert not torch.equal(w, w0)
     assert model.head.readout.weight.grad is not None  # the readout always learns by BPTT

@@ -1,4 +1,4 @@
-"""Local updates under several processes: DDP does not synchronise them, the code does."""
+"""Local updates under several processes: DDP does not synchronise them, the engine does."""
 
 import json
 import os
@@ -9,7 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 from accelerate import Accelerator, debug_launcher
+from transformers import get_constant_schedule
 
+from hybridlm.engine import Engine, make_optimizer
 from tests.conftest import tiny_model
 
 STEPS, GLOBAL_BATCH = 5, 4
@@ -20,27 +22,21 @@ def _batches():
     return [torch.randint(5, 120, (GLOBAL_BATCH, 12), generator=g) for _ in range(STEPS)]
 
 
-def _train(rank: int, world: int, accelerator=None):
+def _train(rank: int, world: int, accelerator):
+    """STEPS steps of the training engine, this rank's share of each global batch."""
     model = tiny_model(learning="hybrid", gate="surprise", hebbian_lr=0.5).train()
     torch.nn.init.normal_(model.head.readout.weight, std=0.2)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    reduce = None
-    if accelerator is not None:
-        model, opt = accelerator.prepare(model, opt)
-        reduce = lambda t: accelerator.reduce(t, "mean")  # noqa: E731
-    base = model.module if hasattr(model, "module") else model
-    local = base.local_learning()
+    model, opt = accelerator.prepare(model, make_optimizer(model, lr=1e-2, weight_decay=0.01))
+    base = accelerator.unwrap_model(model)
+    engine = Engine(accelerator, model, opt, get_constant_schedule(opt), max_grad_norm=1.0,
+                    local=base.local_learning())
     per_rank = GLOBAL_BATCH // world
     for ids in _batches():
         mine = ids[rank * per_rank : (rank + 1) * per_rank]
-        loss = model(input_ids=mine, labels=mine).loss
-        local.collect(base.head.stats["local_statistic"])
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        local.step(loss, reduce)
+        out = model(input_ids=mine, labels=mine)
+        assert engine.step(out.loss, out.local_statistic) is not None
     state = {k: v.detach().clone() for k, v in base.state_dict().items()}
-    return state, local.gate.expected
+    return state, engine.local.gate.expected
 
 
 def _two_rank_worker():
@@ -70,7 +66,7 @@ def test_two_ranks_stay_bit_identical_and_match_one_process(tmp_path):
     result = json.loads(out.read_text())
     assert result["world"] == 2
     assert result["ranks_identical"]
-    single, expected = _train(0, 1)
+    single, expected = _train(0, 1, Accelerator(cpu=True))
     flat = torch.cat([v.flatten().double() for v in single.values()])
     two = torch.tensor(result["params"], dtype=torch.float64)
     # Same global batch: equal up to float rounding (gradient all-reduce order, Adam).

@@ -203,21 +203,21 @@ def test_surrogate_gradient_reaches_every_parameter_through_the_steps(trunk_stat
     layer = _layer(trunk_states.shape[1], 32, 5, "data", trunk_states, torch.float32)
     torch.nn.init.normal_(layer.readout.weight, std=0.1)
     z = trunk_states[:64].reshape(2, 32, -1)
-    layer(z).pow(2).sum().backward()
+    out = layer(z)
+    out.delta.pow(2).sum().backward()
     for name, p in layer.named_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
-    assert layer.stats["rate_per_step"].shape == (5,)
-    assert layer.stats["energy_per_step"].shape == (6,)
+    assert out.stats["rate_per_step"].shape == (5,)
+    assert out.stats["energy_per_step"].shape == (6,)
+    assert out.local_statistic is None  # only when asked for
 
 
 def test_local_rule_is_minus_the_gradient_of_the_energy_at_the_settled_state(trunk_states):
     layer = _layer(trunk_states.shape[1], 160, 6, "data", trunk_states).train()
-    layer.collect_local = True
     z = trunk_states[:30].double()
     mask = torch.ones(30, dtype=torch.bool)
     mask[20:] = False  # padding: left out of the statistic
-    layer(z[None], mask[None])
-    stat = layer.stats["local_statistic"]
+    stat = layer(z[None], mask[None], local_statistic=True).local_statistic
     x_c = layer.centred(z).detach()[:20]
     r, _, _ = layer.infer(x_c)
     atoms = layer.atoms().detach().clone().requires_grad_(True)
@@ -233,14 +233,13 @@ def test_local_step_updates_only_active_atoms_and_keeps_them_unit_norm(trunk_sta
     from hybridlm.plasticity import LocalLearning, NeuromodulatoryGate
 
     layer = _layer(trunk_states.shape[1], 48, 6, "data", trunk_states).train()
-    layer.collect_local = True
     learner = LocalLearning(layer, 0.05, NeuromodulatoryGate("constant", g_max=1.0))
     before = layer.atoms().detach().clone()
     z = trunk_states[:120].double()[None]
     with torch.no_grad():
-        layer(z)
-    learner.collect(layer.stats["local_statistic"])
-    active = layer.stats["neuron_spikes"] > 0
+        out = layer(z, local_statistic=True)
+    learner.collect(out.local_statistic)
+    active = out.stats["neuron_spikes"] > 0
     f_before = layer.energy(layer.centred(z[0]), layer.infer(layer.centred(z[0]))[0]).mean()
     out = learner.step(torch.tensor(3.0))
     after = layer.atoms().detach()

@@ -1,0 +1,98 @@
+"""The training step, written once: used by `make train` (`hybridlm.training`), every stage of
+the continual evaluation (`hybridlm.continual`), the benchmarks and the multi-process tests.
+
+One call of `Engine.step` takes one micro-batch's loss through
+
+    agree across ranks that the loss is finite (else every rank skips it, or the gradient
+      all-reduce would hang with some ranks waiting)
+    -> hand the forward's local statistic to the Hebbian learner (summed over micro-batches)
+    -> backward (DDP all-reduces the gradients when they sync)
+    -> when gradients sync: clip, optimizer step, the local rule's step (its statistic and
+       gate inputs averaged across ranks, since DDP does not see updates made outside
+       autograd), learning-rate schedule, zero the gradients.
+
+The caller owns the loop (what a batch is, when to validate or save) and wraps the forward
+and `step` in `accelerator.accumulate(model)` when it accumulates gradients.
+"""
+
+from __future__ import annotations
+
+import torch
+from accelerate import Accelerator
+
+
+class NonFiniteLoss(FloatingPointError):
+    """The loss was NaN or inf on some rank for `patience` micro-batches in a row."""
+
+
+def optimizer_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups of the parameters that get gradients: matrices decay, vectors (biases,
+    norms) do not."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+
+
+def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float
+                   ) -> torch.optim.AdamW:
+    return torch.optim.AdamW(optimizer_groups(model, weight_decay), lr=lr)
+
+
+class Engine:
+    """The step of one training run over a model already prepared by `accelerator`.
+
+    `optimizer` (prepared) and `scheduler` belong to the current phase (a head's training, a
+    continual stage); `local` is the model's `LocalLearning` or None; `patience`: skipped
+    micro-batches in a row before `NonFiniteLoss` is raised.
+    """
+
+    def __init__(self, accelerator: Accelerator, model: torch.nn.Module, optimizer,
+                 scheduler, max_grad_norm: float, local=None, patience: int = 10):
+        self.accelerator, self.model = accelerator, model
+        self.base = accelerator.unwrap_model(model)
+        self.params = [p for p in self.base.parameters() if p.requires_grad]
+        self.optimizer, self.scheduler = optimizer, scheduler
+        self.max_grad_norm, self.local, self.patience = max_grad_norm, local, patience
+        self.skipped = 0  # micro-batches skipped for a non-finite loss
+        self.bad_in_a_row = 0
+
+    def mean_over_processes(self, t: torch.Tensor) -> torch.Tensor:
+        return self.accelerator.reduce(t, "mean") if self.accelerator.num_processes > 1 else t
+
+    def all_finite(self, loss: torch.Tensor) -> bool:
+        """True when `loss` is finite on every rank (one all-reduce)."""
+        bad = (~torch.isfinite(loss.detach())).float().reshape(1)
+        if self.accelerator.num_processes > 1:
+            bad = self.accelerator.reduce(bad, "sum")
+        return float(bad) == 0
+
+    def step(self, loss: torch.Tensor, local_statistic: dict | None = None,
+             gate_loss: torch.Tensor | None = None) -> dict | None:
+        """One micro-batch: `loss` is backpropagated; `local_statistic` is the forward's
+        (`HybridLMOutput.local_statistic`); `gate_loss` is what the surprise gate reads
+        (default `loss`; the continual methods pass the next-token loss without their
+        penalties). Returns None when every rank skipped the micro-batch, {} when it only
+        accumulated gradients, else the step's values to log (`train/grad_norm` and the
+        local rule's `plasticity/...`)."""
+        acc = self.accelerator
+        if not self.all_finite(loss):
+            self.optimizer.zero_grad()
+            self.skipped += 1
+            self.bad_in_a_row += 1
+            if self.bad_in_a_row >= self.patience:
+                raise NonFiniteLoss(f"loss was NaN/inf for {self.bad_in_a_row} steps in a row")
+            return None
+        self.bad_in_a_row = 0
+        if self.local is not None:  # summed over micro-batches, applied when the optimizer steps
+            self.local.collect(local_statistic)
+        acc.backward(loss)
+        if not acc.sync_gradients:  # accumulating: the prepared optimizer does not step yet
+            return {}
+        row = {"train/grad_norm": float(acc.clip_grad_norm_(self.params, self.max_grad_norm))}
+        self.optimizer.step()
+        if self.local is not None:
+            row |= self.local.step(loss if gate_loss is None else gate_loss,
+                                   self.mean_over_processes)
+        self.scheduler.step()
+        self.optimizer.zero_grad()
+        return row
