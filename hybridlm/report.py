@@ -1,4 +1,5 @@
-"""Reports of a training run (`<output_dir>` of train/train.py), from its metrics.json files.
+"""Reports of a training run (`<output_dir>` of train/train.py), from its metrics.json files
+and, where the run wrote them, its `<head>/history.jsonl` files (every logged step).
 
 `build_report(run_dir)` makes a W&B Report (wandb-workspaces) only when a W&B key, online
 mode and the network are all there; otherwise a self-contained local HTML file (tables plus
@@ -35,7 +36,7 @@ class Run:
     summary: dict
     heads: dict
     config: dict
-    wandb_history: dict | None = None  # {head: every logged row}, from the offline W&B runs
+    history: dict | None = None  # {head: every logged row}, from <head>/history.jsonl
 
 
 def load_run(run_dir: str | Path) -> Run:
@@ -56,23 +57,34 @@ def load_run(run_dir: str | Path) -> Run:
     heads = {h: heads[h] for h in order if h in heads} | heads
     cfg_file = run_dir / "config.yaml"
     config = yaml.safe_load(cfg_file.read_text()) if cfg_file.is_file() else {}
-    return Run(run_dir, summary, heads, config, _wandb_history(run_dir, heads))
+    return Run(run_dir, summary, heads, config, _logged_history(run_dir, heads))
 
 
-def _wandb_history(run_dir: Path, heads: dict) -> dict:
-    """Per-step history of the run's finished offline W&B runs (metrics.json keeps only every
-    10th training step); runs that can't be read are skipped."""
-    from hybridlm.wandb_offline import WandbRunError, find_runs, read_run
+HISTORY = "history.jsonl"  # in <output_dir>/<head>/: one logged row {"step": n, ...} a line
 
+
+def _logged_history(run_dir: Path, heads: dict) -> dict:
+    """Per-step history of every head that wrote `<head>/history.jsonl` (metrics.json keeps
+    only every 10th training step); a file that can't be read is skipped."""
     out = {}
-    for f in find_runs(run_dir):
-        try:
-            r = read_run(f)
-        except WandbRunError:
+    for head in heads:
+        f = run_dir / head / HISTORY
+        if not f.is_file():
             continue
-        if r.name in heads:
-            out[r.name] = [{"step": row["_step"]} | row for row in r.history if "_step" in row]
+        try:
+            rows = [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            continue
+        rows = [r for r in rows if isinstance(r, dict) and "step" in r]
+        if rows:
+            out[head] = rows
     return out
+
+
+def training_history(run: Run, head: str) -> list[dict]:
+    """The rows a head's training curves are drawn from: its `history.jsonl` (every logged
+    step) when the run wrote one, else the `history` of its metrics.json."""
+    return (run.history or {}).get(head) or run.heads[head].get("history") or []
 
 
 # ---- plots -------------------------------------------------------------------------------
@@ -101,9 +113,8 @@ def figures(run: Run) -> dict[str, bytes]:
 
     out = {}
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    logged = run.wandb_history or {}
-    for head, m in run.heads.items():
-        x, y = _series(logged.get(head) or m.get("history") or [], "train/loss")
+    for head in run.heads:
+        x, y = _series(training_history(run, head), "train/loss")
         if x:
             ax.plot(x, y, marker=".", label=head)
     if ax.lines:
@@ -147,8 +158,8 @@ def figures(run: Run) -> dict[str, bytes]:
         out["domain_perplexity"] = _png(fig)
 
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    for head, m in run.heads.items():
-        x, y = _series(logged.get(head) or m.get("history") or [], "snn/firing_rate")
+    for head in run.heads:
+        x, y = _series(training_history(run, head), "snn/firing_rate")
         if x:
             ax.plot(x, y, marker=".", label=head)
     if ax.lines:
@@ -205,8 +216,8 @@ def html_report(run: Run, reason: str = "") -> str:
              f"{html.escape(name)}</code></h1>",
              f"<p class='note'>Local report made from {html.escape(str(run.path))}/"
              f"metrics.json and &lt;head&gt;/metrics.json"
-             + (" (training curves: every step, from the offline W&B runs)"
-                if run.wandb_history else "") + f". {html.escape(reason)}</p>"]
+             + (" (training curves: every logged step, from &lt;head&gt;/history.jsonl)"
+                if run.history else "") + f". {html.escape(reason)}</p>"]
     heads = run.heads
     rows = []
     for head, m in heads.items():

@@ -1,4 +1,4 @@
-"""Local HTML report from a run folder's metrics.json files, and the card for a run."""
+"""Local HTML report from a run folder's metrics.json (and history.jsonl) files."""
 
 import base64
 import json
@@ -73,6 +73,58 @@ def test_offline_mode_never_tries_wandb(tmp_path, monkeypatch):
     assert kind == "html" and why == "WANDB_MODE=offline" and Path(where).is_file()
     with pytest.raises(report.ReportError, match="cannot make a W&B Report"):
         report.build_report(tmp_path / "demo", kind="wandb")
+
+
+def every_step(head: str) -> list[dict]:
+    """What a head's history.jsonl holds: every logged row, not only every 10th step."""
+    return [{"step": s, "train/loss": 6.0 - s / 100, "train/lr": 1e-3}
+            | ({"snn/firing_rate": 0.2 - s / 1000} if head == "spiking_pc" else {})
+            for s in range(1, 51)]
+
+
+def write_history(run: Path, head: str, rows: list[dict], extra: str = "") -> None:
+    (run / head / "history.jsonl").write_text(
+        "".join(json.dumps(r) + "\n" for r in rows) + extra)
+
+
+def test_curves_come_from_history_jsonl_else_metrics_json(tmp_path):
+    run = write_run(tmp_path)
+    plain = report.load_run(run)
+    assert not plain.history
+    for head, m in plain.heads.items():
+        assert report.training_history(plain, head) == m["history"]
+    assert "history.jsonl" not in report.html_report(plain)
+    before = report.figures(plain)
+
+    # history.jsonl holding metrics.json's rows: the same figures, byte for byte
+    for head, m in plain.heads.items():
+        write_history(run, head, m["history"], extra="\n")  # a blank line is skipped
+    assert report.figures(report.load_run(run)) == before
+
+    # every logged step in history.jsonl (one head): it is preferred for the training curves;
+    # the validation curves and the per-domain bars still come from metrics.json
+    write_history(run, "spiking_pc", every_step("spiking_pc"))
+    (run / "mlp" / "history.jsonl").unlink()
+    dense = report.load_run(run)
+    assert dense.history == {"spiking_pc": every_step("spiking_pc")}
+    assert report.training_history(dense, "spiking_pc") == every_step("spiking_pc")
+    assert report.training_history(dense, "mlp") == dense.heads["mlp"]["history"]
+    assert "every logged step, from &lt;head&gt;/history.jsonl" in report.html_report(dense)
+    after = report.figures(dense)
+    assert after.keys() == before.keys()
+    for key in ("eval_perplexity", "domain_perplexity"):
+        assert after[key] == before[key]
+    for key in ("train_loss", "firing_rate"):
+        assert after[key] != before[key]
+
+
+def test_unreadable_history_jsonl_falls_back_to_metrics_json(tmp_path):
+    run = write_run(tmp_path)
+    write_history(run, "spiking_pc", every_step("spiking_pc"), extra='{"step": 51, "train/lo')
+    (run / "mlp" / "history.jsonl").write_bytes(b"\xff\xfe not text")
+    loaded = report.load_run(run)
+    assert not loaded.history
+    assert report.training_history(loaded, "spiking_pc") == loaded.heads["spiking_pc"]["history"]
 
 
 def test_missing_metrics_is_a_clear_error(tmp_path):

@@ -1,5 +1,6 @@
-"""Offline W&B runs read back by our own decoder of the .wandb file: what train/train.py
-logged equals what it wrote to metrics.json; broken run folders give clear errors."""
+"""Offline W&B runs read back by our own decoder of the .wandb file (tests/wandb_offline.py):
+what train/train.py logged equals what it wrote to metrics.json and what the report draws;
+broken run folders give clear errors."""
 
 import json
 import os
@@ -11,7 +12,10 @@ import pytest
 import torch
 import yaml
 
-from hybridlm.wandb_offline import WandbRunError, find_runs, read_run
+try:
+    from tests.wandb_offline import WandbRunError, find_runs, read_run
+except ImportError:  # tests/ is not a package
+    from wandb_offline import WandbRunError, find_runs, read_run
 
 ROOT = Path(__file__).resolve().parent.parent
 NAMESPACES = ("train/", "eval/", "snn/", "cl/", "plots/", "final/")
@@ -75,6 +79,22 @@ def test_logged_history_equals_metrics_json(run_dir):
             for d, r in metrics[split].items():
                 assert run.summary[f"final/{split}/{d}/perplexity"] == pytest.approx(
                     r["perplexity"], rel=1e-12)
+
+
+def test_report_curves_are_what_wandb_logged(run_dir):
+    """The report reads the run's own files (history.jsonl, else metrics.json), not W&B's:
+    every row its training curves use is what W&B logged at that step."""
+    from hybridlm.report import load_run, training_history
+
+    run = load_run(run_dir)
+    for head, logged in runs_by_name(run_dir).items():
+        rows = training_history(run, head)
+        assert rows, head
+        for row in rows:
+            at = logged.row(row["step"])
+            for key, value in row.items():
+                if key != "step":
+                    assert at[key] == pytest.approx(value, rel=1e-12, abs=0), (head, key)
 
 
 def test_run_config_is_the_run_config_file(run_dir):

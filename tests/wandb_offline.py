@@ -1,4 +1,5 @@
-"""Read back an offline W&B run (`wandb/offline-run-*/run-<id>.wandb`) without a server.
+"""Test helper: read back an offline W&B run (`wandb/offline-run-*/run-<id>.wandb`) without a
+server, to prove that what train/train.py logs offline is readable.
 
 wandb 0.31 ships no Python reader and `wandb.Api` can't see offline runs, so this decodes the
 file itself. Format (LevelDB-style log, as written by wandb-core):
@@ -10,7 +11,7 @@ file itself. Format (LevelDB-style log, as written by wandb-core):
              concatenation FIRST + MIDDLE* + LAST
     record   a serialized `wandb.proto.wandb_internal_pb2.Record`
 
-Only the parts a test or report needs are decoded: config (the run's initial config plus
+Only the parts the tests need are decoded: config (the run's initial config plus
 `config` updates), history rows, summary updates, media files and whether the run finished.
 """
 
