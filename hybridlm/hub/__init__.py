@@ -9,7 +9,7 @@ One job per module, all re-exported here (`from hybridlm import hub; hub.publish
   torch + transformers) and an `auto_map` into `config.json`, so people without hybridlm
   installed can load the folder with `trust_remote_code=True`;
 - `card`: the model card (`README.md`), built only from measured metrics and the configs;
-- `publish`: `publish` uploads a checked folder to the Hub as one commit.
+- `publishing`: `publish` uploads a checked folder to the Hub as one commit.
 
 Importing `hybridlm` registers the classes with `AutoConfig` / `AutoModelForCausalLM`, so
 `AutoModelForCausalLM.from_pretrained(folder)` works without remote code.
@@ -39,7 +39,7 @@ from hybridlm.hub.folder import (
     load_model,
     save_model,
 )
-from hybridlm.hub.publish import REPO_ID, UPLOAD_IGNORE, PublishError, check_repo_id, publish
+from hybridlm.hub.publishing import REPO_ID, UPLOAD_IGNORE, PublishError, check_repo_id, publish
 from hybridlm.hub.remote_code import AUTO_MAP, REMOTE_CODE, export_remote_code, modeling_source
 from hybridlm.io import CheckpointError, safetensors_header
 

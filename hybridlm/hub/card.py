@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from hybridlm.hub.folder import CARD, CONFIG, _read_json
-from hybridlm.hub.publish import REPO_ID
+from hybridlm.hub.publishing import REPO_ID
 
 TAGS = ["hybridlm", "spiking-neural-network", "predictive-coding", "causal-lm", "text-generation"]
 CONTINUAL_SUMMARY = "continual_summary.json"  # in a run folder: eval/continual.py's results
