@@ -32,7 +32,6 @@ from accelerate.utils import set_seed  # noqa: E402
 from transformers import AutoTokenizer  # noqa: E402
 
 import hybridlm  # noqa: E402,F401  (registers the model with the Auto classes)
-from hybridlm import cl_metrics as clm  # noqa: E402
 from hybridlm import energy  # noqa: E402
 from hybridlm.config import ConfigError, RunConfig, load_config  # noqa: E402
 from hybridlm.continual import (  # noqa: E402
@@ -40,11 +39,13 @@ from hybridlm.continual import (  # noqa: E402
     Stream,
     batches_per_stage,
     check_checkpoint_tokenizer,
+    check_replay_sizes,
     evaluate_row,
     method_model_config,
     model_kwargs,
     run_sequence,
 )
+from hybridlm.continual import metrics as clm  # noqa: E402
 from hybridlm.corpora import DataError  # noqa: E402
 from hybridlm.data import build_corpora, format_report, subsample  # noqa: E402
 from hybridlm.features import sample_states  # noqa: E402
@@ -661,18 +662,6 @@ def select_methods(c, wanted: str | None) -> list[int]:
         raise ConfigError(f"--methods: unknown method(s) {unknown or picked} (known: "
                           f"{', '.join(names)})")
     return [names.index(w) for w in picked]
-
-
-def check_replay_sizes(c, order: list[str], block: int) -> None:
-    """A buffer larger than everything the earlier stages offer is a mistake: say so."""
-    offered = max(1, c.tokens_per_stage // block) * (len(order) - 1)
-    for i, m in enumerate(c.methods):
-        if m.replay_size > offered:
-            raise ConfigError(
-                f"config key 'continual.methods[{i}].replay_size': {m.replay_size} blocks, but "
-                f"the stages before the last offer only {offered} ({len(order) - 1} stage(s) × "
-                f"{max(1, c.tokens_per_stage // block)} blocks): the buffer would never fill; "
-                f"lower it to at most {offered}")
 
 
 def main(argv=None) -> int:

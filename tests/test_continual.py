@@ -14,7 +14,6 @@ import pytest
 import torch
 from accelerate import Accelerator
 
-from hybridlm.cl_metrics import all_metrics
 from hybridlm.config import ConfigError, ContinualConfig, MethodConfig, TrainConfig, load_config
 from hybridlm.continual import (
     EWC,
@@ -24,11 +23,12 @@ from hybridlm.continual import (
     check_checkpoint_tokenizer,
     evaluate_row,
     method_model_config,
-    ranks_agree,
     require_split,
     run_sequence,
 )
+from hybridlm.continual.metrics import all_metrics
 from hybridlm.corpora import DataError
+from hybridlm.evaluation import ranks_agree
 from tests.conftest import tiny_model
 
 ROOT = Path(__file__).resolve().parent.parent
