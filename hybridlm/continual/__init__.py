@@ -10,6 +10,8 @@ split scored before training and after each stage, and the forgetting that shows
   retention text and the layer diagnostics.
 - `metrics`: ACC, BWT, FWT and forgetting over a result matrix, each with its sign
   convention; mean ± std over seeds and paired comparisons.
+- `report`: the runs over seeds (means, paired comparisons, the verdict on the claim), the
+  energy table, the report text, plots, manifest and model-card summary, and `write_outputs`.
 """
 
 from hybridlm.continual.loop import (
@@ -31,6 +33,15 @@ from hybridlm.continual.methods import (
     model_kwargs,
     replay_logits,
 )
+from hybridlm.continual.report import (
+    aggregate,
+    card_summary,
+    make_plots,
+    pm,
+    stream_cache_info,
+    verdict,
+    write_outputs,
+)
 from hybridlm.continual.stream import (
     EVAL_SPLITS,
     PoolRows,
@@ -46,24 +57,31 @@ __all__ = [
     "EVAL_SPLITS",
     "EWC",
     "FIXED_MODEL_KEYS",
-    "SCORES",
     "NonFiniteStage",
     "PoolRows",
     "Reservoir",
+    "SCORES",
     "Stream",
     "TaggedBlocks",
+    "aggregate",
     "batches_per_stage",
+    "card_summary",
     "check_checkpoint_tokenizer",
     "check_replay_sizes",
     "evaluate_retention",
     "evaluate_row",
     "head_state",
     "layer_diagnostics",
+    "make_plots",
     "method_model_config",
     "model_kwargs",
+    "pm",
     "replay_logits",
     "require_split",
     "require_test",
     "run_sequence",
     "stage_blocks",
+    "stream_cache_info",
+    "verdict",
+    "write_outputs",
 ]
