@@ -24,8 +24,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from hybridlm.cl_metrics import mean_std  # noqa: E402
 from hybridlm.config import ConfigError, load_config  # noqa: E402
+from hybridlm.continual.metrics import mean_std  # noqa: E402
 from hybridlm.io import write_json_atomic, write_text_atomic  # noqa: E402
 from hybridlm.results import BASELINE_NOTES, mean_bpc  # noqa: E402
 

@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hybridlm import cl_metrics as clm
 from hybridlm import energy
+from hybridlm.continual import metrics as clm
 
 # accuracy-like (higher is better); R[i][j]: domain j after stage i
 R_ACC = [[0.8, 0.1, 0.2],

@@ -14,25 +14,38 @@ import pytest
 import torch
 from accelerate import Accelerator
 
-from hybridlm.cl_metrics import all_metrics
 from hybridlm.config import ConfigError, ContinualConfig, MethodConfig, TrainConfig, load_config
 from hybridlm.continual import (
     EWC,
     Reservoir,
     Stream,
     TaggedBlocks,
+    aggregate,
     check_checkpoint_tokenizer,
+    check_replay_sizes,
     evaluate_row,
+    make_plots,
     method_model_config,
-    ranks_agree,
+    pm,
     require_split,
     run_sequence,
+    verdict,
 )
+from hybridlm.continual.metrics import all_metrics
 from hybridlm.corpora import DataError
+from hybridlm.evaluation import ranks_agree
 from tests.conftest import tiny_model
 
 ROOT = Path(__file__).resolve().parent.parent
 BLOCK = 16
+
+
+def cli():
+    """eval/continual.py, the command itself (its `main` and `--methods` parsing)."""
+    sys.path.insert(0, str(ROOT / "eval"))
+    import continual  # eval/continual.py
+
+    return continual
 
 
 def synthetic(lo: int, hi: int, n_blocks: int, seed: int) -> datasets.Dataset:
@@ -160,24 +173,18 @@ def test_tuning_run_scores_validation_and_never_test():
 
 
 def test_tuning_run_report_is_labelled(tmp_path):
-    sys.path.insert(0, str(ROOT / "eval"))
-    import continual as script  # eval/continual.py
-
     r = run(MethodConfig("finetune", "mlp"), stream=make_stream(eval_split="validation"))
-    agg = script.aggregate({"finetune": [r]})
-    lines = script.verdict(agg, ["a", "b", "c"], "validation")
+    agg = aggregate({"finetune": [r]})
+    lines = verdict(agg, ["a", "b", "c"], "validation")
     assert len(lines) == 1 and "no verdict" in lines[0] and "VALIDATION" in lines[0]
-    files = script.make_plots(tmp_path, {"finetune": [r]}, agg, ["a", "b", "c"], "validation")
+    files = make_plots(tmp_path, {"finetune": [r]}, agg, ["a", "b", "c"], "validation")
     assert "R_bits_per_char.png" in files and (tmp_path / "R_bits_per_char.png").stat().st_size
 
 
 def test_diagnostics_aggregate_over_every_seed(tmp_path):
-    sys.path.insert(0, str(ROOT / "eval"))
-    import continual as script  # eval/continual.py
-
     runs = {"gated": [run(MethodConfig("gated", "spiking_pc"), "spiking_pc", diagnostics=True,
                           seed=seed, learning="hybrid", gate="surprise") for seed in (0, 1)]}
-    d = script.aggregate(runs)["gated"]["diagnostics"]
+    d = aggregate(runs)["gated"]["diagnostics"]
     assert d["seeds"] == [0, 1] and d["trained_time_steps"] == 4
     assert sorted(d["by_T"], key=int) == ["1", "2", "4"]
     bpc = d["by_T"]["4"]["bits_per_char"]  # mean over domains, then over seeds
@@ -187,8 +194,7 @@ def test_diagnostics_aggregate_over_every_seed(tmp_path):
     assert bpc["std"] > 0  # the seeds differ
     energy = [d["by_T"][t]["relative_energy"]["mean"] for t in ("1", "2", "4")]
     assert energy[0] > energy[1] > energy[2]  # the code settles further with more steps
-    assert "layer_vs_T.png" in script.make_plots(tmp_path, runs, script.aggregate(runs),
-                                                 ["a", "b", "c"])
+    assert "layer_vs_T.png" in make_plots(tmp_path, runs, aggregate(runs), ["a", "b", "c"])
 
 
 def test_single_domain_sequence_metrics_not_defined():
@@ -196,13 +202,10 @@ def test_single_domain_sequence_metrics_not_defined():
     m = r["metrics"]["loss"]
     assert m["ACC"] is not None
     assert m["BWT"] is None and m["FWT"] is None and m["forgetting"] is None
-    sys.path.insert(0, str(ROOT / "eval"))
-    import continual as script  # eval/continual.py
-
-    agg = script.aggregate({"finetune": [r]})
+    agg = aggregate({"finetune": [r]})
     assert agg["finetune"]["metrics"]["loss"]["BWT"]["mean"] is None
-    assert "not defined" in " ".join(script.verdict(agg, ["a"]))
-    assert script.pm(agg["finetune"]["metrics"]["loss"]["forgetting"]) == "not defined"
+    assert "not defined" in " ".join(verdict(agg, ["a"]))
+    assert pm(agg["finetune"]["metrics"]["loss"]["forgetting"]) == "not defined"
 
 
 def test_stream_errors_name_the_key():
@@ -391,9 +394,7 @@ def test_real_run_end_to_end(tmp_path):
     assert man["seeds"] == [0, 1] and man["domain_order"] == ["docs", "legal"]
     assert man["packages"]["torch"]
     # the report rebuilds from continual.json alone, as after an interruption
-    sys.path.insert(0, str(ROOT / "eval"))
-    import continual as script  # eval/continual.py
-
+    script = cli()
     (out / "continual.md").unlink()
     assert script.main(args[2:] + ["--report-only"]) == 0
     assert (out / "continual.md").read_text() == md
@@ -401,9 +402,7 @@ def test_real_run_end_to_end(tmp_path):
 
 
 def test_cli_bad_order_is_a_clear_error(capsys):
-    sys.path.insert(0, str(ROOT / "eval"))
-    import continual as script  # eval/continual.py
-
+    script = cli()
     rc = script.main(["--config", "configs/continual_quick.yaml", "--no-wandb",
                       "continual.order=[docs, nowhere]"])
     assert rc == 2 and "continual.order[1]" in capsys.readouterr().err
@@ -570,19 +569,14 @@ def test_non_finite_stage_keeps_the_finished_stages(monkeypatch):
                        accelerator=Accelerator(cpu=True))
     assert res["failed"]["stage"] == 2 and "NaN" in res["failed"]["message"]
     assert len(res["rows"]) == 1 and len(res["stages"]) == 1 and "R" not in res
-    sys.path.insert(0, str(ROOT / "eval"))
-    import continual as script  # eval/continual.py
-
     monkeypatch.undo()
     ok = run(MethodConfig("finetune", "mlp"), seed=1)
-    agg = script.aggregate({"finetune": [res, ok]})["finetune"]
+    agg = aggregate({"finetune": [res, ok]})["finetune"]
     assert agg["seeds"] == [1] and agg["failed"][0]["seed"] == 0
 
 
 def test_bad_method_lists_are_clear_errors():
-    sys.path.insert(0, str(ROOT / "eval"))
-    import continual as script  # eval/continual.py
-
+    script = cli()
     cfg = load_config("configs/continual_quick.yaml")
     with pytest.raises(ConfigError, match=r"unknown method\(s\) \['nope'\].*known: finetune"):
         script.select_methods(cfg.continual, "finetune,nope")
@@ -590,7 +584,7 @@ def test_bad_method_lists_are_clear_errors():
     big = dataclasses.replace(cfg.continual, methods=[MethodConfig("replay", "mlp",
                                                                    replay_size=10_000)])
     with pytest.raises(ConfigError, match=r"methods\[0\]\.replay_size.*never fill"):
-        script.check_replay_sizes(big, ["a", "b", "c"], 64)
+        check_replay_sizes(big, ["a", "b", "c"], 64)
     with pytest.raises(ConfigError, match="der_alpha"):
         load_config("configs/continual_quick.yaml",
                     ["continual.methods=[{name: d, head: mlp, der_alpha: 0.5}]"])
