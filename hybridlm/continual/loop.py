@@ -29,6 +29,7 @@ from hybridlm.continual.methods import EWC, NonFiniteStage, Reservoir, replay_lo
 from hybridlm.continual.metrics import HIGHER_IS_BETTER, all_metrics
 from hybridlm.continual.stream import Stream, batches_per_stage, require_split, stage_blocks
 from hybridlm.corpora import DataError
+from hybridlm.engine import Engine, NonFiniteLoss, make_optimizer
 from hybridlm.evaluation import evaluate, ranks_agree
 
 SCORES = tuple(HIGHER_IS_BETTER)  # accuracy, loss, perplexity
@@ -150,16 +151,16 @@ def run_sequence(model, method: MethodConfig, stream: Stream, cc: ContinualConfi
         batches_per_stage(cc, tc.batch_size, block, world)  # raises if len(plan) < world
         plan = plan[: len(plan) // world * world]
         mine = plan[rank::world]
-        params = [p for p in base.parameters() if p.requires_grad]
-        groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": tc.weight_decay},
-                  {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
-        optimizer = accelerator.prepare(torch.optim.AdamW(groups, lr=tc.lr))
+        optimizer = accelerator.prepare(make_optimizer(base, tc.lr, tc.weight_decay))
         total_steps = len(mine)  # optimizer steps this stage, the same on every process
         scheduler = get_cosine_schedule_with_warmup(
             optimizer, int(tc.warmup_fraction * total_steps), total_steps)
+        # short stages: every step failed
+        engine = Engine(accelerator, model, optimizer, scheduler, tc.max_grad_norm, local,
+                        patience=min(10, len(mine)))
         model.train()
-        tokens = bad_in_a_row = 0
-        losses, gates, penalties, distill, skipped = [], [], [], [], 0
+        tokens = 0
+        losses, gates, penalties, distill = [], [], [], []
         for items, n_rep in mine:
             ids, labels, feats, n_tok = make_batch(items)
             tokens += n_tok
@@ -179,28 +180,18 @@ def run_sequence(model, method: MethodConfig, stream: Stream, cc: ContinualConfi
                 der = (out.logits[-n_rep:][real].float() - target[real].float()).pow(2).mean()
                 total = total + method.der_alpha * der
                 distill.append(der.item())
-            # every rank must take the step or none (accelerate's reduce knows sum/mean only)
-            ok = torch.isfinite(total.detach()).float().reshape(1)
-            finite = (float(accelerator.reduce(ok, "sum")) if world > 1 else float(ok)) == world
-            if not finite:
-                optimizer.zero_grad()
-                skipped += 1
-                bad_in_a_row += 1
-                if bad_in_a_row >= min(10, len(mine)):  # short stages: every step failed
-                    raise NonFiniteStage(
-                        f"[{method.name} seed {seed}] loss NaN/inf for {bad_in_a_row} steps in "
-                        f"a row in stage {s + 1} ({label}); the stages before it are kept; "
-                        "lower train.lr")
+            # the gate reads the next-token loss, not the method's penalties
+            try:
+                stepped = engine.step(total, out.local_statistic, gate_loss=loss)
+            except NonFiniteLoss:
+                raise NonFiniteStage(
+                    f"[{method.name} seed {seed}] loss NaN/inf for {engine.bad_in_a_row} steps "
+                    f"in a row in stage {s + 1} ({label}); the stages before it are kept; "
+                    "lower train.lr") from None
+            if stepped is None:  # non-finite on some rank: every rank skipped it
                 continue
-            bad_in_a_row = 0
-            accelerator.backward(total)
-            accelerator.clip_grad_norm_(params, tc.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad()
             if local is not None:
-                local.collect(base.head.stats["local_statistic"])
-                gates.append(local.step(loss, reduce_mean)["plasticity/gate"])
+                gates.append(stepped["plasticity/gate"])
             losses.append(loss.item())
         train_loss = sum(losses) / len(losses) if losses else None
         der = sum(distill) / len(distill) if distill else None
@@ -212,7 +203,8 @@ def run_sequence(model, method: MethodConfig, stream: Stream, cc: ContinualConfi
                 der = float(reduce_mean(torch.tensor(der, device=device)))
         return {"domain": label, "steps": len(mine), "batches": len(plan), "tokens": tokens,
                 "token_slots": len(plan) * b * block,  # equal for every method by design
-                "replayed_per_batch": plan[0][1] if plan else 0, "skipped_steps": skipped,
+                "replayed_per_batch": plan[0][1] if plan else 0,
+                "skipped_steps": engine.skipped,
                 "train_loss": train_loss,
                 "gate_mean": sum(gates) / len(gates) if gates else None,
                 "ewc_penalty_mean": sum(penalties) / len(penalties) if penalties else None,
