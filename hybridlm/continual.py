@@ -42,6 +42,7 @@ from transformers import get_cosine_schedule_with_warmup
 
 from hybridlm.cl_metrics import HIGHER_IS_BETTER, all_metrics
 from hybridlm.config import (
+    EVAL_SPLITS,
     ConfigError,
     ContinualConfig,
     MethodConfig,
@@ -59,9 +60,6 @@ SCORES = tuple(HIGHER_IS_BETTER)  # accuracy, loss, perplexity
 # Model keys a method may not change: they would change the shared frozen encoder's
 # features (and so the cache) or contradict the method's own `head` field.
 FIXED_MODEL_KEYS = ("encoder", "trainable_encoder_layers", "head")
-
-
-EVAL_SPLITS = ("test", "validation")  # validation: explicit tuning runs only
 
 
 class TaggedBlocks(Blocks):

@@ -48,6 +48,10 @@ from torch import nn
 from hybridlm import kernels
 from hybridlm.kernels import reference
 
+# How the dictionary starts (`model.dictionary_init`): "data" is `init_from_data` (the
+# training scripts call it), "random" the constructor's own initialisation.
+DICTIONARY_INITS = ("data", "random")
+
 
 def spike(u: torch.Tensor, surrogate: str = "atan", alpha: float = 2.0) -> torch.Tensor:
     """H(u) with snntorch's surrogate derivative (`alpha`: atan's alpha or fast_sigmoid's
