@@ -34,7 +34,7 @@ from transformers import AutoTokenizer  # noqa: E402
 import hybridlm  # noqa: E402,F401  (registers the model with the Auto classes)
 from hybridlm import cl_metrics as clm  # noqa: E402
 from hybridlm import energy  # noqa: E402
-from hybridlm.config import ConfigError, RunConfig, load_config  # noqa: E402
+from hybridlm.config import ConfigError, RunConfig, keys_help, load_config  # noqa: E402
 from hybridlm.continual import (  # noqa: E402
     SCORES,
     Stream,
@@ -64,7 +64,8 @@ PACKAGES = MANIFEST_PACKAGES + ("matplotlib", "pyyaml")  # the report plots and 
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, epilog=keys_help(),
+                                formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--config", default="configs/continual.yaml")
     p.add_argument("--no-wandb", action="store_true", help="do not log to Weights & Biases")
     p.add_argument("--checkpoint", default=None,

@@ -1,4 +1,5 @@
 import dataclasses
+import importlib.util
 import re
 import typing
 from pathlib import Path
@@ -170,6 +171,23 @@ def test_allowed_values_are_not_repeated():
     assert config.WANDB_MODES is tracking.WANDB_MODES
     assert continual.EVAL_SPLITS is config.EVAL_SPLITS
     assert config.ENERGY_PRESETS == tuple(energy.PRESETS_PJ)
+
+
+SCRIPTS = ["train/train.py", "eval/continual.py", "eval/compare.py", "eval/evaluate.py",
+           "data/build.py"]
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_script_help_lists_every_config_key(script, capsys):
+    spec = importlib.util.spec_from_file_location(f"_help_{script.replace('/', '_')[:-3]}",
+                                                  ROOT / script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    entry = getattr(module, "parse_args", None) or module.main  # main() parses first
+    with pytest.raises(SystemExit) as e:
+        entry(["--help"])
+    assert e.value.code == 0
+    assert keys_help() in capsys.readouterr().out
 
 
 def test_each_section_checks_its_own_fields_naming_the_full_key():
