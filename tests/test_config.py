@@ -92,17 +92,24 @@ def test_override_without_equals():
         load_config("configs/default.yaml", ["model.beta"])
 
 
-def test_model_section_mirrors_the_checkpoint_config():
-    """ModelConfig (YAML) and HybridConfig (saved with every checkpoint) list the same
-    hyper-parameters with the same defaults; `encoder` is where the weights come from."""
-    from hybridlm.modeling import HybridConfig
+def test_checkpoint_config_takes_the_model_section_fields():
+    """HybridConfig (saved with every checkpoint) holds every `model` key but `encoder` with
+    ModelConfig's types and defaults, and no hyper-parameter of its own: a key declared
+    again in HybridConfig with another default, or added there only, fails here."""
+    from transformers import PretrainedConfig
 
-    hybrid = HybridConfig()
-    for f in dataclasses.fields(ModelConfig):
-        if f.name == "encoder":
-            continue
-        assert hasattr(hybrid, f.name), f.name
-        assert getattr(hybrid, f.name) == f.default, f.name
+    from hybridlm.modeling import MODEL_KEYS, HybridConfig
+
+    model = {f.name: f for f in dataclasses.fields(ModelConfig)}
+    hybrid = {f.name: f for f in dataclasses.fields(HybridConfig)}
+    assert set(MODEL_KEYS) == set(model) - {"encoder"}
+    base = {f.name for f in dataclasses.fields(PretrainedConfig)}
+    assert set(hybrid) - base - set(MODEL_KEYS) == {"encoder_config", "trunk_kind",
+                                                      "tie_word_embeddings"}
+    defaults = HybridConfig()
+    for name in MODEL_KEYS:
+        assert hybrid[name].type == model[name].type, name
+        assert getattr(defaults, name) == model[name].default, name
 
 
 def _keys(cls, prefix=""):
