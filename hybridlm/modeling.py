@@ -101,7 +101,7 @@ class HybridForCausalLM(PreTrainedModel, GenerationMixin):
             self.lm_bias = nn.Parameter(torch.zeros(trunk_cfg.vocab_size))
         else:
             raise ValueError(f"trunk_kind '{config.trunk_kind}' is not causal_lm | encoder")
-        self.head = build_head(config.head, trunk_cfg.hidden_size, config)
+        self.head = build_head(config.head, d_model=trunk_cfg.hidden_size, config=config)
         if config.head in SPIKING_HEADS:
             # hebbian: the dictionary and mean learn only from the local rule; hybrid: both
             for p in self.head.local_parameters():
@@ -279,8 +279,9 @@ class HybridForCausalLM(PreTrainedModel, GenerationMixin):
         c = self.config
         if c.head not in SPIKING_HEADS or c.learning == "bptt":
             return None
-        gate = NeuromodulatoryGate(c.gate, c.gate_min, c.gate_max, c.gate_momentum)
-        return LocalLearning(self.head, c.hebbian_lr, gate)
+        gate = NeuromodulatoryGate(kind=c.gate, g_min=c.gate_min, g_max=c.gate_max,
+                                   momentum=c.gate_momentum)
+        return LocalLearning(layer=self.head, eta=c.hebbian_lr, gate=gate)
 
     def trainable_parameters(self) -> int:
         """Parameters that learn: by gradient, or (hebbian mode) by the local rule."""

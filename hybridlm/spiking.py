@@ -75,6 +75,7 @@ class SpikingPCLayer(nn.Module):
         self,
         d_model: int,
         n_neurons: int,
+        *,
         time_steps: int = 8,
         spike_quantum: float = 1.0,
         l2_cost: float = 0.0,
