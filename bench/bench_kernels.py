@@ -245,7 +245,7 @@ def run_layer(impl: str, repeats: int) -> dict:
     from hybridlm.spiking import SpikingPCLayer
 
     torch.manual_seed(0)
-    layer = SpikingPCLayer(LAYER["d_model"], LAYER["n_neurons"], LAYER["time_steps"],
+    layer = SpikingPCLayer(LAYER["d_model"], LAYER["n_neurons"], time_steps=LAYER["time_steps"],
                            backend=None if impl == "ours" else "torch")
     run = torch.compile(layer) if impl == "compiled" else layer
     x = torch.randn(LAYER["batch"], LAYER["seq"], LAYER["d_model"], requires_grad=True)

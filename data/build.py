@@ -11,14 +11,15 @@ import argparse
 import sys
 import time
 
-from hybridlm.config import ConfigError, load_config
+from hybridlm.config import ConfigError, keys_help, load_config
 from hybridlm.corpora import DataError
 from hybridlm.data import build_corpora, format_report
 from hybridlm.trunks import TrunkError, load_tokenizer, resolve_trunk
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, epilog=keys_help(),
+                                formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--config", default="configs/default.yaml")
     p.add_argument("--resume", action="store_true", help="ignored (accepted like train.py)")
     p.add_argument("--no-wandb", action="store_true", help="ignored (accepted like train.py)")

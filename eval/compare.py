@@ -24,7 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from hybridlm.config import ConfigError, load_config  # noqa: E402
+from hybridlm.config import ConfigError, keys_help, load_config  # noqa: E402
 from hybridlm.continual.metrics import mean_std  # noqa: E402
 from hybridlm.io import write_json_atomic, write_text_atomic  # noqa: E402
 from hybridlm.results import BASELINE_NOTES, mean_bpc  # noqa: E402
@@ -34,7 +34,8 @@ UNTRAINED = ("unigram", "kn_bigram", "trunk")
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, epilog=keys_help(),
+                                formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--config", default="configs/default.yaml")
     p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
     p.add_argument("--out", default="runs/compare", help="folder of the seeds' runs and results")

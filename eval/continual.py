@@ -26,7 +26,7 @@ from accelerate.utils import set_seed
 from transformers import AutoTokenizer
 
 import hybridlm  # noqa: F401  (registers the model with the Auto classes)
-from hybridlm.config import ConfigError, RunConfig, load_config
+from hybridlm.config import ConfigError, RunConfig, keys_help, load_config
 from hybridlm.continual import (
     Stream,
     batches_per_stage,
@@ -50,7 +50,8 @@ from hybridlm.trunks import resolve_trunk
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, epilog=keys_help(),
+                                formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--config", default="configs/continual.yaml")
     p.add_argument("--no-wandb", action="store_true", help="do not log to Weights & Biases")
     p.add_argument("--checkpoint", default=None,

@@ -16,7 +16,7 @@ from accelerate import Accelerator
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import hybridlm  # noqa: F401  (registers the model with the Auto classes)
-from hybridlm.config import ConfigError, load_config
+from hybridlm.config import ConfigError, keys_help, load_config
 from hybridlm.corpora import DataError
 from hybridlm.data import build_corpora, subsample, tokenizer_fingerprint
 from hybridlm.evaluation import Blocks, evaluate
@@ -25,7 +25,8 @@ from hybridlm.trunks import resolve_trunk
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, epilog=keys_help(),
+                                formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--config", default="configs/default.yaml")
     p.add_argument("--model", required=True, help="a folder written by save_pretrained")
     p.add_argument("--out", default=None, help="where to write the JSON (default: next to model)")

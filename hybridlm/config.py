@@ -4,26 +4,68 @@ A run config has sections `data`, `model`, `train`, `wandb` and `continual` (rea
 `eval/continual.py`) plus `output_dir` and `seed`. YAML keys and command-line overrides
 (`section.key=value`) are checked against the dataclass fields: an unknown key, a wrong type
 or an out-of-range value raises `ConfigError` naming the key.
+
+Every field is declared once, with its one-line meaning (`_field(default, help)`, kept in
+the field's `metadata["help"]`); `keys_help()` lists every key with its type, default and
+meaning, and is the `--help` epilog of every script that takes `section.key=value`. Each
+section checks its own fields (`check(key)`, `key` the section's place in the config, so
+errors name the full key); `validate` runs them all, then the checks that need two sections.
+The allowed values of an option come from the module that implements it.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import textwrap
 import types
 import typing
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import MISSING, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from hybridlm.energy import PRESETS_PJ
 from hybridlm.heads import HEADS
-from hybridlm.plasticity import GATES
+from hybridlm.kernels import BACKENDS as KERNEL_BACKENDS
+from hybridlm.kernels.reference import SURROGATES
+from hybridlm.plasticity import GATES, LEARNING_MODES
+from hybridlm.spiking import DICTIONARY_INITS
+from hybridlm.tracking import WANDB_MODES
+
+# Values passed to accelerate's Accelerator(mixed_precision=...) by train/train.py and
+# eval/continual.py (accelerate implements them; its fp8 is not offered).
+MIXED_PRECISION = ("no", "bf16", "fp16")
+# The splits a continual run may score (hybridlm.continual guards them): validation only in
+# an explicit tuning run.
+EVAL_SPLITS = ("test", "validation")
+ENERGY_PRESETS = tuple(PRESETS_PJ)  # hybridlm.energy: 45 nm (E_MAC, E_AC) per precision
 
 
 class ConfigError(ValueError):
     """A config key is unknown, has the wrong type, or holds an out-of-range value."""
+
+
+def _field(default: Any = MISSING, help: str = "", *,
+           factory: Callable[[], Any] | None = None) -> Any:
+    """A config field and its one-line meaning (`metadata["help"]`, printed by `keys_help`);
+    `factory` instead of `default` for a mutable default."""
+    if not help:
+        raise TypeError("every config field needs a one-line help")
+    if factory is not None:
+        return field(default_factory=factory, metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+def _check(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"config key '{key}': {message}")
+
+
+def _finite(v: float, ok: bool) -> bool:
+    return math.isfinite(v) and ok
 
 
 @dataclass
@@ -37,84 +79,213 @@ class DomainConfig:
       `hf_split` and `text_field`.
     """
 
-    name: str = ""
-    source: str = ""
-    text_field: str = "text"
-    hf_config: str | None = None
-    hf_split: str = "train"
+    name: str = _field("", "the domain's name (results and continual.order use it)")
+    source: str = _field("", "where its documents come from: builtin:<name> (an embedded "
+                         "corpus), files:<glob>[,<glob>...] (local .txt/.json/.jsonl files) or "
+                         "hf:<dataset name> (a datasets Hub dataset)")
+    text_field: str = _field("text", "the text's field in .json/.jsonl records and hf: "
+                             "datasets")
+    hf_config: str | None = _field(None, "hf: the dataset's config name (null: its default)")
+    hf_split: str = _field("train", "hf: the dataset split to read")
+
+    def check(self, key: str) -> None:
+        """`key`: where this domain sits in the config, e.g. `data.domains[0]`."""
+        _check(bool(self.name), f"{key}.name", "must not be empty")
+        scheme = self.source.split(":", 1)[0]
+        _check(
+            scheme in ("builtin", "files", "hf") and ":" in self.source,
+            f"{key}.source",
+            f"'{self.source}' must look like builtin:<name>, files:<glob> or hf:<dataset>",
+        )
 
 
 @dataclass
 class DataConfig:
-    domains: list[DomainConfig] = field(default_factory=list)
-    block_size: int = 128  # tokens per packed block
-    val_fraction: float = 0.05
-    test_fraction: float = 0.05
-    passage_chars: int = 2000  # documents are cut into passages of about this size before splitting
-    max_train_tokens_per_domain: int | None = None  # None: every training token
-    max_eval_tokens_per_domain: int | None = None  # None: every validation/test token
-    # Which blocks the two limits above keep. Fixed across run seeds, so runs of several seeds
-    # differ only in initialisation and order, and share their cached trunk features.
-    subsample_seed: int = 0
-    cache_dir: str = ".cache/hybridlm"
+    """The text domains and how each becomes packed train/validation/test blocks
+    (`hybridlm/data.py`)."""
+
+    domains: list[DomainConfig] = _field(factory=list, help="the text domains, each a "
+                                         "mapping with the keys below")
+    block_size: int = _field(128, "tokens per packed block")
+    val_fraction: float = _field(0.05, "share of each domain's passages in its validation "
+                                 "split")
+    test_fraction: float = _field(0.05, "share of each domain's passages in its test split")
+    passage_chars: int = _field(2000, "documents are cut into passages of about this size "
+                                "before splitting")
+    max_train_tokens_per_domain: int | None = _field(
+        None, "training tokens kept per domain (a subsample of its blocks); null: every "
+        "training token")
+    max_eval_tokens_per_domain: int | None = _field(
+        None, "validation/test tokens kept per domain and split; null: every validation/test "
+        "token")
+    # Fixed across run seeds, so runs of several seeds differ only in initialisation and
+    # order, and share their cached trunk features.
+    subsample_seed: int = _field(0, "which blocks the two limits above keep (fixed across run "
+                                 "seeds, so their trunk features are shared)")
+    cache_dir: str = _field(".cache/hybridlm", "cache folder: built corpora, trunk features "
+                            "and converted trunks")
+
+    def check(self, key: str = "data") -> None:
+        _check(len(self.domains) > 0, f"{key}.domains", "list at least one domain")
+        names = [dom.name for dom in self.domains]
+        _check(len(set(names)) == len(names), f"{key}.domains", f"domain names repeat: {names}")
+        for i, dom in enumerate(self.domains):
+            dom.check(f"{key}.domains[{i}]")
+        _check(self.block_size >= 2, f"{key}.block_size", f"must be >= 2, got {self.block_size}")
+        for name in ("val_fraction", "test_fraction"):
+            v = getattr(self, name)
+            _check(0 < v < 0.5, f"{key}.{name}", f"must be in (0, 0.5), got {v}")
+        _check(self.passage_chars >= 100, f"{key}.passage_chars",
+               f"must be >= 100, got {self.passage_chars}")
+        for name in ("max_train_tokens_per_domain", "max_eval_tokens_per_domain"):
+            v = getattr(self, name)
+            _check(v is None or v >= self.block_size, f"{key}.{name}",
+                   f"must be >= block_size, got {v}")
+
+
+def _one_of(values: tuple[str, ...]) -> str:
+    return ", ".join(values[:-1]) + f" or {values[-1]}"
 
 
 @dataclass
 class ModelConfig:
-    # The trunk: "smollm2" (offline SmolLM2-135M-Instruct, a causal LM), "minilm" (offline
-    # all-MiniLM-L6-v2, an encoder run causally), a .gguf file, a local folder or a Hub id.
-    encoder: str = "smollm2"
-    head: str = "spiking_pc"  # one of hybridlm.heads.HEADS
+    """The trunk and its head. Saved with every model: `hybridlm.modeling.HybridConfig` takes
+    every field but `encoder` (types, defaults) from here."""
+
+    encoder: str = _field("smollm2", "the trunk: smollm2 (offline SmolLM2-135M-Instruct, a "
+                          "causal LM), minilm (offline all-MiniLM-L6-v2, an encoder run "
+                          "causally), a .gguf file, a local folder or a Hub id")
+    head: str = _field("spiking_pc", f"the head on the trunk: {_one_of(HEADS)} "
+                       "(hybridlm/heads.py)")
     # The spiking predictive-coding layer (hybridlm/spiking.py): N neurons, T inner steps,
     # energy F(r) = 1/2 ||x_c - D r||^2 + mu/2 ||r||^2 + nu sum r, spikes of size delta.
-    n_neurons: int = 512
-    time_steps: int = 8
-    spike_quantum: float = 1.0  # delta: how much one spike adds to a neuron's code
-    l2_cost: float = 0.0  # mu
-    rate_cost: float = 0.1  # nu > 0: the cost of a spike; bounds spikes per token
-    dictionary_init: str = "data"  # data (atoms = centred trunk states) | random
-    surrogate: str = "atan"  # atan | fast_sigmoid
-    surrogate_alpha: float = 2.0  # atan's alpha, or fast_sigmoid's slope
-    pc_energy_weight: float = 0.0  # weight of the settled energy F(r_T) added to the loss
+    n_neurons: int = _field(512, "N: the spiking PC layer's neurons (the mlp heads are sized "
+                            "to match that layer)")
+    time_steps: int = _field(8, "T: the spiking layer's inner inference steps")
+    spike_quantum: float = _field(1.0, "delta: how much one spike adds to a neuron's code")
+    l2_cost: float = _field(0.0, "mu: weight of mu/2 ||r||^2 in the layer's energy F(r)")
+    rate_cost: float = _field(0.1, "nu > 0: the cost of a spike; bounds spikes per token")
+    dictionary_init: str = _field("data", "how the dictionary starts: data (atoms = centred "
+                                  "trunk states) | random")
+    surrogate: str = _field("atan", f"the spike's surrogate gradient: {_one_of(SURROGATES)}")
+    surrogate_alpha: float = _field(2.0, "atan's alpha, or fast_sigmoid's slope")
+    pc_energy_weight: float = _field(0.0, "weight of the settled energy F(r_T) added to the "
+                                     "loss")
     # The k-WTA control (head kwta): the share of its hidden units that pass per token, set
     # to the spiking layer's measured code density (neurons with r > 0 after inference).
-    kwta_fraction: float = 0.05
-    trainable_encoder_layers: int = 0  # top-k trunk layers that train; the rest is frozen
-    kernel_backend: str = "auto"  # auto | torch | compiled | cpu_shim | cuda (HYBRIDLM_BACKEND)
+    kwta_fraction: float = _field(0.05, "head kwta: the share of its hidden units that pass "
+                                  "per token (set to the spiking layer's code density)")
+    trainable_encoder_layers: int = _field(0, "top-k trunk layers that train; the rest is "
+                                           "frozen")
+    kernel_backend: str = _field("auto", f"the spiking kernels' backend: "
+                                 f"{_one_of(KERNEL_BACKENDS)} (auto: $HYBRIDLM_BACKEND, else "
+                                 "chosen per device)")
     # How the dictionary and mean learn (spiking_pc only; see hybridlm/plasticity.py):
-    learning: str = "bptt"  # bptt | hebbian | hybrid
-    hebbian_lr: float = 0.01  # eta of the local rule D <- normalise(D + eta g mean(e r^T))
-    gate: str = "surprise"  # constant | surprise (batch loss) | energy (each token's F_T)
-    gate_min: float = 0.0
-    gate_max: float = 2.0
-    gate_momentum: float = 0.9  # running means of the loss / energy, for the gates
+    learning: str = _field("bptt", "how the spiking layer's dictionary learns: bptt (next-"
+                           "token loss), hebbian (local rule only) or hybrid (both)")
+    hebbian_lr: float = _field(0.01, "eta of the local rule D <- normalise(D + eta g "
+                               "mean(e r^T))")
+    gate: str = _field("surprise", "the local rule's gate g: constant | surprise (batch "
+                       "loss) | energy (each token's F_T)")
+    gate_min: float = _field(0.0, "lower bound of the gate g")
+    gate_max: float = _field(2.0, "upper bound of the gate g (the constant gate's value)")
+    gate_momentum: float = _field(0.9, "momentum of the running means of the loss / energy, "
+                                  "for the gates")
+
+    def check(self, key: str = "model") -> None:
+        _check(self.head in HEADS, f"{key}.head", f"'{self.head}' is not one of {HEADS}")
+        _check(self.n_neurons >= 1, f"{key}.n_neurons", f"must be >= 1, got {self.n_neurons}")
+        _check(self.time_steps >= 1, f"{key}.time_steps",
+               f"must be >= 1, got {self.time_steps}")
+        for name, ok, need in (("spike_quantum", self.spike_quantum > 0, "> 0"),
+                               ("l2_cost", self.l2_cost >= 0, ">= 0"),
+                               ("rate_cost", self.rate_cost > 0,
+                                "> 0 (it bounds the spikes per token)")):
+            v = getattr(self, name)
+            _check(_finite(v, ok), f"{key}.{name}", f"must be finite and {need}, got {v}")
+        _check(0 < self.kwta_fraction <= 1, f"{key}.kwta_fraction",
+               f"must be in (0, 1], got {self.kwta_fraction}")
+        _check(self.dictionary_init in DICTIONARY_INITS, f"{key}.dictionary_init",
+               f"'{self.dictionary_init}' is not {'|'.join(DICTIONARY_INITS)}")
+        _check(self.surrogate in SURROGATES, f"{key}.surrogate",
+               f"'{self.surrogate}' is not {'|'.join(SURROGATES)}")
+        _check(_finite(self.surrogate_alpha, self.surrogate_alpha > 0),
+               f"{key}.surrogate_alpha", "must be finite and > 0")
+        _check(_finite(self.pc_energy_weight, self.pc_energy_weight >= 0),
+               f"{key}.pc_energy_weight", "must be finite and >= 0")
+        _check(self.kernel_backend in KERNEL_BACKENDS, f"{key}.kernel_backend",
+               f"'{self.kernel_backend}' is not one of {KERNEL_BACKENDS}")
+        _check(self.learning in LEARNING_MODES, f"{key}.learning",
+               f"'{self.learning}' is not {'|'.join(LEARNING_MODES)}")
+        _check(_finite(self.hebbian_lr, self.hebbian_lr >= 0), f"{key}.hebbian_lr",
+               f"must be finite and >= 0, got {self.hebbian_lr}")
+        _check(self.gate in GATES, f"{key}.gate", f"'{self.gate}' is not one of {GATES}")
+        for name in ("gate_min", "gate_max"):
+            v = getattr(self, name)
+            _check(_finite(v, v >= 0), f"{key}.{name}", f"must be finite and >= 0, got {v}")
+        _check(self.gate_min <= self.gate_max, f"{key}.gate_min", f"must be <= {key}.gate_max")
+        _check(0 <= self.gate_momentum < 1, f"{key}.gate_momentum", "must be in [0, 1)")
+        _check(self.trainable_encoder_layers >= 0, f"{key}.trainable_encoder_layers",
+               "must be >= 0")
 
 
 @dataclass
 class TrainConfig:
-    # Trained in turn on the same blocks, order and seed ("trunk": scored, nothing trained).
-    heads: list[str] = field(default_factory=lambda: ["trunk", "linear", "mlp", "mlp_macs",
-                                                      "spiking_pc"])
-    epochs: int = 2
-    batch_size: int = 16
-    grad_accum_steps: int = 1
-    lr: float = 2e-3
-    weight_decay: float = 0.01
-    warmup_fraction: float = 0.05
-    max_grad_norm: float = 1.0
-    mixed_precision: str = "no"  # no | bf16 | fp16
-    eval_every: int = 0  # optimizer steps between validations; 0: once per epoch
-    save_every: int = 0  # optimizer steps between checkpoints; 0: once per epoch
-    keep_checkpoints: int = 2
-    cache_features: bool = True  # frozen-trunk features computed once, kept on disk, reused
-    save_model: bool = True  # write <head>/model (with the whole trunk: ~0.5 GB for SmolLM2)
+    """How `train/train.py` trains each head (AdamW, linear warmup then cosine decay)."""
+
+    heads: list[str] = _field(
+        factory=lambda: ["trunk", "linear", "mlp", "mlp_macs", "spiking_pc"],
+        help="heads trained in turn on the same blocks, order and seed (trunk: scored, "
+        "nothing trained)")
+    epochs: int = _field(2, "passes over the training blocks, per head")
+    batch_size: int = _field(16, "blocks per batch and process (evaluation too)")
+    grad_accum_steps: int = _field(1, "batches per optimizer step")
+    lr: float = _field(2e-3, "AdamW's peak learning rate")
+    weight_decay: float = _field(0.01, "AdamW weight decay of the parameters with >= 2 "
+                                 "dimensions (none for biases and norms)")
+    warmup_fraction: float = _field(0.05, "share of the optimizer steps with a linear "
+                                    "learning-rate warmup")
+    max_grad_norm: float = _field(1.0, "gradients are clipped to this norm")
+    mixed_precision: str = _field("no", f"accelerate's mixed precision: "
+                                  f"{' | '.join(MIXED_PRECISION)}")
+    eval_every: int = _field(0, "optimizer steps between validations; 0: once per epoch")
+    save_every: int = _field(0, "optimizer steps between checkpoints; 0: once per epoch")
+    keep_checkpoints: int = _field(2, "checkpoints kept per head (older ones are deleted)")
+    cache_features: bool = _field(True, "frozen-trunk features computed once, kept on disk, "
+                                  "reused")
+    save_model: bool = _field(True, "write <head>/model (with the whole trunk: ~0.5 GB for "
+                              "SmolLM2)")
+
+    def check(self, key: str = "train") -> None:
+        _check(len(self.heads) > 0, f"{key}.heads", "list at least one head")
+        for h in self.heads:
+            _check(h in HEADS, f"{key}.heads", f"'{h}' is not one of {HEADS}")
+        _check(self.epochs >= 1, f"{key}.epochs", f"must be >= 1, got {self.epochs}")
+        _check(self.batch_size >= 1, f"{key}.batch_size", f"must be >= 1, got {self.batch_size}")
+        _check(self.grad_accum_steps >= 1, f"{key}.grad_accum_steps", "must be >= 1")
+        _check(self.lr > 0 and math.isfinite(self.lr), f"{key}.lr", f"must be > 0, got {self.lr}")
+        _check(self.weight_decay >= 0, f"{key}.weight_decay", "must be >= 0")
+        _check(0 <= self.warmup_fraction < 1, f"{key}.warmup_fraction", "must be in [0, 1)")
+        _check(self.max_grad_norm > 0, f"{key}.max_grad_norm", "must be > 0")
+        _check(self.mixed_precision in MIXED_PRECISION, f"{key}.mixed_precision",
+               f"'{self.mixed_precision}' is not {'|'.join(MIXED_PRECISION)}")
+        _check(self.eval_every >= 0, f"{key}.eval_every", "must be >= 0")
+        _check(self.save_every >= 0, f"{key}.save_every", "must be >= 0")
+        _check(self.keep_checkpoints >= 1, f"{key}.keep_checkpoints", "must be >= 1")
 
 
 @dataclass
 class WandbConfig:
-    enabled: bool = True
-    mode: str = "offline"  # offline | online | disabled; WANDB_MODE in the environment wins
-    project: str = "hybridlm"
+    """Weights & Biases logging (`hybridlm/tracking.py`)."""
+
+    enabled: bool = _field(True, "log to W&B (--no-wandb turns it off for one run)")
+    mode: str = _field("offline", f"{' | '.join(WANDB_MODES)}; WANDB_MODE in the environment "
+                       "wins")
+    project: str = _field("hybridlm", "the W&B project")
+
+    def check(self, key: str = "wandb") -> None:
+        _check(self.mode in WANDB_MODES, f"{key}.mode",
+               f"'{self.mode}' is not {'|'.join(WANDB_MODES)}")
 
 
 @dataclass
@@ -122,182 +293,202 @@ class MethodConfig:
     """One continual-learning method (`eval/continual.py`): a head, `model` overrides as
     `key=value` strings applied to the `model` section, and the classic baselines' knobs."""
 
-    name: str = ""
-    head: str = "mlp"
-    model: list[str] = field(default_factory=list)  # e.g. ["learning=hybrid", "gate=surprise"]
-    ewc_lambda: float = 0.0  # EWC penalty weight (Fisher diagonal after each stage); 0: off
-    replay_size: int = 0  # reservoir buffer of earlier stages' blocks; 0: no replay
+    name: str = _field("", "the method's name (results; --methods)")
+    head: str = _field("mlp", "its head (one of the model.head values)")
+    model: list[str] = _field(factory=list, help="model-section overrides as key=value, "
+                              "e.g. [learning=hybrid, gate=surprise]")
+    ewc_lambda: float = _field(0.0, "EWC penalty weight (Fisher diagonal after each stage); "
+                               "0: off")
+    replay_size: int = _field(0, "reservoir buffer of earlier stages' blocks; 0: no replay")
     # DER++ (Buzzega et al. 2020): with replay, also match the logits the model gave each
     # replayed block when it was stored, weight der_alpha (MSE); 0: plain replay.
-    der_alpha: float = 0.0
+    der_alpha: float = _field(0.0, "DER++: weight of the MSE to the logits stored with each "
+                              "replayed block; 0: plain replay")
     # The upper bound: one stage on every domain's stage blocks at once, shuffled (the same
     # blocks, tokens and steps as the sequence), scored once at the end.
-    joint: bool = False
+    joint: bool = _field(False, "the upper bound: one stage on every domain's stage blocks at "
+                         "once, scored once at the end")
+
+    def check(self, key: str) -> None:
+        """`key`: where this method sits, e.g. `continual.methods[2]`."""
+        _check(bool(self.name), f"{key}.name", "must not be empty")
+        _check(self.head in HEADS, f"{key}.head", f"'{self.head}' is not one of {HEADS}")
+        for ov in self.model:
+            _check("=" in ov, f"{key}.model", f"'{ov}' must look like key=value")
+        _check(_finite(self.ewc_lambda, self.ewc_lambda >= 0), f"{key}.ewc_lambda",
+               f"must be finite and >= 0, got {self.ewc_lambda}")
+        _check(self.replay_size >= 0, f"{key}.replay_size",
+               f"must be >= 0, got {self.replay_size}")
+        _check(_finite(self.der_alpha, self.der_alpha >= 0), f"{key}.der_alpha",
+               f"must be finite and >= 0, got {self.der_alpha}")
+        _check(self.der_alpha == 0 or self.replay_size > 0, f"{key}.der_alpha",
+               "DER++ replays stored logits: set replay_size > 0 too")
+        _check(not self.joint or (self.replay_size == 0 and self.ewc_lambda == 0),
+               f"{key}.joint", "the joint upper bound sees every domain at once: no replay or EWC")
 
 
 @dataclass
 class ContinualConfig:
     """Train through `order` one domain after another; evaluate every test split after each."""
 
-    order: list[str] = field(default_factory=list)  # domain names; []: data.domains in order
-    methods: list[MethodConfig] = field(default_factory=list)
-    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
-    tokens_per_stage: int = 32768  # training tokens per stage, equal for every method
-    epochs_per_stage: int = 1
-    replay_fraction: float = 0.25  # share of each batch drawn from the replay buffer
-    fisher_batches: int = 4  # batches for EWC's Fisher diagonal after each stage
-    eval_time_steps: list[int] = field(default_factory=lambda: [1, 2, 4, 8])  # T sweep
-    energy_preset: str = "fp32"  # fp32 | fp16 | int8 (45 nm E_MAC / E_AC)
+    order: list[str] = _field(factory=list, help="domain names; []: data.domains in order")
+    methods: list[MethodConfig] = _field(factory=list, help="the methods compared, each a "
+                                         "mapping with the keys below")
+    seeds: list[int] = _field(factory=lambda: [0, 1, 2], help="every method runs the whole "
+                              "sequence once per seed")
+    tokens_per_stage: int = _field(32768, "training tokens per stage, equal for every method")
+    epochs_per_stage: int = _field(1, "passes over each stage's blocks")
+    replay_fraction: float = _field(0.25, "share of each batch drawn from the replay buffer")
+    fisher_batches: int = _field(4, "batches for EWC's Fisher diagonal after each stage")
+    eval_time_steps: list[int] = _field(factory=lambda: [1, 2, 4, 8], help="T sweep: the "
+                                        "energy-based heads scored again with these T")
+    energy_preset: str = _field("fp32", f"{' | '.join(ENERGY_PRESETS)} (45 nm E_MAC / E_AC)")
     # The split every R row scores: "test" for every reported result; "validation" only in
     # an explicit hyper-parameter tuning run (e.g. the EWC lambda sweep, docs/continual.md).
-    eval_split: str = "test"
+    eval_split: str = _field("test", "the split every row scores: test; validation only in an "
+                             "explicit tuning run")
     # A general text in none of the domains, scored before the first stage and after every
     # stage (its test split): does adapting to the domains break what the trunk knew?
-    # null: no retention score.
-    retention: DomainConfig | None = None
+    retention: DomainConfig | None = _field(None, "a general text in none of the domains "
+                                            "(keys as a domain's), scored before and after "
+                                            "every stage; null: no retention score")
     # A `make train` run folder: when it holds trained models, the continual results are
-    # added to their model cards (and model-index). null: no card is touched.
-    card_run: str | None = None
+    # added to their model cards (and model-index).
+    card_run: str | None = _field(None, "a make train run folder whose models' cards get the "
+                                  "continual results; null: no card is touched")
+
+    def check(self, key: str = "continual") -> None:
+        """The checks that need only this section (`validate` checks `order`, `retention`
+        and `tokens_per_stage` against `data`)."""
+        _check(len(set(self.order)) == len(self.order), f"{key}.order",
+               f"domains repeat: {self.order}")
+        names = [mt.name for mt in self.methods]
+        _check(len(set(names)) == len(names), f"{key}.methods", f"names repeat: {names}")
+        for i, mt in enumerate(self.methods):
+            mt.check(f"{key}.methods[{i}]")
+        if self.retention is not None:
+            self.retention.check(f"{key}.retention")
+        _check(len(self.seeds) > 0, f"{key}.seeds", "list at least one seed")
+        _check(len(set(self.seeds)) == len(self.seeds), f"{key}.seeds",
+               f"seeds repeat: {self.seeds}")
+        _check(self.epochs_per_stage >= 1, f"{key}.epochs_per_stage", "must be >= 1")
+        _check(0 <= self.replay_fraction < 1, f"{key}.replay_fraction", "must be in [0, 1)")
+        _check(self.fisher_batches >= 1, f"{key}.fisher_batches", "must be >= 1")
+        _check(all(t >= 1 for t in self.eval_time_steps), f"{key}.eval_time_steps",
+               f"every T must be >= 1, got {self.eval_time_steps}")
+        _check(self.energy_preset in ENERGY_PRESETS, f"{key}.energy_preset",
+               f"'{self.energy_preset}' is not {'|'.join(ENERGY_PRESETS)}")
+        _check(self.eval_split in EVAL_SPLITS, f"{key}.eval_split",
+               f"'{self.eval_split}' is not {'|'.join(EVAL_SPLITS)} (validation: tuning runs "
+               "only)")
 
 
 @dataclass
 class RunConfig:
-    output_dir: str = "runs/default"
-    seed: int = 0
-    data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    wandb: WandbConfig = field(default_factory=WandbConfig)
-    continual: ContinualConfig = field(default_factory=ContinualConfig)
+    """One run: where it writes, its seed, and the sections below."""
+
+    output_dir: str = _field("runs/default", "the run's folder: everything it writes")
+    seed: int = _field(0, "the run's seed (initialisation and data order)")
+    data: DataConfig = _field(factory=DataConfig, help="the domains and their blocks")
+    model: ModelConfig = _field(factory=ModelConfig, help="the trunk and its head")
+    train: TrainConfig = _field(factory=TrainConfig, help="how each head is trained")
+    wandb: WandbConfig = _field(factory=WandbConfig, help="Weights & Biases logging")
+    continual: ContinualConfig = _field(factory=ContinualConfig, help="continual learning "
+                                        "(eval/continual.py only)")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
-
-
-def _check(ok: bool, key: str, message: str) -> None:
-    if not ok:
-        raise ConfigError(f"config key '{key}': {message}")
+# data, model, train, wandb, continual: the fields of RunConfig that are sections
+SECTIONS = tuple(k for k, tp in typing.get_type_hints(RunConfig).items()
+                 if dataclasses.is_dataclass(tp))
 
 
 def validate(cfg: RunConfig) -> None:
-    """Range checks; each failure names the key and the allowed values."""
-    d, m, t = cfg.data, cfg.model, cfg.train
+    """Range checks; each failure names the key and the allowed values. Every section checks
+    its own fields; the checks below need two sections."""
     _check(bool(cfg.output_dir), "output_dir", "must not be empty")
-    _check(len(d.domains) > 0, "data.domains", "list at least one domain")
-    names = [dom.name for dom in d.domains]
-    _check(len(set(names)) == len(names), "data.domains", f"domain names repeat: {names}")
-    for i, dom in enumerate(d.domains):
-        _check(bool(dom.name), f"data.domains[{i}].name", "must not be empty")
-        scheme = dom.source.split(":", 1)[0]
-        _check(
-            scheme in ("builtin", "files", "hf") and ":" in dom.source,
-            f"data.domains[{i}].source",
-            f"'{dom.source}' must look like builtin:<name>, files:<glob> or hf:<dataset>",
-        )
-    _check(d.block_size >= 2, "data.block_size", f"must be >= 2, got {d.block_size}")
-    for key in ("val_fraction", "test_fraction"):
-        v = getattr(d, key)
-        _check(0 < v < 0.5, f"data.{key}", f"must be in (0, 0.5), got {v}")
-    _check(d.passage_chars >= 100, "data.passage_chars", f"must be >= 100, got {d.passage_chars}")
-    for key in ("max_train_tokens_per_domain", "max_eval_tokens_per_domain"):
-        v = getattr(d, key)
-        _check(v is None or v >= d.block_size, f"data.{key}", f"must be >= block_size, got {v}")
-    _check(m.head in HEADS, "model.head", f"'{m.head}' is not one of {HEADS}")
-    _check(m.n_neurons >= 1, "model.n_neurons", f"must be >= 1, got {m.n_neurons}")
-    _check(m.time_steps >= 1, "model.time_steps", f"must be >= 1, got {m.time_steps}")
-    for key, ok, need in (("spike_quantum", m.spike_quantum > 0, "> 0"),
-                          ("l2_cost", m.l2_cost >= 0, ">= 0"),
-                          ("rate_cost", m.rate_cost > 0, "> 0 (it bounds the spikes per token)")):
-        v = getattr(m, key)
-        _check(math.isfinite(v) and ok, f"model.{key}", f"must be finite and {need}, got {v}")
-    _check(0 < m.kwta_fraction <= 1, "model.kwta_fraction",
-           f"must be in (0, 1], got {m.kwta_fraction}")
-    _check(m.dictionary_init in ("data", "random"), "model.dictionary_init",
-           f"'{m.dictionary_init}' is not data|random")
-    _check(m.surrogate in ("atan", "fast_sigmoid"), "model.surrogate",
-           f"'{m.surrogate}' is not atan|fast_sigmoid")
-    _check(math.isfinite(m.surrogate_alpha) and m.surrogate_alpha > 0, "model.surrogate_alpha",
-           "must be finite and > 0")
-    _check(math.isfinite(m.pc_energy_weight) and m.pc_energy_weight >= 0,
-           "model.pc_energy_weight", "must be finite and >= 0")
-    backends = ("auto", "torch", "compiled", "cpu_shim", "cpu_shim_grid", "cuda")
-    _check(m.kernel_backend in backends, "model.kernel_backend",
-           f"'{m.kernel_backend}' is not one of {backends}")
-    _check(m.learning in ("bptt", "hebbian", "hybrid"), "model.learning",
-           f"'{m.learning}' is not bptt|hebbian|hybrid")
-    _check(math.isfinite(m.hebbian_lr) and m.hebbian_lr >= 0, "model.hebbian_lr",
-           f"must be finite and >= 0, got {m.hebbian_lr}")
-    _check(m.gate in GATES, "model.gate", f"'{m.gate}' is not one of {GATES}")
-    for key in ("gate_min", "gate_max"):
-        v = getattr(m, key)
-        _check(math.isfinite(v) and v >= 0, f"model.{key}", f"must be finite and >= 0, got {v}")
-    _check(m.gate_min <= m.gate_max, "model.gate_min", "must be <= model.gate_max")
-    _check(0 <= m.gate_momentum < 1, "model.gate_momentum", "must be in [0, 1)")
-    _check(m.trainable_encoder_layers >= 0, "model.trainable_encoder_layers", "must be >= 0")
-    _check(len(t.heads) > 0, "train.heads", "list at least one head")
-    for h in t.heads:
-        _check(h in HEADS, "train.heads", f"'{h}' is not one of {HEADS}")
-    _check(t.epochs >= 1, "train.epochs", f"must be >= 1, got {t.epochs}")
-    _check(t.batch_size >= 1, "train.batch_size", f"must be >= 1, got {t.batch_size}")
-    _check(t.grad_accum_steps >= 1, "train.grad_accum_steps", "must be >= 1")
-    _check(t.lr > 0 and math.isfinite(t.lr), "train.lr", f"must be > 0, got {t.lr}")
-    _check(t.weight_decay >= 0, "train.weight_decay", "must be >= 0")
-    _check(0 <= t.warmup_fraction < 1, "train.warmup_fraction", "must be in [0, 1)")
-    _check(t.max_grad_norm > 0, "train.max_grad_norm", "must be > 0")
-    _check(
-        t.mixed_precision in ("no", "bf16", "fp16"),
-        "train.mixed_precision",
-        f"'{t.mixed_precision}' is not no|bf16|fp16",
-    )
-    _check(t.eval_every >= 0, "train.eval_every", "must be >= 0")
-    _check(t.save_every >= 0, "train.save_every", "must be >= 0")
-    _check(t.keep_checkpoints >= 1, "train.keep_checkpoints", "must be >= 1")
-    _check(
-        cfg.wandb.mode in ("offline", "online", "disabled"),
-        "wandb.mode",
-        f"'{cfg.wandb.mode}' is not offline|online|disabled",
-    )
+    for name in SECTIONS:
+        getattr(cfg, name).check(name)
+    names = [dom.name for dom in cfg.data.domains]
     c = cfg.continual
     for i, name in enumerate(c.order):
         _check(name in names, f"continual.order[{i}]",
                f"'{name}' is not a domain of data.domains {names}")
-    _check(len(set(c.order)) == len(c.order), "continual.order", f"domains repeat: {c.order}")
-    methods = [mt.name for mt in c.methods]
-    _check(len(set(methods)) == len(methods), "continual.methods", f"names repeat: {methods}")
-    for i, mt in enumerate(c.methods):
-        key = f"continual.methods[{i}]"
-        _check(bool(mt.name), f"{key}.name", "must not be empty")
-        _check(mt.head in HEADS, f"{key}.head", f"'{mt.head}' is not one of {HEADS}")
-        for ov in mt.model:
-            _check("=" in ov, f"{key}.model", f"'{ov}' must look like key=value")
-        _check(math.isfinite(mt.ewc_lambda) and mt.ewc_lambda >= 0, f"{key}.ewc_lambda",
-               f"must be finite and >= 0, got {mt.ewc_lambda}")
-        _check(mt.replay_size >= 0, f"{key}.replay_size", f"must be >= 0, got {mt.replay_size}")
-        _check(math.isfinite(mt.der_alpha) and mt.der_alpha >= 0, f"{key}.der_alpha",
-               f"must be finite and >= 0, got {mt.der_alpha}")
-        _check(mt.der_alpha == 0 or mt.replay_size > 0, f"{key}.der_alpha",
-               "DER++ replays stored logits: set replay_size > 0 too")
-        _check(not mt.joint or (mt.replay_size == 0 and mt.ewc_lambda == 0), f"{key}.joint",
-               "the joint upper bound sees every domain at once: no replay or EWC")
     if c.retention is not None:
         _check(c.retention.name not in names, "continual.retention.name",
                f"'{c.retention.name}' is a training domain; the retention text must be in none")
-        _check(bool(c.retention.source), "continual.retention.source", "must not be empty")
-    _check(len(c.seeds) > 0, "continual.seeds", "list at least one seed")
-    _check(len(set(c.seeds)) == len(c.seeds), "continual.seeds", f"seeds repeat: {c.seeds}")
-    _check(c.tokens_per_stage >= d.block_size, "continual.tokens_per_stage",
-           f"must be >= data.block_size ({d.block_size}), got {c.tokens_per_stage}")
-    _check(c.epochs_per_stage >= 1, "continual.epochs_per_stage", "must be >= 1")
-    _check(0 <= c.replay_fraction < 1, "continual.replay_fraction", "must be in [0, 1)")
-    _check(c.fisher_batches >= 1, "continual.fisher_batches", "must be >= 1")
-    _check(all(t >= 1 for t in c.eval_time_steps), "continual.eval_time_steps",
-           f"every T must be >= 1, got {c.eval_time_steps}")
-    _check(c.energy_preset in ("fp32", "fp16", "int8"), "continual.energy_preset",
-           f"'{c.energy_preset}' is not fp32|fp16|int8")
-    _check(c.eval_split in ("test", "validation"), "continual.eval_split",
-           f"'{c.eval_split}' is not test|validation (validation: tuning runs only)")
+    _check(c.tokens_per_stage >= cfg.data.block_size, "continual.tokens_per_stage",
+           f"must be >= data.block_size ({cfg.data.block_size}), got {c.tokens_per_stage}")
+
+
+# ---- help --------------------------------------------------------------------------------
+def _item_class(tp: Any) -> type | None:
+    """The dataclass a field holds (list[X], X | None): its keys are listed under the field."""
+    for arg in typing.get_args(tp):
+        if dataclasses.is_dataclass(arg):
+            return arg
+    return None
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in typing.get_args(tp))
+    if typing.get_origin(tp) is list:
+        return f"list[{_type_name(typing.get_args(tp)[0])}]"
+    if tp is type(None):
+        return "null"
+    return "mapping" if dataclasses.is_dataclass(tp) else tp.__name__
+
+
+def _show(value: Any) -> str:
+    """`value` as YAML (and a command-line override) writes it."""
+    if isinstance(value, list):
+        return "[" + ", ".join(_show(v) for v in value) + "]"
+    if isinstance(value, str):
+        try:
+            plain = value != "" and yaml.safe_load(value) == value
+        except yaml.YAMLError:
+            plain = False
+        return value if plain else repr(value)  # e.g. 'no', which YAML reads as false
+    if value is None or isinstance(value, bool):
+        return yaml.safe_dump(value).split("\n")[0]  # null, true, false
+    return repr(value)
+
+
+def _default(f: dataclasses.Field) -> Any:
+    return f.default_factory() if f.default is MISSING else f.default
+
+
+def keys_help(width: int = 100) -> str:
+    """Every config key with its type, default and one-line meaning (the fields' help): the
+    `--help` epilog of every script that reads a config with `section.key=value` overrides."""
+    lines = ["config keys: YAML sections as below; override any key on the command line as",
+             "section.key=value (YAML values, e.g. model.time_steps=4 'train.heads=[mlp, "
+             "spiking_pc]').",
+             "A default is the value when neither the config file nor an override sets the key."]
+
+    def add(cls: type, prefix: str, indent: int) -> None:
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            key, tp, meaning = prefix + f.name, hints[f.name], f.metadata["help"]
+            if dataclasses.is_dataclass(tp):  # a section
+                lines.extend(["", f"{key}: {meaning}"])
+                add(tp, f"{key}.", indent)
+                continue
+            text = f"{key} ({_type_name(tp)}, default {_show(_default(f))}): {meaning}"
+            lines.extend(textwrap.wrap(text, width, initial_indent=" " * indent,
+                                       subsequent_indent=" " * (indent + 4),
+                                       break_on_hyphens=False))
+            item = _item_class(tp)
+            if item is not None:  # list[X]: each item's keys; X | None: X's keys
+                sub = f"{key}[i]." if typing.get_origin(tp) is list else f"{key}."
+                add(item, sub, indent + 2)
+
+    lines.append("")
+    add(RunConfig, "", 2)
+    return "\n".join(lines)
 
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:

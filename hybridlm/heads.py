@@ -81,7 +81,7 @@ class KWTAHead(MLPHead):
     spiking layer's code density, no spikes and no inference loop."""
 
     def __init__(self, d_model: int, hidden: int, k: int):
-        super().__init__(d_model, hidden)
+        super().__init__(d_model=d_model, hidden=hidden)
         if not 1 <= k <= hidden:
             raise ValueError(f"k-WTA: k = {k} must lie in [1, {hidden}] (model.kwta_fraction)")
         self.k = k
@@ -100,9 +100,10 @@ def spiking_layer(d_model: int, config, head: str = "spiking_pc") -> SpikingPCLa
     """The spiking PC layer (or its non-spiking `ista` control) with the hyper-parameters of
     `config` (a HybridConfig)."""
     cls = ISTALayer if head == "ista" else SpikingPCLayer
-    return cls(d_model, config.n_neurons, config.time_steps, config.spike_quantum,
-               config.l2_cost, config.rate_cost, config.surrogate, config.surrogate_alpha,
-               backend=config.kernel_backend)
+    return cls(d_model=d_model, n_neurons=config.n_neurons, time_steps=config.time_steps,
+               spike_quantum=config.spike_quantum, l2_cost=config.l2_cost,
+               rate_cost=config.rate_cost, surrogate=config.surrogate,
+               surrogate_alpha=config.surrogate_alpha, backend=config.kernel_backend)
 
 
 def mlp_parameters(d_model: int, hidden: int) -> int:
@@ -129,17 +130,19 @@ def mlp_hidden(head: str, d_model: int, config) -> int:
     return max(1, round(macs["dense_equivalent_mac"] / (2 * d_model)))
 
 
-def build_head(head: str, d_model: int, config) -> nn.Module:
-    """A head by name (see `HEADS`), sized from `config` (a HybridConfig)."""
+def build_head(head: str, *, d_model: int, config) -> nn.Module:
+    """A head by name (see `HEADS`) on a trunk of width `d_model`, sized from `config` (a
+    HybridConfig)."""
     if head == "trunk":
         return TrunkHead()
     if head == "linear":
-        return LinearHead(d_model)
+        return LinearHead(d_model=d_model)
     if head in ("mlp", "mlp_macs"):
-        return MLPHead(d_model, mlp_hidden(head, d_model, config))
+        return MLPHead(d_model=d_model, hidden=mlp_hidden(head, d_model, config))
     if head == "kwta":
         hidden = mlp_hidden(head, d_model, config)
-        return KWTAHead(d_model, hidden, max(1, round(config.kwta_fraction * hidden)))
+        return KWTAHead(d_model=d_model, hidden=hidden,
+                        k=max(1, round(config.kwta_fraction * hidden)))
     if head in SPIKING_HEADS:
         return spiking_layer(d_model, config, head)
     raise ValueError(f"unknown head '{head}' (one of {', '.join(HEADS)})")

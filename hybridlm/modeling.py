@@ -13,6 +13,9 @@ The frozen bottom's outputs ("features") can be computed once and cached.
 
 from __future__ import annotations
 
+import dataclasses
+import types
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -27,18 +30,38 @@ from transformers import (
 from transformers.configuration_utils import SubConfigSpec
 from transformers.masking_utils import create_causal_mask
 
+from hybridlm.config import ModelConfig
 from hybridlm.heads import SPIKING_HEADS, build_head
 from hybridlm.outputs import HeadOutput, HybridLMOutput
 from hybridlm.trunks import resolve_trunk
 
+# The hyper-parameters a checkpoint saves: every field of `ModelConfig` but `encoder` (where
+# the trunk comes from; a checkpoint holds the trunk's own config instead).
+MODEL_KEYS = tuple(f.name for f in dataclasses.fields(ModelConfig) if f.name != "encoder")
 
-class HybridConfig(PretrainedConfig):
+
+def _model_keys_config() -> type:
+    """A `PretrainedConfig` whose fields are `MODEL_KEYS`, with ModelConfig's types, defaults
+    and help: each hyper-parameter is declared once, in `hybridlm.config.ModelConfig`."""
+    fields = [f for f in dataclasses.fields(ModelConfig) if f.name in MODEL_KEYS]
+
+    def body(namespace: dict) -> None:
+        namespace["__module__"] = __name__
+        namespace["__annotations__"] = {f.name: f.type for f in fields}
+        for f in fields:
+            namespace[f.name] = dataclasses.field(
+                default=f.default, default_factory=f.default_factory, metadata=f.metadata)
+
+    return types.new_class("ModelKeysConfig", (PretrainedConfig,), exec_body=body)
+
+
+class HybridConfig(_model_keys_config()):
     """Architecture of a hybrid model; saved in `config.json` with the checkpoint.
 
     `encoder_config` is the trunk's own config; `trunk_kind` is `causal_lm` (decoder-only LM:
     its final norm and LM head are kept) or `encoder` (run with `is_decoder=True`, readout tied
-    to its word embeddings). The other fields are the head's hyper-parameters, as in
-    `hybridlm.config.ModelConfig`.
+    to its word embeddings). The other fields are `MODEL_KEYS`, the hyper-parameters of the
+    `model` section, inherited with their types and defaults from `hybridlm.config.ModelConfig`.
     """
 
     model_type = "hybridlm"
@@ -49,25 +72,6 @@ class HybridConfig(PretrainedConfig):
     }
     encoder_config: PretrainedConfig | dict | None = None
     trunk_kind: str = "encoder"
-    head: str = "spiking_pc"
-    n_neurons: int = 512
-    time_steps: int = 8
-    spike_quantum: float = 1.0
-    l2_cost: float = 0.0
-    rate_cost: float = 0.1
-    dictionary_init: str = "data"
-    surrogate: str = "atan"
-    surrogate_alpha: float = 2.0
-    pc_energy_weight: float = 0.0
-    kwta_fraction: float = 0.05
-    trainable_encoder_layers: int = 0
-    kernel_backend: str = "auto"
-    learning: str = "bptt"
-    hebbian_lr: float = 0.01
-    gate: str = "surprise"
-    gate_min: float = 0.0
-    gate_max: float = 2.0
-    gate_momentum: float = 0.9
     tie_word_embeddings: bool = False  # the LM head reads the trunk's own weights directly
 
 
@@ -98,7 +102,7 @@ class HybridForCausalLM(PreTrainedModel, GenerationMixin):
             self.lm_bias = nn.Parameter(torch.zeros(trunk_cfg.vocab_size))
         else:
             raise ValueError(f"trunk_kind '{config.trunk_kind}' is not causal_lm | encoder")
-        self.head = build_head(config.head, trunk_cfg.hidden_size, config)
+        self.head = build_head(config.head, d_model=trunk_cfg.hidden_size, config=config)
         if config.head in SPIKING_HEADS:
             # hebbian: the dictionary and mean learn only from the local rule; hybrid: both
             for p in self.head.local_parameters():
@@ -290,8 +294,9 @@ class HybridForCausalLM(PreTrainedModel, GenerationMixin):
         c = self.config
         if c.head not in SPIKING_HEADS or c.learning == "bptt":
             return None
-        gate = NeuromodulatoryGate(c.gate, c.gate_min, c.gate_max, c.gate_momentum)
-        return LocalLearning(self.head, c.hebbian_lr, gate)
+        gate = NeuromodulatoryGate(kind=c.gate, g_min=c.gate_min, g_max=c.gate_max,
+                                   momentum=c.gate_momentum)
+        return LocalLearning(layer=self.head, eta=c.hebbian_lr, gate=gate)
 
     def trainable_parameters(self) -> int:
         """Parameters that learn: by gradient, or (hebbian mode) by the local rule."""

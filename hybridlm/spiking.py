@@ -49,6 +49,10 @@ from hybridlm import kernels
 from hybridlm.kernels import reference
 from hybridlm.outputs import HeadOutput
 
+# How the dictionary starts (`model.dictionary_init`): "data" is `init_from_data` (the
+# training scripts call it), "random" the constructor's own initialisation.
+DICTIONARY_INITS = ("data", "random")
+
 
 def spike(u: torch.Tensor, surrogate: str = "atan", alpha: float = 2.0) -> torch.Tensor:
     """H(u) with snntorch's surrogate derivative (`alpha`: atan's alpha or fast_sigmoid's
@@ -72,6 +76,7 @@ class SpikingPCLayer(nn.Module):
         self,
         d_model: int,
         n_neurons: int,
+        *,
         time_steps: int = 8,
         spike_quantum: float = 1.0,
         l2_cost: float = 0.0,

@@ -4,9 +4,15 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from hybridlm.config import RunConfig
 from hybridlm.manifest import run_manifest
+
+if TYPE_CHECKING:  # hybridlm.config imports WANDB_MODES from here
+    from hybridlm.config import RunConfig
+
+# wandb.init's modes (`wandb.mode`); "disabled" logs nothing, and WANDB_MODE overrides
+WANDB_MODES = ("offline", "online", "disabled")
 
 
 class Tracker:

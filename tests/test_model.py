@@ -2,9 +2,10 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from hybridlm.config import ModelConfig
 from hybridlm.heads import HEADS
 from hybridlm.hub import CheckpointError, check_model_folder
-from hybridlm.modeling import HybridConfig, HybridForCausalLM, check_causal
+from hybridlm.modeling import MODEL_KEYS, HybridConfig, HybridForCausalLM, check_causal
 from hybridlm.trunks import TrunkError, load_tokenizer, resolve_trunk
 
 
@@ -53,6 +54,82 @@ def test_save_then_load_gives_identical_logits(tiny, head, tmp_path):
     assert loaded.config.beta == 0.8 and loaded.config.time_steps == 3
     ids = torch.randint(5, 120, (2, 12))
     assert torch.equal(model(input_ids=ids).logits, loaded(input_ids=ids).logits)
+
+
+# A value other than ModelConfig's default for every key a checkpoint saves (MODEL_KEYS).
+NON_DEFAULT = dict(head="ista", n_neurons=12, time_steps=3, spike_quantum=0.5, l2_cost=0.1,
+                   rate_cost=0.2, dictionary_init="random", surrogate="fast_sigmoid",
+                   surrogate_alpha=5.0, pc_energy_weight=0.1, kwta_fraction=0.2,
+                   trainable_encoder_layers=1, kernel_backend="torch", learning="hybrid",
+                   hebbian_lr=0.05, gate="energy", gate_min=0.1, gate_max=1.5,
+                   gate_momentum=0.5)
+
+
+def test_every_model_key_survives_save_and_load(tiny, tmp_path):
+    assert set(NON_DEFAULT) == set(MODEL_KEYS)  # a new model key needs a value here
+    ModelConfig(**NON_DEFAULT).check()
+    default = ModelConfig()
+    assert all(getattr(default, k) != v for k, v in NON_DEFAULT.items())
+    model = tiny(**NON_DEFAULT)
+    model.save_pretrained(tmp_path)
+    saved = json_load(tmp_path / "config.json")
+    assert "encoder" not in saved and saved["trunk_kind"] == "encoder"
+    assert {k: saved[k] for k in MODEL_KEYS} == NON_DEFAULT
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert {k: getattr(loaded.config, k) for k in MODEL_KEYS} == NON_DEFAULT
+    assert (loaded.head.time_steps, loaded.head.backend) == (3, "torch")
+
+
+# config.json of a tiny spiking model as checkpoints wrote it before HybridConfig took its
+# fields from ModelConfig (every key written out, and an unknown one, `beta`).
+OLD_CONFIG_JSON = {
+    "architectures": ["HybridForCausalLM"],
+    "beta": 0.8,
+    "dictionary_init": "data",
+    "dtype": "float32",
+    "gate": "energy",
+    "gate_max": 2.0,
+    "gate_min": 0.0,
+    "gate_momentum": 0.9,
+    "head": "spiking_pc",
+    "hebbian_lr": 0.01,
+    "kernel_backend": "auto",
+    "kwta_fraction": 0.05,
+    'l2_cost': 0.0,
+    "learning": "hybrid",
+    "model_type": "hybridlm",
+    "n_neurons": 16,
+    "pc_energy_weight": 0.0,
+    "rate_cost": 0.05,
+    "spike_quantum": 1.0,
+    "surrogate": "atan",
+    "surrogate_alpha": 2.0,
+    "tie_word_embeddings": False,
+    "time_steps": 4,
+    "trainable_encoder_layers": 0,
+    "transformers_version": "5.24.0",
+    "trunk_kind": "encoder",
+}
+
+
+def test_an_old_config_json_still_loads(tmp_path):
+    import json
+
+    from transformers import BertConfig
+
+    from tests.conftest import TINY_ENCODER
+
+    encoder = BertConfig(**TINY_ENCODER, is_decoder=True).to_dict()
+    (tmp_path / "config.json").write_text(json.dumps(OLD_CONFIG_JSON | {"encoder_config":
+                                                                         encoder}))
+    cfg = AutoConfig.from_pretrained(tmp_path)
+    assert isinstance(cfg, HybridConfig)
+    for key, value in OLD_CONFIG_JSON.items():
+        if key not in ("architectures", "dtype", "transformers_version"):
+            assert getattr(cfg, key) == value, key
+    model = HybridForCausalLM(cfg)
+    assert (model.head.time_steps, model.head.nu) == (4, 0.05)
+    assert model.local_learning().gate.kind == "energy"
 
 
 def test_cached_features_give_the_same_loss(tiny):

@@ -255,7 +255,7 @@ def test_local_step_updates_only_active_atoms_and_keeps_them_unit_norm(trunk_sta
 
 def test_ista_control_descends_the_same_energy(trunk_states):
     torch.manual_seed(0)
-    layer = ISTALayer(trunk_states.shape[1], 64, 12).double()
+    layer = ISTALayer(trunk_states.shape[1], 64, time_steps=12).double()
     layer.init_from_data(trunk_states[:256].double(), torch.Generator().manual_seed(1))
     with torch.no_grad():
         x_c = layer.centred(trunk_states.double())

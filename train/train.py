@@ -46,7 +46,10 @@ hf_logging.disable_progress_bar()  # a bar per weight load would drown the train
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    from hybridlm.config import keys_help
+
+    p = argparse.ArgumentParser(description=__doc__, epilog=keys_help(),
+                                formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--config", default="configs/default.yaml")
     p.add_argument("--resume", action="store_true", help="continue the run in output_dir")
     p.add_argument("--no-wandb", action="store_true", help="do not log to Weights & Biases")

@@ -10,12 +10,10 @@ from dataclasses import dataclass
 
 import torch
 
-from hybridlm.config import ConfigError, ContinualConfig
+from hybridlm.config import EVAL_SPLITS, ConfigError, ContinualConfig
 from hybridlm.corpora import DataError
 from hybridlm.evaluation import Blocks
 from hybridlm.features import FeatureCache
-
-EVAL_SPLITS = ("test", "validation")  # validation: explicit tuning runs only
 
 
 class TaggedBlocks(Blocks):

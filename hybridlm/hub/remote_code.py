@@ -34,14 +34,15 @@ def _module_file(name: str) -> Path | None:
 
 def _rewrite(name: str, path: Path) -> tuple[str, set[str], set[str]]:
     """Source of module `name` with every `from hybridlm... import` turned into a lookup in
-    the bundle and Auto registrations removed; returns (source, modules it needs, the ops it
-    calls as `kernels.<op>`)."""
+    the bundle and Auto registrations removed; returns (source, modules it needs, the names
+    of `hybridlm.kernels` it uses: `kernels.<op>` or `from hybridlm.kernels import <name>`)."""
     text = path.read_text()
     lines = text.splitlines(keepends=True)
     tree = ast.parse(text)
     edits: list[tuple[int, int, str]] = []  # (first line, last line, replacement)
     deps: set[str] = set()
     kernels_names: set[str] = set()
+    imported: set[str] = set()  # names imported from the kernels namespace itself
     for node in ast.walk(tree):
         if isinstance(node, ast.Import) and any(a.name.split(".")[0] == "hybridlm"
                                                 for a in node.names):
@@ -60,6 +61,8 @@ def _rewrite(name: str, path: Path) -> tuple[str, set[str], set[str]]:
             deps.add(target)
             if target == "hybridlm.kernels":
                 kernels_names.add(a.asname or a.name)
+                if full != target:
+                    imported.add(a.name)
             value = f"_bundle({target!r})" + ("" if target == full else f".{a.name}")
             parts.append(f"{a.asname or a.name} = {value}")
         indent = " " * node.col_offset
@@ -68,8 +71,8 @@ def _rewrite(name: str, path: Path) -> tuple[str, set[str], set[str]]:
         if _is_registration(node):
             edits.append((node.lineno, node.end_lineno, "pass  # Auto registration: "
                           "the folder's auto_map does it\n"))
-    ops = {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute)
-           and isinstance(n.value, ast.Name) and n.value.id in kernels_names}
+    ops = imported | {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute)
+                      and isinstance(n.value, ast.Name) and n.value.id in kernels_names}
     for first, last, repl in sorted(edits, reverse=True):
         lines[first - 1 : last] = [repl]
     return "".join(lines), deps, ops
@@ -82,10 +85,12 @@ def modeling_source() -> str:
     module it needs (found by following `from hybridlm... import` statements, including those
     inside functions), each run as a private in-file module. `hybridlm.kernels` (compiled
     CPU/CUDA kernels) is replaced by its plain-torch reference: each `kernels.<op>` the model
-    calls becomes `hybridlm.kernels.reference.<op>_reference`, the same function.
-    Raises `CheckpointError` when the model uses something this can't carry.
+    calls becomes `hybridlm.kernels.reference.<op>_reference`, the same function; a constant
+    of `hybridlm.kernels` it uses (e.g. `BACKENDS`, which `hybridlm.config` checks against) is
+    carried by value. Raises `CheckpointError` when the model uses something this can't carry.
     """
     import hybridlm
+    import hybridlm.kernels
 
     sources: dict[str, str] = {}
     ops: set[str] = set()
@@ -100,6 +105,9 @@ def modeling_source() -> str:
         sources[name], deps, used = _rewrite(name, path)
         ops |= used
         todo += sorted(deps)
+    constants = {op: getattr(hybridlm.kernels, op) for op in ops
+                 if isinstance(getattr(hybridlm.kernels, op, None), (tuple, dict, str, int, float))}
+    ops -= set(constants)
     if ops:
         ref = "hybridlm.kernels.reference"
         if ref not in sources:
@@ -121,7 +129,7 @@ def modeling_source() -> str:
         f"    {op} = _bundle('hybridlm.kernels.{op}')\n" if f"hybridlm.kernels.{op}" in sources
         else f"    {op} = staticmethod(_torch_backend(_bundle('hybridlm.kernels.reference')"
         f".{op}_reference))\n" for op in sorted(ops)
-    )
+    ) + "".join(f"    {k} = {v!r}\n" for k, v in sorted(constants.items()))
     table = "".join(f"    {k!r}: {v!r},\n" for k, v in sorted(sources.items()))
     return f'''"""hybridlm {hybridlm.__version__}: HybridConfig and HybridForCausalLM as one
 self-contained file (plain torch + transformers), for `trust_remote_code=True` where hybridlm
@@ -163,7 +171,8 @@ def _bundle(name: str):
 
 
 class _Kernels:
-    """The `hybridlm.kernels` ops the model calls, on the plain-torch backend."""
+    """The `hybridlm.kernels` ops the model calls, on the plain-torch backend, and the
+    constants it reads."""
 {kernel_ops}
 
 _modeling = _bundle("hybridlm.modeling")

@@ -242,15 +242,17 @@ def lif_multistep(x: torch.Tensor, beta: float, threshold: float = 1.0,
     _check_tensor(op, "x", x)
     if x.dim() < 1 or x.shape[0] == 0:
         raise ValueError(f"{op}: x must have a time dimension T >= 1, got shape {tuple(x.shape)}")
-    cfg = _Neuron(float(beta), float(threshold), reset, bool(detach_reset), surrogate,
-                  float(alpha), dynamics)
+    cfg = _Neuron(beta=float(beta), threshold=float(threshold), reset=reset,
+                  detach_reset=bool(detach_reset), surrogate=surrogate, alpha=float(alpha),
+                  dynamics=dynamics)
     _check_neuron(op, cfg)
     b = resolve_backend(backend, x, op)
     if b in ("torch", "compiled"):
         fn = ref.lif_multistep_reference if b == "torch" else _compiled(
             ref.lif_multistep_reference)
-        return fn(x, cfg.beta, cfg.threshold, reset, cfg.detach_reset, surrogate, cfg.alpha,
-                  dynamics)
+        return fn(x, beta=cfg.beta, threshold=cfg.threshold, reset=cfg.reset,
+                  detach_reset=cfg.detach_reset, surrogate=cfg.surrogate, alpha=cfg.alpha,
+                  dynamics=cfg.dynamics)
     return _LIFMultistep.apply(x, cfg, b)
 
 
@@ -455,9 +457,11 @@ def sc_inference(v1: torch.Tensor, lateral: torch.Tensor, theta: float, delta: f
         raise ValueError(f"{op}: surrogate must be one of {ref.SURROGATES}, got {surrogate!r}")
     if not math.isfinite(alpha):
         raise ValueError(f"{op}: alpha must be a finite number, got {alpha!r}")
-    cfg = _SC(float(theta), float(delta), int(time_steps), surrogate, float(alpha))
+    cfg = _SC(theta=float(theta), delta=float(delta), time_steps=int(time_steps),
+              surrogate=surrogate, alpha=float(alpha))
     b = resolve_backend(backend, v1, op)
     if b in ("torch", "compiled"):
-        return ref.sc_inference_reference(v1, lateral, cfg.theta, cfg.delta, cfg.time_steps,
-                                          surrogate, cfg.alpha)
+        return ref.sc_inference_reference(v1, lateral, theta=cfg.theta, delta=cfg.delta,
+                                          time_steps=cfg.time_steps, surrogate=cfg.surrogate,
+                                          alpha=cfg.alpha)
     return _SCInference.apply(v1, lateral, cfg, b)
