@@ -55,6 +55,7 @@ class Engine:
         self.max_grad_norm, self.local, self.patience = max_grad_norm, local, patience
         self.skipped = 0  # micro-batches skipped for a non-finite loss
         self.bad_in_a_row = 0
+        self.gate_losses: list[torch.Tensor] = []  # this step's micro-batches, for the gate
 
     def mean_over_processes(self, t: torch.Tensor) -> torch.Tensor:
         return self.accelerator.reduce(t, "mean") if self.accelerator.num_processes > 1 else t
@@ -71,9 +72,9 @@ class Engine:
         """One micro-batch: `loss` is backpropagated; `local_statistic` is the forward's
         (`HybridLMOutput.local_statistic`); `gate_loss` is what the surprise gate reads
         (default `loss`; the continual methods pass the next-token loss without their
-        penalties). Returns None when every rank skipped the micro-batch, {} when it only
-        accumulated gradients, else the step's values to log (`train/grad_norm` and the
-        local rule's `plasticity/...`)."""
+        penalties), averaged over the step's micro-batches. Returns None when every rank
+        skipped the micro-batch, {} when it only accumulated gradients, else the step's values
+        to log (`train/grad_norm` and the local rule's `plasticity/...`)."""
         acc = self.accelerator
         if not self.all_finite(loss):
             self.optimizer.zero_grad()
@@ -85,14 +86,16 @@ class Engine:
         self.bad_in_a_row = 0
         if self.local is not None:  # summed over micro-batches, applied when the optimizer steps
             self.local.collect(local_statistic)
+            self.gate_losses.append((loss if gate_loss is None else gate_loss).detach())
         acc.backward(loss)
         if not acc.sync_gradients:  # accumulating: the prepared optimizer does not step yet
             return {}
         row = {"train/grad_norm": float(acc.clip_grad_norm_(self.params, self.max_grad_norm))}
         self.optimizer.step()
-        if self.local is not None:
-            row |= self.local.step(loss if gate_loss is None else gate_loss,
-                                   self.mean_over_processes)
+        if self.local is not None:  # the gate reads the whole step's mean loss
+            gate = torch.stack(self.gate_losses).mean()
+            self.gate_losses = []
+            row |= self.local.step(gate, self.mean_over_processes)
         self.scheduler.step()
         self.optimizer.zero_grad()
         return row

@@ -16,6 +16,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from hybridlm.io import write_text_atomic
+
 
 @dataclass(frozen=True)
 class RunDir:
@@ -89,7 +91,8 @@ class History:
                     continue
                 if isinstance(row, dict) and row.get("step", resume_step + 1) <= resume_step:
                     kept.append(row)
-        path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        # atomic: a kill while it is rewritten must not lose the rows before the checkpoint
+        write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in kept))
         self.seen = [json.dumps(r, sort_keys=True) for r in kept]
 
     def append(self, row: dict) -> None:

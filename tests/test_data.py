@@ -34,20 +34,6 @@ def test_pack_keeps_every_token_in_order(lists, block):
         assert mask[:-1].all()
 
 
-def test_pack_is_linear_in_tokens():
-    import time
-
-    def cost(n):
-        lists = [list(range(100))] * n
-        start = time.perf_counter()
-        pack(lists, 128, 0)
-        return time.perf_counter() - start
-
-    cost(1000)
-    small, big = min(cost(2000) for _ in range(3)), min(cost(20000) for _ in range(3))
-    assert big < 30 * small  # 10x the tokens; a quadratic packer would take ~100x
-
-
 @given(st.text(min_size=0, max_size=3000), st.integers(100, 800))
 @settings(max_examples=100, deadline=None)
 def test_passages_keep_the_text(text, max_chars):

@@ -59,7 +59,7 @@ def test_local_html_report_is_self_contained_with_tables_and_plots(tmp_path, mon
     assert "made a local HTML report" in proc.stdout and "no W&B API key" in proc.stdout
     page = (run / "report.html").read_text()
     assert "60.5000" not in page and "60.50" in page  # val perplexity of legal, spiking_pc
-    assert "+" in page and "spiking_pc" in page and "firing rate" in page
+    assert "spiking_pc" in page and "mlp" in page and "firing rate" in page
     assert not re.search(r"(src|href)=['\"]https?:", page)  # nothing to fetch
     images = re.findall(r"data:image/png;base64,([A-Za-z0-9+/=]+)", page)
     assert len(images) == 4  # loss, eval perplexity, per-domain bars, firing rate
