@@ -11,7 +11,7 @@ SEEDS ?= 0,1,2
 COMPARE_HEADS ?= trunk,linear,mlp,mlp_macs,spiking_pc,ista
 ARGS ?=
 NPROC ?= 1
-SOAK_KILLS ?= 25
+SOAK_KILLS ?= 25  # make test runs a short soak of 3 kills
 OUT ?= bench/results
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
@@ -64,9 +64,15 @@ continual: install  ## forgetting across domains: make continual [CL_CONFIG=conf
 lint: install  ## ruff
 	$(VENV)/bin/ruff check .
 
-test: install  ## ruff + the whole test suite (CPU only)
+# Two pytest processes side by side, one per core: the compile-bound kernel tests (NVRTC,
+# nvcc, the AddressSanitizer build) and everything else. Both must pass and collect tests.
+KERNEL_TESTS := tests/test_kernels.py tests/test_sc_kernels.py
+test: install  ## ruff + the whole test suite (CPU only; a short soak: make soak for the long one)
 	$(VENV)/bin/ruff check .
-	$(PY) -m pytest -q tests
+	@$(PY) -m pytest -q -p no:cacheprovider $(KERNEL_TESTS) > .test-kernels.log 2>&1 & kernels=$$!; \
+	$(PY) -m pytest -q $(addprefix --ignore=,$(KERNEL_TESTS)) tests; rest=$$?; \
+	wait $$kernels; status=$$?; echo "--- $(KERNEL_TESTS)"; cat .test-kernels.log; \
+	exit $$(( rest != 0 ? rest : status ))
 
 soak: install  ## kill a training run at random moments SOAK_KILLS times (default 25), resume each time
 	HYBRIDLM_SOAK_KILLS=$(SOAK_KILLS) $(PY) -m pytest -q -s tests/test_soak.py

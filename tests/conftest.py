@@ -1,7 +1,10 @@
 """Test setup: offline, no W&B traffic, datasets cache in a temporary folder, tiny models."""
 
+import importlib.util
 import os
+import sys
 import tempfile
+from pathlib import Path
 
 # Read by huggingface_hub / datasets at import time: set before any HF import.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -54,3 +57,39 @@ def tiny_llama(tmp_path_factory):
             folder)
         folders[tied] = folder
     return folders
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def command(path: str):
+    """A command script (e.g. "train/train.py") as a module, to call its `main(argv)` in this
+    process: no interpreter start and no second import of torch and transformers."""
+    name = "cmd_" + path.replace("/", "_").removesuffix(".py")
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, ROOT / path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state():
+    """accelerate keeps precision and gradient accumulation in process-wide singletons; each
+    test (and each in-process command) starts from none."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    yield
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+@pytest.fixture(scope="session")
+def asan_kernel_cache(tmp_path_factory) -> Path:
+    """One folder for the AddressSanitizer build of the CPU kernels, shared by every ASan test
+    (and by parallel test workers: the build is keyed by source and flags, written atomically):
+    it is compiled once per test run, not once per test."""
+    folder = tmp_path_factory.getbasetemp().parent / "hybridlm-asan-kernels"
+    folder.mkdir(exist_ok=True)
+    return folder

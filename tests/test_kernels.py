@@ -395,18 +395,18 @@ asan = pytest.mark.skipif(not HAVE_CXX or _libasan() is None or os.environ.get(
 
 
 @asan
-def test_shim_under_address_sanitizer(tmp_path):
+def test_shim_under_address_sanitizer(asan_kernel_cache):
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--capture=sys",
            __file__, "-k", "shim_matches_reference or "
            "large_multithreaded or spike_matmul_event or float64 or "
            "recompute"]
-    res = subprocess.run(cmd, env=_asan_env(tmp_path), capture_output=True, text=True,
+    res = subprocess.run(cmd, env=_asan_env(asan_kernel_cache), capture_output=True, text=True,
                          timeout=300)
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
     passed = re.search(r"(\d+) passed", res.stdout)
     assert passed and int(passed.group(1)) >= 40, res.stdout[-2000:]
     assert "AddressSanitizer" not in res.stdout + res.stderr
-    assert list(tmp_path.glob("hl_shim_*.so")), "the ASan build was not used"
+    assert list(asan_kernel_cache.glob("hl_shim_*.so")), "the ASan build was not used"
 
 
 def assert_asan_reports_overflow(tmp_path, code: str, source: str) -> None:
@@ -420,9 +420,9 @@ def assert_asan_reports_overflow(tmp_path, code: str, source: str) -> None:
 
 
 @asan
-def test_address_sanitizer_catches_overflow(tmp_path):
+def test_address_sanitizer_catches_overflow(asan_kernel_cache):
     # A launch that claims more neurons than the tensors hold must be reported, with the line.
-    assert_asan_reports_overflow(tmp_path, (
+    assert_asan_reports_overflow(asan_kernel_cache, (
         "import numpy as np, torch\n"
         "from hybridlm.kernels import _build\n"
         "x = torch.zeros(2, 100); s = torch.empty_like(x)\n"

@@ -2,16 +2,14 @@
 
 import base64
 import json
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
 from hybridlm import report
+from tests.conftest import command
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -47,16 +45,16 @@ def write_run(root: Path) -> Path:
     return run
 
 
-def test_local_html_report_is_self_contained_with_tables_and_plots(tmp_path, monkeypatch):
+def test_local_html_report_is_self_contained_with_tables_and_plots(tmp_path, monkeypatch,
+                                                                   capsys):
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("WANDB_MODE", "online")
     run = write_run(tmp_path)
-    env = {k: v for k, v in os.environ.items() if k != "WANDB_API_KEY"} | {
-        "HOME": str(tmp_path), "WANDB_MODE": "online"}
-    proc = subprocess.run([sys.executable, "eval/report.py", str(run)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "made a local HTML report" in proc.stdout and "no W&B API key" in proc.stdout
+    assert command("eval/report.py").main([str(run)]) == 0  # the command, in this process
+    out = capsys.readouterr().out
+    assert "made a local HTML report" in out and "no W&B API key" in out
     page = (run / "report.html").read_text()
     assert "60.5000" not in page and "60.50" in page  # val perplexity of legal, spiking_pc
     assert "spiking_pc" in page and "mlp" in page and "firing rate" in page
@@ -127,10 +125,9 @@ def test_unreadable_history_jsonl_falls_back_to_metrics_json(tmp_path):
     assert report.training_history(loaded, "spiking_pc") == loaded.heads["spiking_pc"]["history"]
 
 
-def test_missing_metrics_is_a_clear_error(tmp_path):
+def test_missing_metrics_is_a_clear_error(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     with pytest.raises(report.ReportError, match="no <head>/metrics.json"):
         report.load_run(tmp_path / "empty")
-    proc = subprocess.run([sys.executable, "eval/report.py", str(tmp_path / "nope")], cwd=ROOT,
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2 and "no such run folder" in proc.stderr
+    assert command("eval/report.py").main([str(tmp_path / "nope")]) == 2
+    assert "no such run folder" in capsys.readouterr().err

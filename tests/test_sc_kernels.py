@@ -322,23 +322,23 @@ def test_nvcc_no_spills_no_stack(arch):
 
 
 @asan
-def test_kernel_under_address_sanitizer(tmp_path):
+def test_kernel_under_address_sanitizer(asan_kernel_cache):
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--capture=sys",
            __file__, "-k", "equals_reference or matches_reference or bit_for_bit or "
            "no_candidates or (gradients_equal and float64)"]
-    res = subprocess.run(cmd, env=_asan_env(tmp_path), capture_output=True, text=True,
+    res = subprocess.run(cmd, env=_asan_env(asan_kernel_cache), capture_output=True, text=True,
                          timeout=600)
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
     passed = re.search(r"(\d+) passed", res.stdout)
     assert passed and int(passed.group(1)) >= 35, res.stdout[-2000:]
     assert "AddressSanitizer" not in res.stdout + res.stderr
-    assert list(tmp_path.glob("hl_shim_*.so")), "the ASan build was not used"
+    assert list(asan_kernel_cache.glob("hl_shim_*.so")), "the ASan build was not used"
 
 
 @asan
-def test_address_sanitizer_catches_overflow_in_the_kernel(tmp_path):
+def test_address_sanitizer_catches_overflow_in_the_kernel(asan_kernel_cache):
     # A launch that claims more neurons than the tensors hold must be reported, with the file.
-    assert_asan_reports_overflow(tmp_path, (
+    assert_asan_reports_overflow(asan_kernel_cache, (
         "import numpy as np, torch\n"
         "from hybridlm.kernels import _build\n"
         "M, N, T = 3, 8, 2\n"

@@ -17,6 +17,7 @@ import yaml
 from safetensors.torch import load_file
 
 from hybridlm.checkpoints import PROGRESS, file_checksums
+from tests.conftest import command
 
 ROOT = Path(__file__).resolve().parent.parent
 TRAIN = [sys.executable, str(ROOT / "train" / "train.py")]
@@ -37,6 +38,14 @@ def run_train(out, cache, *extra, check=True, env=None):
     if check:
         assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
+
+
+def train_here(out, cache, capsys, *extra) -> tuple[int, str]:
+    """train/train.py's main in this process (for runs that refuse or stop early): the exit
+    code and what it printed to stderr."""
+    rc = command("train/train.py").main(["--config", "configs/quick.yaml", f"output_dir={out}",
+                                         f"data.cache_dir={cache}", *extra])
+    return rc, capsys.readouterr().err
 
 
 def test_training_lowers_validation_loss_and_writes_results(tmp_path, data_cache):
@@ -97,10 +106,10 @@ def chars_of(r: dict) -> float:
     return r["loss"] / math.log(2) * r["tokens"] / r["bits_per_char"]
 
 
-def test_a_second_run_reuses_the_cached_trunk_features(tmp_path, data_cache):
+def test_a_second_run_reuses_the_cached_trunk_features(tmp_path, data_cache, capsys):
     out = tmp_path / "again"
-    run_train(out, data_cache, "train.heads=[trunk]")
-    run_train(tmp_path / "again2", data_cache, "train.heads=[trunk]")
+    assert train_here(out, data_cache, capsys, "train.heads=[trunk]")[0] == 0
+    assert train_here(tmp_path / "again2", data_cache, capsys, "train.heads=[trunk]")[0] == 0
     first = json.loads((out / "metrics.json").read_text())["feature_cache"]
     second = json.loads((tmp_path / "again2" / "metrics.json").read_text())["feature_cache"]
     assert second["entries_built"] == 0 and second["entries_reused"] == 7
@@ -115,10 +124,10 @@ class _RunsCode:
         return (Path.touch, (Path(self.path),))
 
 
-def test_killed_run_resumes_to_the_same_result(tmp_path, data_cache):
+def test_killed_run_resumes_to_the_same_result(tmp_path, data_cache, capsys):
     common = ["train.heads=[spiking_pc]", "train.save_every=4", "train.epochs=2"]
     whole = tmp_path / "whole"
-    run_train(whole, data_cache, *common)
+    assert train_here(whole, data_cache, capsys, *common)[0] == 0  # uninterrupted, here
     part = tmp_path / "part"
     args = TRAIN + ["--config", "configs/quick.yaml", f"output_dir={part}",
                     f"data.cache_dir={data_cache}", *common]
@@ -153,7 +162,7 @@ def test_killed_run_resumes_to_the_same_result(tmp_path, data_cache):
 
     # killed after its final checkpoint, before metrics.json: the resume only evaluates
     (part / "spiking_pc" / "metrics.json").unlink()
-    run_train(part, data_cache, *common, "--resume")
+    assert train_here(part, data_cache, capsys, *common, "--resume")[0] == 0
     b = json.loads((part / "spiking_pc" / "metrics.json").read_text())
     for key in a.keys() - {"epoch_seconds", "resumes"}:
         assert a[key] == b[key], key
@@ -167,19 +176,18 @@ def test_killed_run_resumes_to_the_same_result(tmp_path, data_cache):
     state["files"] = file_checksums(newest)
     (newest / PROGRESS).write_text(yaml.safe_dump(state))
     (part / "spiking_pc" / "metrics.json").unlink()
-    proc = run_train(part, data_cache, *common, "--resume", check=False)
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    assert "cannot be loaded into this model (UnpicklingError" in proc.stderr
+    rc, err = train_here(part, data_cache, capsys, *common, "--resume")
+    assert rc == 2, err[-2000:]
+    assert "cannot be loaded into this model (UnpicklingError" in err
     assert not marker.exists()
 
     # a checkpoint of another head (model type) is refused before anything is touched
     other = tmp_path / "other"
     (other / "mlp").mkdir(parents=True)
     shutil.copytree(ckpts, other / "mlp" / "checkpoints")
-    proc = run_train(other, data_cache, "train.heads=[mlp]", "--resume", check=False)
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    assert "was trained with another head than this run" in proc.stderr
-    assert "Traceback" not in proc.stderr
+    rc, err = train_here(other, data_cache, capsys, "train.heads=[mlp]", "--resume")
+    assert rc == 2, err[-2000:]
+    assert "was trained with another head than this run" in err
     assert sorted(p.name for p in other.iterdir()) == ["mlp"]
 
 
@@ -190,23 +198,23 @@ def test_killed_run_resumes_to_the_same_result(tmp_path, data_cache):
     ("data.domains=[{name: x, source: 'files:/no/such/*.txt'}]", "no file matches"),
     ("model.time_steps=0", "model.time_steps"),
 ])
-def test_bad_input_exits_cleanly_and_writes_nothing(tmp_path, data_cache, override, message):
+def test_bad_input_exits_cleanly_and_writes_nothing(tmp_path, data_cache, capsys, override,
+                                                    message):
     out = tmp_path / "bad"
     (tmp_path / "bad.gguf").write_bytes(b"GGUF" + bytes(100))  # a truncated GGUF file
     override = override.replace("BAD_GGUF", str(tmp_path / "bad.gguf"))
-    proc = run_train(out, data_cache, override, check=False)
-    assert proc.returncode == 2
-    assert message in proc.stderr
-    assert "Traceback" not in proc.stderr
+    rc, err = train_here(out, data_cache, capsys, override)
+    assert rc == 2
+    assert message in err
     assert not out.exists()
 
 
-def test_existing_output_dir_is_left_untouched(tmp_path, data_cache):
+def test_existing_output_dir_is_left_untouched(tmp_path, data_cache, capsys):
     out = tmp_path / "taken"
     out.mkdir()
     (out / "metrics.json").write_text("{}")
-    proc = run_train(out, data_cache, check=False)
-    assert proc.returncode == 2 and "--resume" in proc.stderr
+    rc, err = train_here(out, data_cache, capsys)
+    assert rc == 2 and "--resume" in err
     assert (out / "metrics.json").read_text() == "{}"
 
 
@@ -228,10 +236,9 @@ def test_two_processes_with_accelerate_launch(tmp_path, data_cache):
     assert summary["heads"]["spiking_pc"]["learning"] == "hybrid"
 
 
-def test_diverging_run_stops_with_a_clear_error(tmp_path, data_cache):
+def test_diverging_run_stops_with_a_clear_error(tmp_path, data_cache, capsys):
     out = tmp_path / "nan"
-    proc = run_train(out, data_cache, "train.lr=1e30", "train.heads=[mlp]", "train.epochs=1",
-                     "train.warmup_fraction=0", check=False)
-    assert proc.returncode == 3, proc.stderr[-2000:]
-    assert "NaN/inf for 10 steps in a row" in proc.stderr
-    assert "Traceback" not in proc.stderr
+    rc, err = train_here(out, data_cache, capsys, "train.lr=1e30", "train.heads=[mlp]",
+                         "train.epochs=1", "train.warmup_fraction=0", "--no-wandb")
+    assert rc == 3, err[-2000:]
+    assert "NaN/inf for 10 steps in a row" in err
