@@ -28,6 +28,7 @@ from hybridlm.config import ConfigError, keys_help, load_config  # noqa: E402
 from hybridlm.continual.metrics import mean_std  # noqa: E402
 from hybridlm.io import write_json_atomic, write_text_atomic  # noqa: E402
 from hybridlm.results import BASELINE_NOTES, mean_bpc  # noqa: E402
+from hybridlm.rundir import RunDir  # noqa: E402
 
 SPLITS = ("validation", "test")
 UNTRAINED = ("unigram", "kn_bigram", "trunk")
@@ -47,12 +48,12 @@ def parse_args(argv=None):
 def run_seed(args, seed: int, out: Path) -> dict:
     """Train every head for one seed (or reuse/resume that seed's run); its metrics.json."""
     folder = out / f"seed_{seed}"
-    summary = folder / "metrics.json"
+    summary = RunDir(folder).summary
     if summary.is_file():
         print(f"[seed {seed}] already finished: {summary}")
         return json.loads(summary.read_text())
     cmd = [sys.executable, str(ROOT / "train" / "train.py"), "--config", args.config]
-    if (folder / "config.yaml").is_file():
+    if RunDir(folder).config.is_file():
         cmd.append("--resume")
     if args.no_wandb:
         cmd.append("--no-wandb")

@@ -21,6 +21,7 @@ from pathlib import Path
 import yaml
 
 from hybridlm.results import mean_bpc
+from hybridlm.rundir import RunDir
 
 
 class ReportError(ValueError):
@@ -43,24 +44,23 @@ def load_run(run_dir: str | Path) -> Run:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise ReportError(f"{run_dir}: no such run folder")
+    run = RunDir(run_dir)
     heads = {}
-    for f in sorted(run_dir.glob("*/metrics.json")):
+    for head in run.finished_heads():
+        f = run.metrics(head)
         try:
-            heads[f.parent.name] = json.loads(f.read_text())
+            heads[head] = json.loads(f.read_text())
         except json.JSONDecodeError as e:
             raise ReportError(f"{f}: not valid JSON ({e})") from e
-    summary_file = run_dir / "metrics.json"
+    summary_file = run.summary
     summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
     if not heads:
         raise ReportError(f"{run_dir}: no <head>/metrics.json (did train/train.py finish?)")
     order = list((summary.get("heads") or {}).keys())
     heads = {h: heads[h] for h in order if h in heads} | heads
-    cfg_file = run_dir / "config.yaml"
+    cfg_file = run.config
     config = yaml.safe_load(cfg_file.read_text()) if cfg_file.is_file() else {}
     return Run(run_dir, summary, heads, config, _logged_history(run_dir, heads))
-
-
-HISTORY = "history.jsonl"  # in <output_dir>/<head>/: one logged row {"step": n, ...} a line
 
 
 def _logged_history(run_dir: Path, heads: dict) -> dict:
@@ -68,7 +68,7 @@ def _logged_history(run_dir: Path, heads: dict) -> dict:
     only every 10th training step); a file that can't be read is skipped."""
     out = {}
     for head in heads:
-        f = run_dir / head / HISTORY
+        f = RunDir(run_dir).history(head)
         if not f.is_file():
             continue
         try:

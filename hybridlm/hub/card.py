@@ -348,14 +348,15 @@ def write_card_for_run(run_dir: str | Path, head: str, repo_id: str | None = Non
     `run_dir`: `<head>/metrics.json`, `metrics.json` and `config.yaml`."""
     import yaml
 
-    run_dir = Path(run_dir)
-    metrics = _read_json(run_dir / head / "metrics.json")
-    summary = _read_json(run_dir / "metrics.json") if (run_dir / "metrics.json").is_file() else {}
-    cfg_file = run_dir / "config.yaml"
-    cfg = yaml.safe_load(cfg_file.read_text()) if cfg_file.is_file() else None
-    cont = run_dir / CONTINUAL_SUMMARY
+    from hybridlm.rundir import RunDir
+
+    run = RunDir(run_dir)
+    metrics = _read_json(run.metrics(head))
+    summary = _read_json(run.summary) if run.summary.is_file() else {}
+    cfg = yaml.safe_load(run.config.read_text()) if run.config.is_file() else None
+    cont = run.root / CONTINUAL_SUMMARY
     continual = _read_json(cont) if cont.is_file() else None
-    return write_model_card(folder or run_dir / head / "model", metrics, summary, cfg, repo_id,
+    return write_model_card(folder or run.model(head), metrics, summary, cfg, repo_id,
                             continual)
 
 
