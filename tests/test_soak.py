@@ -50,7 +50,9 @@ def test_repeated_random_kills_end_like_an_uninterrupted_run(tmp_path):
     whole = tmp_path / "whole"
     t0 = time.perf_counter()
     with open(tmp_path / "whole.log", "w") as log:
-        proc = start(whole, tmp_path / "cache-whole", log)
+        # the uninterrupted run uses the project's cache; the soaked one a fresh one, so that
+        # kills also land in the data build
+        proc = start(whole, ROOT / ".cache" / "hybridlm", log)
         while not checkpoints(whole) and proc.poll() is None:
             time.sleep(0.05)
         startup = time.perf_counter() - t0

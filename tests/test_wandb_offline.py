@@ -38,7 +38,8 @@ def run_dir(tmp_path_factory):
     AutoTokenizer.from_pretrained(resolve_trunk("minilm").path).save_pretrained(tmp / "enc")
     out = tmp / "run"
     args = [sys.executable, "train/train.py", "--config", "configs/quick.yaml",
-            f"output_dir={out}", f"model.encoder={tmp / 'enc'}", f"data.cache_dir={tmp / 'c'}",
+            f"output_dir={out}", f"model.encoder={tmp / 'enc'}",
+            f"data.cache_dir={ROOT / '.cache' / 'hybridlm'}",
             "data.domains=[{name: legal, source: 'builtin:licenses'}, "
             "{name: docs, source: 'builtin:python_reference'}]",
             "data.max_train_tokens_per_domain=2048", "data.max_eval_tokens_per_domain=512",
