@@ -64,14 +64,15 @@ continual: install  ## forgetting across domains: make continual [CL_CONFIG=conf
 lint: install  ## ruff
 	$(VENV)/bin/ruff check .
 
-# Two pytest processes side by side, one per core: the compile-bound kernel tests (NVRTC,
-# nvcc, the AddressSanitizer build) and everything else. Both must pass and collect tests.
-KERNEL_TESTS := tests/test_kernels.py tests/test_sc_kernels.py
+# Two pytest processes side by side, one per core, each about half the suite: the
+# compile-bound kernel tests (NVRTC, nvcc, the AddressSanitizer build), the short soak and the
+# GGUF conversion in one, everything else in the other. Both must pass and collect tests.
+TESTS_A := tests/test_kernels.py tests/test_sc_kernels.py tests/test_soak.py tests/test_trunks.py
 test: install  ## ruff + the whole test suite (CPU only; a short soak: make soak for the long one)
 	$(VENV)/bin/ruff check .
-	@$(PY) -m pytest -q -p no:cacheprovider $(KERNEL_TESTS) > .test-kernels.log 2>&1 & kernels=$$!; \
-	$(PY) -m pytest -q $(addprefix --ignore=,$(KERNEL_TESTS)) tests; rest=$$?; \
-	wait $$kernels; status=$$?; echo "--- $(KERNEL_TESTS)"; cat .test-kernels.log; \
+	@$(PY) -m pytest -q -p no:cacheprovider $(TESTS_A) > .test-a.log 2>&1 & a=$$!; \
+	$(PY) -m pytest -q $(addprefix --ignore=,$(TESTS_A)) tests; rest=$$?; \
+	wait $$a; status=$$?; echo "--- $(TESTS_A)"; cat .test-a.log; \
 	exit $$(( rest != 0 ? rest : status ))
 
 soak: install  ## kill a training run at random moments SOAK_KILLS times (default 25), resume each time

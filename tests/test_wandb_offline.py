@@ -19,6 +19,7 @@ except ImportError:  # tests/ is not a package
 
 ROOT = Path(__file__).resolve().parent.parent
 NAMESPACES = ("train/", "eval/", "snn/", "cl/", "plots/", "final/")
+SECRETS = {"HF_TOKEN": "hf_FAKEsecretTOKEN4test", "WANDB_API_KEY": "wandbFAKEkey0123456789"}
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +45,7 @@ def run_dir(tmp_path_factory):
             "{name: docs, source: 'builtin:python_reference'}]",
             "data.max_train_tokens_per_domain=2048", "data.max_eval_tokens_per_domain=512",
             "model.n_neurons=16", "train.epochs=2", "train.eval_every=4", "wandb.enabled=true"]
-    env = os.environ | {"WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1"}
+    env = os.environ | {"WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1"} | SECRETS
     proc = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out
@@ -53,6 +54,16 @@ def run_dir(tmp_path_factory):
 def runs_by_name(run_dir):
     runs = [read_run(f) for f in find_runs(run_dir)]
     return {r.name: r for r in runs}
+
+
+def test_no_secret_reaches_any_file_of_the_run(run_dir):
+    """The run had a Hub token and a W&B key in its environment: no log, config, manifest,
+    card or W&B file holds them."""
+    files = [p for p in run_dir.rglob("*") if p.is_file()]
+    assert any(p.suffix == ".wandb" for p in files)
+    for path in files:
+        data = path.read_bytes()
+        assert not any(v.encode() in data for v in SECRETS.values()), path
 
 
 def test_one_finished_run_per_head_in_the_experiment_group(run_dir):
