@@ -70,7 +70,8 @@ lint: install  ## ruff
 TESTS_A := tests/test_kernels.py tests/test_sc_kernels.py tests/test_soak.py tests/test_trunks.py
 test: install  ## ruff + the whole test suite (CPU only; a short soak: make soak for the long one)
 	$(VENV)/bin/ruff check .
-	@$(PY) -m pytest -q -p no:cacheprovider $(TESTS_A) > .test-a.log 2>&1 & a=$$!; \
+	@export OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1}; \
+	$(PY) -m pytest -q -p no:cacheprovider $(TESTS_A) > .test-a.log 2>&1 & a=$$!; \
 	$(PY) -m pytest -q $(addprefix --ignore=,$(TESTS_A)) tests; rest=$$?; \
 	wait $$a; status=$$?; echo "--- $(TESTS_A)"; cat .test-a.log; \
 	exit $$(( rest != 0 ? rest : status ))
