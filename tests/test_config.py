@@ -1,10 +1,12 @@
 import dataclasses
 import importlib.util
 import re
+import tempfile
 import typing
 from pathlib import Path
 
 import pytest
+import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -245,5 +247,8 @@ def test_any_override_either_loads_or_raises_a_config_error(pairs):
         cfg = load_config("configs/default.yaml", [f"{k}={v}" for k, v in pairs])
     except ConfigError as e:
         assert "config" in str(e) or "override" in str(e)
-    else:
-        assert isinstance(cfg, RunConfig)
+    else:  # what loads is valid and survives the run folder's config.yaml (what --resume reads)
+        with tempfile.TemporaryDirectory() as tmp:
+            saved = Path(tmp) / "config.yaml"
+            saved.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+            assert load_config(saved).to_dict() == cfg.to_dict()
