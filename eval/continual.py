@@ -34,7 +34,6 @@ from hybridlm.continual import (
     check_replay_sizes,
     evaluate_row,
     method_model_config,
-    model_kwargs,
     run_sequence,
     stream_cache_info,
     write_outputs,
@@ -44,7 +43,7 @@ from hybridlm.data import build_corpora, format_report, subsample
 from hybridlm.features import sample_states
 from hybridlm.heads import SPIKING_HEADS
 from hybridlm.io import write_json_atomic
-from hybridlm.modeling import HybridForCausalLM
+from hybridlm.modeling import HybridForCausalLM, model_kwargs
 from hybridlm.tracking import Tracker
 from hybridlm.trunks import resolve_trunk
 

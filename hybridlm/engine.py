@@ -21,6 +21,11 @@ import torch
 from accelerate import Accelerator
 
 
+def mean_over_processes(accelerator: Accelerator, t: torch.Tensor) -> torch.Tensor:
+    """`t` averaged over processes (itself with one process)."""
+    return accelerator.reduce(t, "mean") if accelerator.num_processes > 1 else t
+
+
 class NonFiniteLoss(FloatingPointError):
     """The loss was NaN or inf on some rank for `patience` micro-batches in a row."""
 
@@ -58,7 +63,7 @@ class Engine:
         self.gate_losses: list[torch.Tensor] = []  # this step's micro-batches, for the gate
 
     def mean_over_processes(self, t: torch.Tensor) -> torch.Tensor:
-        return self.accelerator.reduce(t, "mean") if self.accelerator.num_processes > 1 else t
+        return mean_over_processes(self.accelerator, t)
 
     def all_finite(self, loss: torch.Tensor) -> bool:
         """True when `loss` is finite on every rank (one all-reduce)."""

@@ -40,6 +40,11 @@ from hybridlm.trunks import resolve_trunk
 MODEL_KEYS = tuple(f.name for f in dataclasses.fields(ModelConfig) if f.name != "encoder")
 
 
+def model_kwargs(model: ModelConfig) -> dict:
+    """The `model` section as `HybridConfig` keyword arguments (all but `encoder`)."""
+    return {k: getattr(model, k) for k in MODEL_KEYS}
+
+
 def _model_keys_config() -> type:
     """A `PretrainedConfig` whose fields are `MODEL_KEYS`, with ModelConfig's types, defaults
     and help: each hyper-parameter is declared once, in `hybridlm.config.ModelConfig`."""

@@ -60,15 +60,15 @@ def load_run(run_dir: str | Path) -> Run:
     heads = {h: heads[h] for h in order if h in heads} | heads
     cfg_file = run.config
     config = yaml.safe_load(cfg_file.read_text()) if cfg_file.is_file() else {}
-    return Run(run_dir, summary, heads, config, _logged_history(run_dir, heads))
+    return Run(run_dir, summary, heads, config, _logged_history(run, heads))
 
 
-def _logged_history(run_dir: Path, heads: dict) -> dict:
+def _logged_history(run: RunDir, heads: dict) -> dict:
     """Per-step history of every head that wrote `<head>/history.jsonl` (metrics.json keeps
     only every 10th training step); a file that can't be read is skipped."""
     out = {}
     for head in heads:
-        f = RunDir(run_dir).history(head)
+        f = run.history(head)
         if not f.is_file():
             continue
         try:

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import json
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,9 +42,6 @@ class RunDir:
     @property
     def results_png(self) -> Path:
         return self.root / "results.png"
-
-    def head(self, head: str) -> Path:
-        return self.root / head
 
     def metrics(self, head: str) -> Path:
         return self.root / head / "metrics.json"
@@ -78,7 +76,7 @@ class History:
 
     def __init__(self, path: Path, resume_step: int | None = None, enabled: bool = True):
         self.path, self.enabled = path, enabled
-        self.seen: list[str] = []
+        self.seen: deque[str] = deque(maxlen=8)  # the last rows written, to skip a repeat
         if not enabled:
             return
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -93,18 +91,14 @@ class History:
                     kept.append(row)
         # atomic: a kill while it is rewritten must not lose the rows before the checkpoint
         write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in kept))
-        self.seen = [json.dumps(r, sort_keys=True) for r in kept]
+        self.seen.extend(json.dumps(r, sort_keys=True) for r in kept)
 
     def append(self, row: dict) -> None:
         if not self.enabled:
             return
         key = json.dumps(row, sort_keys=True)
-        if key in self.seen[-8:]:  # already written (a re-validated step)
+        if key in self.seen:  # already written (a re-validated step)
             return
         self.seen.append(key)
         with self.path.open("a") as f:
             f.write(json.dumps(row) + "\n")
-
-    @staticmethod
-    def read(path: Path) -> list[dict]:
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -13,7 +13,6 @@ import hashlib
 import math
 import sys
 import time
-from dataclasses import asdict
 
 import psutil
 import torch
@@ -31,7 +30,7 @@ from hybridlm.evaluation import Blocks, evaluate, ranks_agree
 from hybridlm.features import FeatureCache, sample_states
 from hybridlm.heads import SPIKING_HEADS
 from hybridlm.io import write_json_atomic
-from hybridlm.modeling import HybridForCausalLM
+from hybridlm.modeling import HybridForCausalLM, model_kwargs
 from hybridlm.report import Run, log_plots
 from hybridlm.rundir import History, RunDir
 from hybridlm.tracking import Tracker
@@ -48,12 +47,6 @@ class IndexedBlocks(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> dict:
         return self.data[i] | {"index": torch.tensor(i)}
-
-
-def model_kwargs(cfg: RunConfig, head: str) -> dict:
-    kw = asdict(cfg.model)
-    kw.pop("encoder")
-    return kw | {"head": head}
 
 
 def make_accelerator(cfg: RunConfig) -> Accelerator:
@@ -114,7 +107,7 @@ def train_head(head: str, cfg: RunConfig, splits: dict, caches: dict, tokenizer,
     set_seed(cfg.seed)
     accelerator = make_accelerator(cfg)
     model = HybridForCausalLM.from_encoder(cfg.model.encoder, cfg.data.cache_dir,
-                                           **model_kwargs(cfg, head))
+                                           **model_kwargs(cfg.model) | {"head": head})
     if head in SPIKING_HEADS and cfg.model.dictionary_init == "data":
         model.head.init_from_data(sample_states(model, splits["train"], caches.get("train"),
                                                 8 * cfg.model.n_neurons, cfg.seed))

@@ -28,14 +28,13 @@ from hybridlm.data import build_corpora, format_report, subsample
 from hybridlm.evaluation import Blocks
 from hybridlm.features import cache_report, trunk_fingerprint
 from hybridlm.io import write_json_atomic, write_text_atomic
-from hybridlm.modeling import HybridForCausalLM
+from hybridlm.modeling import HybridForCausalLM, model_kwargs
 from hybridlm.results import results_figure, results_table, worse_than_trunk
 from hybridlm.rundir import RunDir
 from hybridlm.training import (
     IndexedBlocks,
     feature_caches,
     make_accelerator,
-    model_kwargs,
     ngram_baselines,
     score_trunk,
     train_head,
@@ -84,7 +83,7 @@ def main(argv=None) -> int:
         tokenizer = load_tokenizer(trunk, cfg.data.block_size)
         # the zero-shot trunk: its checks run here, before anything is written
         trunk_model = HybridForCausalLM.from_encoder(cfg.model.encoder, cfg.data.cache_dir,
-                                                     **model_kwargs(cfg, "trunk"))
+                                                     **model_kwargs(cfg.model) | {"head": "trunk"})
         tokenizer_id = tokenizer_identity(tokenizer)
         identities = {h: run_identity(HybridForCausalLM.config_class.model_type, h,
                                       asdict(cfg.model), tokenizer_id,

@@ -30,7 +30,6 @@ from hybridlm.continual.methods import (
     Reservoir,
     check_replay_sizes,
     method_model_config,
-    model_kwargs,
     replay_logits,
 )
 from hybridlm.continual.report import (
@@ -74,7 +73,6 @@ __all__ = [
     "layer_diagnostics",
     "make_plots",
     "method_model_config",
-    "model_kwargs",
     "pm",
     "replay_logits",
     "require_split",

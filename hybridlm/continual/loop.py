@@ -30,7 +30,7 @@ from hybridlm.continual.methods import EWC, NonFiniteStage, Reservoir, replay_lo
 from hybridlm.continual.metrics import HIGHER_IS_BETTER, all_metrics
 from hybridlm.continual.stream import Stream, batches_per_stage, require_split, stage_blocks
 from hybridlm.corpora import DataError
-from hybridlm.engine import Engine, NonFiniteLoss, make_optimizer
+from hybridlm.engine import Engine, NonFiniteLoss, make_optimizer, mean_over_processes
 from hybridlm.evaluation import evaluate, ranks_agree
 
 SCORES = tuple(HIGHER_IS_BETTER)  # accuracy, loss, perplexity
@@ -131,7 +131,7 @@ class ContinualRun:
         self.failed: dict | None = None
 
     def reduce_mean(self, t: torch.Tensor) -> torch.Tensor:
-        return self.accelerator.reduce(t, "mean") if self.world > 1 else t
+        return mean_over_processes(self.accelerator, t)
 
     # ---- batches ----
     def make_batch(self, items: list[tuple[str, int]]):

@@ -72,12 +72,6 @@ def method_model_config(cfg: RunConfig, index: int) -> ModelConfig:
     return model
 
 
-def model_kwargs(model: ModelConfig) -> dict:
-    kw = dataclasses.asdict(model)
-    kw.pop("encoder")
-    return kw
-
-
 def check_replay_sizes(c: ContinualConfig, order: list[str], block: int) -> None:
     """A buffer larger than everything the earlier stages offer is a mistake: say so."""
     offered = max(1, c.tokens_per_stage // block) * (len(order) - 1)

@@ -16,13 +16,13 @@ from hybridlm import energy
 from hybridlm.config import RunConfig
 from hybridlm.continual import metrics as clm
 from hybridlm.continual.loop import SCORES
-from hybridlm.continual.methods import method_model_config, model_kwargs
+from hybridlm.continual.methods import method_model_config
 from hybridlm.continual.stream import Stream
 from hybridlm.heads import mlp_hidden
 from hybridlm.io import write_json_atomic, write_text_atomic
 from hybridlm.manifest import PACKAGES as MANIFEST_PACKAGES
 from hybridlm.manifest import package_versions, run_manifest
-from hybridlm.modeling import HybridConfig
+from hybridlm.modeling import HybridConfig, model_kwargs
 
 REFERENCE = "finetune"  # plain fine-tuning: every method is compared with it
 CONTROL = "kwta"  # the sparse, non-spiking control: every method is compared with it too

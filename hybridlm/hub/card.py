@@ -7,6 +7,7 @@ from pathlib import Path
 
 from hybridlm.hub.folder import CARD, CONFIG, _read_json
 from hybridlm.hub.publishing import REPO_ID
+from hybridlm.rundir import RunDir
 
 TAGS = ["hybridlm", "spiking-neural-network", "predictive-coding", "causal-lm", "text-generation"]
 CONTINUAL_SUMMARY = "continual_summary.json"  # in a run folder: eval/continual.py's results
@@ -347,8 +348,6 @@ def write_card_for_run(run_dir: str | Path, head: str, repo_id: str | None = Non
     """Card for `folder` (default `<run_dir>/<head>/model`) from the files train.py wrote in
     `run_dir`: `<head>/metrics.json`, `metrics.json` and `config.yaml`."""
     import yaml
-
-    from hybridlm.rundir import RunDir
 
     run = RunDir(run_dir)
     metrics = _read_json(run.metrics(head))
