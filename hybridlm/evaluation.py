@@ -40,10 +40,15 @@ def token_stats(logits: torch.Tensor, labels: torch.Tensor,
                 chars: torch.Tensor | None = None) -> torch.Tensor:
     """Per block: (summed next-token NLL, predicted tokens, correct argmax predictions,
     characters those tokens cover), (B, 4). Chars are 0 when `chars` is None."""
-    logits, labels = logits[:, :-1].float(), labels[:, 1:]
-    nll = F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100, reduction="none")
+    labels = labels[:, 1:]
+    B, L = labels.shape
+    # one contiguous (B*L, V) copy: cross entropy and argmax over the strided (B, V, L) view
+    # of the logits took 1.6x as long
+    flat = logits[:, :-1].reshape(B * L, -1).float()
+    nll = F.cross_entropy(flat, labels.reshape(-1), ignore_index=-100,
+                          reduction="none").view(B, L)
     valid = labels != -100
-    correct = (logits.argmax(-1) == labels) & valid
+    correct = (flat.argmax(-1).view(B, L) == labels) & valid
     n_chars = torch.zeros_like(nll[:, 0]) if chars is None else \
         (chars[:, 1:].to(nll.dtype) * valid).sum(1)
     return torch.stack([nll.sum(1), valid.sum(1).float(), correct.sum(1).float(), n_chars], 1)
