@@ -34,7 +34,7 @@ from hybridlm.continual import (
 from hybridlm.continual.metrics import all_metrics
 from hybridlm.corpora import DataError
 from hybridlm.evaluation import ranks_agree
-from tests.conftest import tiny_model
+from tests.conftest import command, tiny_model
 
 ROOT = Path(__file__).resolve().parent.parent
 BLOCK = 16
@@ -42,10 +42,7 @@ BLOCK = 16
 
 def cli():
     """eval/continual.py, the command itself (its `main` and `--methods` parsing)."""
-    sys.path.insert(0, str(ROOT / "eval"))
-    import continual  # eval/continual.py
-
-    return continual
+    return command("eval/continual.py")
 
 
 def synthetic(lo: int, hi: int, n_blocks: int, seed: int) -> datasets.Dataset:
@@ -343,7 +340,7 @@ def test_real_run_end_to_end(tmp_path):
     """The real encoder on two small real domains and the real retention text, four methods
     (fine-tuning, the gated spiking layer, DER++, joint), two seeds (about a minute)."""
     out = tmp_path / "run"
-    args = [sys.executable, str(ROOT / "eval" / "continual.py"), "--config",
+    args = ["--config",
             "configs/continual_quick.yaml", "--no-wandb", f"output_dir={out}",
             "continual.order=[docs, legal]", "continual.seeds=[0, 1]",
             "continual.tokens_per_stage=1024", "data.max_eval_tokens_per_domain=512",
@@ -351,8 +348,7 @@ def test_real_run_end_to_end(tmp_path):
             "continual.methods=[{name: finetune, head: mlp}, {name: spiking_hybrid_gated, "
             "head: spiking_pc, model: [learning=hybrid, gate=energy]}, {name: derpp, head: mlp, "
             "replay_size: 8, der_alpha: 0.3}, {name: joint, head: mlp, joint: true}]"]
-    proc = subprocess.run(args, cwd=ROOT, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert cli().main(args) == 0  # in this process: no second interpreter start
     res = json.loads((out / "continual.json").read_text())
     assert res["complete"] and res["equal_tokens_across_methods"]
     agg = res["aggregate"]
@@ -396,7 +392,7 @@ def test_real_run_end_to_end(tmp_path):
     # the report rebuilds from continual.json alone, as after an interruption
     script = cli()
     (out / "continual.md").unlink()
-    assert script.main(args[2:] + ["--report-only"]) == 0
+    assert script.main(args + ["--report-only"]) == 0
     assert (out / "continual.md").read_text() == md
     assert json.loads((out / "manifest.json").read_text())["argv"] == man["argv"]
 
@@ -424,8 +420,9 @@ TWO_RANK_ARGS = [
 @pytest.mark.slow
 def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
     """`accelerate launch` with two CPU ranks (gloo) at batch 4 against one process at batch
-    8: the same global batches, so the same matrices up to float summation order. Both start
-    from a fresh interpreter (forking after OpenMP ran can deadlock). About 60 s."""
+    8: the same global batches, so the same matrices up to float summation order. The two ranks
+    start from a fresh interpreter (forking after OpenMP ran can deadlock); the one process
+    runs here."""
     env = os.environ | {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     launch = [str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu",
               "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
@@ -435,10 +432,8 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
                          cwd=ROOT, capture_output=True, text=True, timeout=600,
                          env=env | {"ACCELERATE_USE_CPU": "1"})
     assert two.returncode == 0, two.stderr[-3000:]
-    one = subprocess.run([sys.executable, str(ROOT / "eval" / "continual.py"), *TWO_RANK_ARGS,
-                          f"output_dir={tmp_path / 'one'}", "train.batch_size=8"],
-                         cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
-    assert one.returncode == 0, one.stderr[-3000:]
+    assert cli().main(
+        [*TWO_RANK_ARGS, f"output_dir={tmp_path / 'one'}", "train.batch_size=8"]) == 0
     r2 = json.loads((tmp_path / "two" / "continual.json").read_text())
     r1 = json.loads((tmp_path / "one" / "continual.json").read_text())
     assert r2["complete"] and r2["processes"] == 2 and r1["processes"] == 1
