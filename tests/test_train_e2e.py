@@ -195,7 +195,7 @@ def test_killed_run_resumes_to_the_same_result(tmp_path, data_cache, capsys):
     rc, err = train_here(other, data_cache, capsys, "train.heads=[mlp]", "--resume")
     assert rc == 2, err[-2000:]
     assert "was trained with another head than this run" in err
-    assert sorted(p.name for p in other.iterdir()) == ["mlp"]
+    assert sorted(p.name for p in other.iterdir()) == [".lock", "mlp"]  # the lock it took
 
 
 @pytest.mark.parametrize("override, message", [
