@@ -3,8 +3,9 @@
 A checkpoint folder holds what `Accelerator.save_state` wrote (model weights as safetensors,
 optimizer and RNG states read back with `torch.load(weights_only=True)`) and `progress.yaml`,
 written last: the step, the data position, the scheduler and gate states (plain numbers, so
-nothing is unpickled) and a SHA-256 of every other file. A folder without `progress.yaml`
-was cut off mid-save; one whose files don't match their checksums is corrupt.
+nothing is unpickled), a SHA-256 of every other file and, on its last line, a SHA-256 of
+itself. A folder without `progress.yaml` was cut off mid-save; one whose files don't match
+their checksums is corrupt.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pathlib import Path
 import yaml
 
 from hybridlm.config import ConfigError
+from hybridlm.io import write_text_atomic
 
 PROGRESS = "progress.yaml"
 WEIGHTS = "model.safetensors"
@@ -68,16 +70,38 @@ def file_checksums(folder: Path) -> dict[str, str]:
     return sums
 
 
+def write_progress(folder: Path, state: dict) -> None:
+    """`progress.yaml`: `state` as YAML, then a line with the SHA-256 of that text."""
+    text = yaml.safe_dump(state)
+    digest = hashlib.sha256(text.encode()).hexdigest()
+    write_text_atomic(folder / PROGRESS, f"{text}# sha256 {digest}\n")
+
+
+def read_progress(folder: Path) -> dict:
+    """The state `write_progress` wrote; ValueError saying what is wrong if the file is
+    missing, edited or damaged."""
+    path = folder / PROGRESS
+    if not path.is_file():
+        raise ValueError("no progress.yaml (the save was cut off)")
+    try:
+        text, _, last = path.read_text().rstrip("\n").rpartition("\n")
+        text += "\n"
+        if last != f"# sha256 {hashlib.sha256(text.encode()).hexdigest()}":
+            raise ValueError("progress.yaml does not match its checksum")
+        state = yaml.safe_load(text)
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ValueError("progress.yaml is unreadable") from e
+    if not isinstance(state, dict) or not isinstance(state.get("files"), dict):
+        raise ValueError("progress.yaml is unreadable")
+    return state
+
+
 def verify(folder: Path) -> str | None:
     """None if the checkpoint is complete and intact, else what is wrong with it."""
-    progress_file = folder / PROGRESS
-    if not progress_file.is_file():
-        return "no progress.yaml (the save was cut off)"
     try:
-        progress = yaml.safe_load(progress_file.read_text())
-        expected = progress["files"]
-    except (yaml.YAMLError, KeyError, TypeError, UnicodeDecodeError):
-        return "progress.yaml is unreadable"
+        expected = read_progress(folder)["files"]
+    except ValueError as e:
+        return str(e)
     actual = file_checksums(folder)
     for name, digest in expected.items():
         if name not in actual:
@@ -105,13 +129,22 @@ def tokenizer_identity(tokenizer) -> dict:
             "vocab_sha256": hashlib.sha256(vocab.encode()).hexdigest()}
 
 
+def blocks_sha256(blocks: list) -> str:
+    """A SHA-256 of the token ids of `blocks` (`evaluation.Blocks`), in order."""
+    h = hashlib.sha256()
+    for b in blocks:
+        h.update(b.ids.numpy().tobytes())
+    return h.hexdigest()
+
+
 def run_identity(model_type: str, head: str, model_config: dict, tokenizer: dict,
-                 trunk: str = "") -> dict:
+                 trunk: str = "", data: dict | None = None) -> dict:
     """What a checkpoint must have been trained as for a run to resume it: model type, head,
-    model config, tokenizer (`tokenizer_identity`) and the frozen trunk's fingerprint (its
-    weights are not in the checkpoint)."""
+    model config, tokenizer (`tokenizer_identity`), the frozen trunk's fingerprint (its
+    weights are not in the checkpoint) and the data ({domain: `blocks_sha256` of its
+    splits}: a `files:` corpus edited after the kill is other data)."""
     return {"model_type": model_type, "head": head, "model": dict(model_config),
-            "tokenizer": tokenizer, "trunk_sha256": trunk}
+            "tokenizer": tokenizer, "trunk_sha256": trunk, "data": dict(data or {})}
 
 
 def resume_point(ckpt_dir: Path, identity: dict) -> Path | None:
@@ -120,19 +153,23 @@ def resume_point(ckpt_dir: Path, identity: dict) -> Path | None:
     folder = latest_intact(ckpt_dir)
     if folder is None:
         return None
-    saved = yaml.safe_load((folder / PROGRESS).read_text()).get("identity")
+    saved = read_progress(folder).get("identity")
     if saved == identity:
         return folder
     if not isinstance(saved, dict):
         what = "records no model identity (saved by another program or an older version)"
     else:
-        differ = [k for k in identity if k != "model" and saved.get(k) != identity[k]]
-        saved_model = saved.get("model") if isinstance(saved.get("model"), dict) else {}
-        differ += [f"model.{k}" for k, v in identity["model"].items() if saved_model.get(k) != v]
-        what = f"was trained with another {', '.join(differ) or 'setup'} than this run"
+        differ = []
+        for k, v in identity.items():  # model and data: name the key or domain that differs
+            if k in ("model", "data") and isinstance(saved.get(k), dict):
+                differ += [f"{k}.{n}" for n in sorted(v.keys() | saved[k].keys())
+                           if saved[k].get(n) != v.get(n)]
+            elif saved.get(k) != v:
+                differ.append(k)
+        what = f"was trained with another {', '.join(differ[:5]) or 'setup'} than this run"
     raise ConfigError(
-        f"--resume: checkpoint {folder} {what}; resume with the config and tokenizer it was "
-        "made with, or choose another output_dir (nothing was changed)"
+        f"--resume: checkpoint {folder} {what}; resume with the config, tokenizer and data "
+        "it was made with, or choose another output_dir (nothing was changed)"
     )
 
 
@@ -143,9 +180,15 @@ def save(accelerator, folder: Path, progress: dict, scheduler, local, identity: 
     caller registered), then `progress.yaml`, written last: `progress` (step, data position,
     history, ...), the scheduler's and the local learner's state, the run identity and the
     checksums of every other file. Keeps the newest `keep` checkpoints of the folder's parent."""
-    from hybridlm.io import write_text_atomic
+    from safetensors import SafetensorError
 
-    accelerator.save_state(str(folder))
+    try:
+        accelerator.save_state(str(folder))
+    except (RuntimeError, SafetensorError) as e:
+        if isinstance(e, RuntimeError) and "writ" not in str(e):  # torch's failed write says so
+            raise
+        raise OSError(f"saving checkpoint {folder} failed "
+                      f"({str(e).strip().splitlines()[0][:200]})") from e
     accelerator.wait_for_everyone()  # save_state writes on rank 0 without waiting
     if accelerator.is_main_process:
         state = progress | {"scheduler": scheduler.state_dict(), "identity": identity,
@@ -153,7 +196,7 @@ def save(accelerator, folder: Path, progress: dict, scheduler, local, identity: 
         if local is not None:
             state["gate"] = local.gate.state_dict()
             state["hebbian_skipped"] = local.skipped
-        write_text_atomic(folder / PROGRESS, yaml.safe_dump(state))
+        write_progress(folder, state)
         for old in sorted(folder.parent.glob("step_*"))[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
@@ -175,7 +218,7 @@ def restore(accelerator, folder: Path, model, frozen: set[str], scheduler, local
             f"({type(e).__name__}: {reason}); resume with the config it was made with, "
             "or choose another output_dir"
         ) from e
-    progress = yaml.safe_load((folder / PROGRESS).read_text())
+    progress = read_progress(folder)
     progress.pop("identity")
     progress.pop("files")
     scheduler.load_state_dict(progress.pop("scheduler"))

@@ -1,11 +1,14 @@
-"""Small file helpers: atomic writes, so a crash never leaves a half-written result, and the
-check that a safetensors file is whole."""
+"""Small file helpers: atomic writes of files and folders, so a crash never leaves a
+half-written result, and the check that a safetensors file is whole."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import struct
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -24,6 +27,26 @@ def write_text_atomic(path: str | Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
+
+
+@contextmanager
+def folder_atomic(path: str | Path) -> Iterator[Path]:
+    """A fresh temporary folder beside `path` to write into; when the block ends without an
+    error it replaces `path` (renamed into place), so `path` is never half-written."""
+    path = Path(path)
+    tmp, old = path.with_name(f".{path.name}.tmp"), path.with_name(f".{path.name}.old")
+    for stale in (tmp, old):  # left by a process killed here
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if path.exists():
+        path.rename(old)
+    tmp.rename(path)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 class CheckpointError(ValueError):

@@ -29,7 +29,7 @@ from hybridlm.engine import Engine, NonFiniteLoss, make_optimizer
 from hybridlm.evaluation import Blocks, evaluate, ranks_agree
 from hybridlm.features import FeatureCache, sample_states
 from hybridlm.heads import SPIKING_HEADS
-from hybridlm.io import write_json_atomic
+from hybridlm.io import folder_atomic, write_json_atomic
 from hybridlm.modeling import HybridForCausalLM, model_kwargs
 from hybridlm.report import Run, log_plots
 from hybridlm.rundir import History, RunDir
@@ -244,6 +244,11 @@ def train_head(head: str, cfg: RunConfig, splits: dict, caches: dict, tokenizer,
                                  local, identity, t.keep_checkpoints)
         progress["epoch_seconds"].append(time.perf_counter() - start - eval_seconds)
         progress["epoch"], progress["batches_done"] = epoch + 1, 0
+    if progress["step"] == 0:  # nothing learned: no model, card or metrics as if finished
+        raise FloatingPointError(
+            f"[{head}] no training step was taken: the loss was NaN/inf in all "
+            f"{progress['skipped_steps']} batch(es). Lower train.lr or check the data and the "
+            "loss weights, then rerun.")
 
     # -- final scores: validation, test, and the trained layer at other T --------------------
     final = {"validation": last_validation or validate(progress["step"]),
@@ -283,8 +288,9 @@ def train_head(head: str, cfg: RunConfig, splits: dict, caches: dict, tokenizer,
     tracker.finish()
     if accelerator.is_main_process:
         if t.save_model:  # the card is written once, after every head, with the run's table
-            base.save_pretrained(run.model(head))
-            tokenizer.save_pretrained(run.model(head))
+            with folder_atomic(run.model(head)) as folder:
+                base.save_pretrained(folder)
+                tokenizer.save_pretrained(folder)
         write_json_atomic(run.metrics(head), metrics)
     accelerator.wait_for_everyone()
     return metrics

@@ -9,10 +9,12 @@ from hybridlm.checkpoints import (
     PROGRESS,
     file_checksums,
     latest_intact,
+    read_progress,
     resume_point,
     run_identity,
     tokenizer_identity,
     verify,
+    write_progress,
 )
 from hybridlm.config import ConfigError
 
@@ -22,8 +24,7 @@ def _checkpoint(root, step, payload=b"weights" * 1000, identity=None):
     folder.mkdir(parents=True)
     (folder / "model.safetensors").write_bytes(payload)
     (folder / "optimizer.bin").write_bytes(payload[::-1])
-    (folder / PROGRESS).write_text(yaml.safe_dump({"step": step, "identity": identity,
-                                                   "files": file_checksums(folder)}))
+    write_progress(folder, {"step": step, "identity": identity, "files": file_checksums(folder)})
     return folder
 
 
@@ -65,7 +66,23 @@ def test_truncated_missing_and_unfinished_are_detected(tmp_path):
     assert "cut off" in verify(c)
     d = _checkpoint(tmp_path / "d", 1)
     (d / PROGRESS).write_text("{{{ not yaml")
-    assert "unreadable" in verify(d)
+    assert "checksum" in verify(d)
+
+
+@pytest.mark.parametrize("edit", [
+    lambda text: text.replace("step: 1", "step: 7"),  # still valid YAML, another position
+    lambda text: text.replace("files:", "files: 5\nx:"),
+    lambda text: text.rpartition("# sha256")[0],  # its checksum line lost
+    lambda text: "{{{ not yaml\n",
+])
+def test_a_damaged_progress_file_is_detected_and_the_previous_checkpoint_taken(tmp_path, edit):
+    good = _checkpoint(tmp_path, 1)
+    bad = _checkpoint(tmp_path, 2)
+    (bad / PROGRESS).write_text(edit((good / PROGRESS).read_text()))
+    assert verify(bad) is not None
+    with pytest.warns(UserWarning, match="step_0000002 skipped: progress.yaml"):
+        assert latest_intact(tmp_path) == good
+    assert read_progress(good)["step"] == 1
 
 
 def test_falls_back_to_the_previous_checkpoint_with_a_warning(tmp_path):
@@ -80,8 +97,9 @@ def test_falls_back_to_the_previous_checkpoint_with_a_warning(tmp_path):
     assert latest_intact(tmp_path / "nothing") is None
 
 
-def _identity(head, model, words):
-    return run_identity("hybridlm", head, model, tokenizer_identity(_Tokenizer(words)))
+def _identity(head, model, words, data=None):
+    return run_identity("hybridlm", head, model, tokenizer_identity(_Tokenizer(words)),
+                        data=data or {"docs": "a" * 64})
 
 
 def test_resume_point_accepts_its_own_run_and_names_what_differs_otherwise(tmp_path):
@@ -95,6 +113,7 @@ def test_resume_point_accepts_its_own_run_and_names_what_differs_otherwise(tmp_p
         (_identity("mlp", model, words), "another head"),
         (_identity("spiking_pc", model | {"n_neurons": 512}, words), "another model.n_neurons"),
         (_identity("spiking_pc", model, words[::-1]), "another tokenizer"),
+        (_identity("spiking_pc", model, words, {"docs": "b" * 64}), "another data.docs than"),
     ]
     for theirs, message in cases:
         with pytest.raises(ConfigError, match=message):

@@ -13,10 +13,9 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from safetensors.torch import load_file
 
-from hybridlm.checkpoints import PROGRESS, file_checksums
+from hybridlm.checkpoints import file_checksums, read_progress, write_progress
 from tests.conftest import command
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -180,9 +179,9 @@ def test_killed_run_resumes_to_the_same_result(tmp_path, data_cache, capsys):
     marker = tmp_path / "pwned"
     newest = sorted(ckpts.glob("step_*"))[-1]
     (newest / "optimizer.bin").write_bytes(pickle.dumps(_RunsCode(str(marker)), protocol=2))
-    state = yaml.safe_load((newest / PROGRESS).read_text())
+    state = read_progress(newest)
     state["files"] = file_checksums(newest)
-    (newest / PROGRESS).write_text(yaml.safe_dump(state))
+    write_progress(newest, state)
     (part / "spiking_pc" / "metrics.json").unlink()
     rc, err = train_here(part, data_cache, capsys, *common, "--resume")
     assert rc == 2, err[-2000:]
@@ -196,7 +195,7 @@ def test_killed_run_resumes_to_the_same_result(tmp_path, data_cache, capsys):
     rc, err = train_here(other, data_cache, capsys, "train.heads=[mlp]", "--resume")
     assert rc == 2, err[-2000:]
     assert "was trained with another head than this run" in err
-    assert sorted(p.name for p in other.iterdir()) == ["mlp"]
+    assert sorted(p.name for p in other.iterdir()) == [".lock", "mlp"]  # the lock it took
 
 
 @pytest.mark.parametrize("override, message", [

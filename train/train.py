@@ -11,6 +11,7 @@ baselines, each head, then the results table, figure and model cards, written on
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
@@ -18,10 +19,11 @@ from dataclasses import asdict
 from pathlib import Path
 
 import yaml
+from accelerate.utils import broadcast_object_list
 from transformers.utils import logging as hf_logging
 
 from hybridlm import hub
-from hybridlm.checkpoints import resume_point, run_identity, tokenizer_identity
+from hybridlm.checkpoints import blocks_sha256, resume_point, run_identity, tokenizer_identity
 from hybridlm.config import ConfigError, load_config
 from hybridlm.corpora import DataError
 from hybridlm.data import build_corpora, format_report, subsample
@@ -30,7 +32,7 @@ from hybridlm.features import cache_report, trunk_fingerprint
 from hybridlm.io import write_json_atomic, write_text_atomic
 from hybridlm.modeling import HybridForCausalLM, model_kwargs
 from hybridlm.results import results_figure, results_table, worse_than_trunk
-from hybridlm.rundir import RunDir
+from hybridlm.rundir import RunDir, config_differences
 from hybridlm.training import (
     IndexedBlocks,
     feature_caches,
@@ -58,22 +60,71 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    try:
+        with contextlib.ExitStack() as held:  # the run folder's lock, until the run ends
+            return run_training(args, held)
+    except KeyboardInterrupt:
+        print("\nerror: interrupted; the run's checkpoints are kept: run the same command "
+              "with --resume to continue", file=sys.stderr)
+        return 130
+    except OSError as e:  # a write failed (disk full, folder made read-only, ...)
+        print(f"error: {e}; the run's checkpoints are kept: fix the cause (free disk space, "
+              "permissions), then run the same command with --resume", file=sys.stderr)
+        return 2
+
+
+def check_output_dir(run: RunDir, cfg, resume: bool) -> None:
+    """Refuse a folder that holds another run's results (without --resume), or results made
+    with another config (with it), naming the keys that differ."""
+    run.check_place()
+    if not run.holds_results():
+        return  # empty, or left by a run that stopped before its first checkpoint
+    if not resume:
+        raise ConfigError(
+            f"output_dir '{run.root}' already holds files: pass --resume to continue that run, "
+            "or choose another output_dir (nothing was changed)"
+        )
+    if not run.config.is_file():
+        return
+    try:
+        saved = yaml.safe_load(run.config.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ConfigError(
+            f"--resume: {run.config} is unreadable ({str(e).splitlines()[0][:200]}): restore "
+            "it, or delete it to resume with the config given now (the checkpoints still "
+            "check the model, tokenizer, trunk and data)") from e
+    differ = config_differences(saved if isinstance(saved, dict) else {}, cfg.to_dict())
+    if differ:
+        raise ConfigError(
+            f"--resume: output_dir '{run.root}' holds a run with another config "
+            f"({run.config}: {'; '.join(differ)}); resume with that config or choose another "
+            "output_dir")
+
+
+def lock_output_dir(run: RunDir, cfg, resume: bool, accelerator, held: contextlib.ExitStack
+                    ) -> None:
+    """Take the run folder's lock for the rest of the run (the main process) and check the
+    folder again under it: two runs started at once on one folder cannot both pass."""
+    problem = None
+    if accelerator.is_main_process:
+        try:
+            held.enter_context(run.lock())
+            check_output_dir(run, cfg, resume)
+        except ConfigError as e:
+            problem = str(e)
+    if accelerator.num_processes > 1:  # every process exits on the main process's refusal
+        problem = broadcast_object_list([problem])[0]
+    if problem:
+        raise ConfigError(problem)
+
+
+def run_training(args, held: contextlib.ExitStack) -> int:
     run_start = time.perf_counter()
     try:
         cfg = load_config(args.config, args.overrides)
         run = RunDir(Path(cfg.output_dir))
         out = run.root
-        if not args.resume and run.has_files():
-            raise ConfigError(
-                f"output_dir '{out}' already holds files: pass --resume to continue that run, "
-                "or choose another output_dir (nothing was changed)"
-            )
-        saved = run.config
-        if args.resume and saved.is_file() and yaml.safe_load(saved.read_text()) != cfg.to_dict():
-            raise ConfigError(
-                f"--resume: output_dir '{out}' holds a run with another config ({saved}); "
-                "resume with that config or choose another output_dir"
-            )
+        check_output_dir(run, cfg, args.resume)  # early, before minutes of work; again below
         accelerator = make_accelerator(cfg)
         start = time.perf_counter()
         with accelerator.main_process_first():  # one process converts a GGUF trunk
@@ -84,30 +135,34 @@ def main(argv=None) -> int:
         # the zero-shot trunk: its checks run here, before anything is written
         trunk_model = HybridForCausalLM.from_encoder(cfg.model.encoder, cfg.data.cache_dir,
                                                      **model_kwargs(cfg.model) | {"head": "trunk"})
+        with accelerator.main_process_first():
+            domains = build_corpora(cfg.data, tokenizer, accelerator.is_local_main_process)
+        accelerator.print(format_report(domains))
+        d = cfg.data
+        train_parts = [Blocks(subsample(dom.splits["train"], d.max_train_tokens_per_domain,
+                                        d.block_size, d.subsample_seed)) for dom in domains]
+        splits = {"train": IndexedBlocks(train_parts),
+                  "train_tokens": sum(p.tokens() for p in train_parts)}
+        for split in ("validation", "test"):
+            splits[split] = {dom.name: Blocks(subsample(
+                dom.splits[split], d.max_eval_tokens_per_domain, d.block_size, d.subsample_seed))
+                for dom in domains}
+        data_id = {dom.name: blocks_sha256([part, splits["validation"][dom.name],
+                                            splits["test"][dom.name]])
+                   for dom, part in zip(domains, train_parts, strict=True)}
         tokenizer_id = tokenizer_identity(tokenizer)
         identities = {h: run_identity(HybridForCausalLM.config_class.model_type, h,
                                       asdict(cfg.model), tokenizer_id,
-                                      trunk_fingerprint(trunk_model))
+                                      trunk_fingerprint(trunk_model), data_id)
                       for h in cfg.train.heads}
+        lock_output_dir(run, cfg, args.resume, accelerator, held)  # the first write
         resume_from = {h: resume_point(run.checkpoints(h), identities[h])
                        if args.resume else None
                        for h in cfg.train.heads}
-        with accelerator.main_process_first():
-            domains = build_corpora(cfg.data, tokenizer, accelerator.is_local_main_process)
     except (ConfigError, DataError, TrunkError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
-    accelerator.print(format_report(domains))
-    d = cfg.data
-    train_parts = [Blocks(subsample(dom.splits["train"], d.max_train_tokens_per_domain,
-                                    d.block_size, d.subsample_seed)) for dom in domains]
-    splits = {"train": IndexedBlocks(train_parts),
-              "train_tokens": sum(p.tokens() for p in train_parts)}
-    for split in ("validation", "test"):
-        splits[split] = {dom.name: Blocks(subsample(
-            dom.splits[split], d.max_eval_tokens_per_domain, d.block_size, d.subsample_seed))
-            for dom in domains}
     caches = {}
     if cfg.train.cache_features:
         start = time.perf_counter()
@@ -123,7 +178,6 @@ def main(argv=None) -> int:
             f"{report['encode_seconds']:.1f} s, {report['entries_reused']} reused from the disk "
             f"cache (saving {report['seconds_saved']:.1f} s); {report['bytes'] / 2**20:.0f} MiB")
 
-    out.mkdir(parents=True, exist_ok=True)
     if accelerator.is_main_process:
         write_text_atomic(run.config, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     results = {}
