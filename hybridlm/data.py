@@ -34,23 +34,39 @@ FORMAT_VERSION = 2  # bump when the passage/packing rules change: invalidates ca
 
 def split_passages(text: str, max_chars: int) -> list[str]:
     """Cut a document into passages of at most about `max_chars`, at blank lines when
-    possible, else at line ends (a single line longer than that stays whole)."""
+    possible, else at line ends. A line of up to twice `max_chars` stays whole (an article
+    written as one line); a longer one is cut at spaces (mid-word where `max_chars` characters
+    hold none), so one huge line becomes many passages. Time and memory are linear in the
+    text's length."""
     out: list[str] = []
     current: list[str] = []
     size = 0
     for para in re.split(r"\n\s*\n", text):
-        pieces = [para] if len(para) <= max_chars else para.splitlines()
-        for piece in pieces:
-            if not piece.strip():
-                continue
-            if current and size + len(piece) > max_chars:
-                out.append("\n\n".join(current))
-                current, size = [], 0
-            current.append(piece.strip("\n"))
-            size += len(piece) + 2
+        lines = [para] if len(para) <= max_chars else para.splitlines()
+        for line in lines:
+            for piece in _cut_line(line, max_chars) if len(line) > 2 * max_chars else [line]:
+                if not piece.strip():
+                    continue
+                if current and size + len(piece) > max_chars:
+                    out.append("\n\n".join(current))
+                    current, size = [], 0
+                current.append(piece.strip("\n"))
+                size += len(piece) + 2
     if current:
         out.append("\n\n".join(current))
     return out
+
+
+def _cut_line(line: str, max_chars: int) -> list[str]:
+    """`line` in pieces of at most `max_chars`, each ending after its last space."""
+    pieces, start = [], 0
+    while len(line) - start > max_chars:
+        space = line.rfind(" ", start + 1, start + max_chars)
+        stop = space + 1 if space > 0 else start + max_chars
+        pieces.append(line[start:stop])
+        start = stop
+    pieces.append(line[start:])
+    return pieces
 
 
 def _hash(text: str) -> str:

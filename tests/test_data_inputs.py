@@ -1,12 +1,12 @@
 """What a `files:` domain does with awkward inputs: records without text, broken JSON, empty
-files, folders matched by a glob."""
+files, folders matched by a glob, one huge line."""
 
 
 import pytest
 
 from hybridlm.config import DataConfig, DomainConfig
 from hybridlm.corpora import DataError, documents
-from hybridlm.data import build_domain
+from hybridlm.data import build_domain, split_passages
 
 
 @pytest.fixture(scope="module")
@@ -103,3 +103,17 @@ def test_folders_matched_by_a_glob_are_skipped(tmp_path):
     assert str(folder / "sub.txt" / "inner.txt") in deep and len(deep) == 3
     with pytest.raises(DataError, match=r"only folders match '.*sub.txt'.*folder/\*\*/\*\.txt"):
         list(documents(f"files:{folder}/sub.txt"))
+
+
+def test_one_huge_line_becomes_many_passages(tmp_path, tokenizer):
+    line = " ".join(f"word{i}" for i in range(4000))  # ~35,000 characters, no line break
+    passages = split_passages(line, 200)
+    assert len(passages) > 150 and max(map(len, passages)) <= 200
+    assert "".join(passages).split() == line.split()
+    assert max(map(len, split_passages("x" * 5000, 200))) == 200  # no space: cut mid-word
+    p = tmp_path / "one_line.txt"
+    p.write_text(line)
+    data = build_domain(DomainConfig(name="line", source=f"files:{p}"), _cfg(tmp_path),
+                        tokenizer, tmp_path / "cache")
+    n = data.stats["passages"]
+    assert n["train"] > 10 * n["validation"] > 0
