@@ -1,12 +1,17 @@
-"""What a `files:` domain does with awkward inputs: records without text, broken JSON, empty
-files, folders matched by a glob, one huge line."""
+"""What a `files:` domain does with awkward inputs, and how its cache entry is kept safe:
+records without text, broken JSON, empty files, folders matched by a glob, one huge line, a
+cache entry changed on disk, the temporary folders of killed builds, two builds at once."""
 
+import fcntl
+import shutil
+import threading
+import time
 
 import pytest
 
 from hybridlm.config import DataConfig, DomainConfig
 from hybridlm.corpora import DataError, documents
-from hybridlm.data import build_domain, split_passages
+from hybridlm.data import build_corpora, build_domain, split_passages
 
 
 @pytest.fixture(scope="module")
@@ -117,3 +122,79 @@ def test_one_huge_line_becomes_many_passages(tmp_path, tokenizer):
                         tokenizer, tmp_path / "cache")
     n = data.stats["passages"]
     assert n["train"] > 10 * n["validation"] > 0
+
+
+def _built(tmp_path, tokenizer, name="foxes"):
+    dom = DomainConfig(name=name, source=f"files:{_texts(tmp_path / 'in')}/*.txt")
+    return dom, build_domain(dom, _cfg(tmp_path), tokenizer, tmp_path / "cache")
+
+
+def test_the_cache_checks_its_content(tmp_path, tokenizer, capsys):
+    dom, first = _built(tmp_path, tokenizer)
+    test_ids = first.splits["test"]["input_ids"][:]  # read now: the file is changed below
+    (entry,) = [p for p in (tmp_path / "cache").iterdir() if p.is_dir()]
+    arrow = "data-00000-of-00001.arrow"
+    shutil.copy(entry / "validation" / arrow, entry / "test" / arrow)
+    again = build_domain(dom, _cfg(tmp_path), tokenizer, tmp_path / "cache")
+    assert not again.stats["cached"]
+    assert f"test/{arrow} does not match its checksum" in capsys.readouterr().out
+    assert again.splits["test"]["input_ids"] == test_ids
+    assert build_domain(dom, _cfg(tmp_path), tokenizer, tmp_path / "cache").stats["cached"]
+    (entry / "train" / arrow).unlink()
+    assert not build_domain(dom, _cfg(tmp_path), tokenizer, tmp_path / "cache").stats["cached"]
+    assert f"train/{arrow} is missing" in capsys.readouterr().out
+
+
+def test_the_cache_removes_the_folders_of_killed_builds(tmp_path, tokenizer):
+    cache = tmp_path / "cache" / "data"
+    dom = DomainConfig(name="foxes", source=f"files:{_texts(tmp_path / 'in')}/*.txt")
+    cfg = _cfg(tmp_path, domains=[dom])
+    stale = [cache / "foxes-0123456789abcdef.tmp41", cache / "other-fedcba9876543210.tmp7"]
+    live = cache / "busy-00112233445566aa.tmp12"
+    for folder in [*stale, live]:
+        (folder / "train").mkdir(parents=True)
+    keep = cache / "notes.tmp1"  # not the cache's own: left alone
+    keep.mkdir()
+    with open(cache / "busy-00112233445566aa.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # a live build holds its entry
+        build_corpora(cfg, tokenizer, progress=False)
+    assert not any(p.exists() for p in stale) and live.is_dir() and keep.is_dir()
+    build_corpora(cfg, tokenizer, progress=False)
+    assert not live.exists()
+
+
+def test_two_builds_of_one_entry_wait_for_each_other(tmp_path, tokenizer, capsys):
+    """Two builds of one entry at once: the second waits for the first, then reuses it."""
+    dom, _ = _built(tmp_path, tokenizer)  # in tmp_path/cache: names the entry
+    (entry,) = [p.name for p in (tmp_path / "cache").iterdir() if p.is_dir()]
+    cache = tmp_path / "shared"
+    results, errors = [], []
+
+    def build():
+        try:
+            results.append(build_domain(dom, _cfg(tmp_path), tokenizer, cache))
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=build) for _ in range(2)]
+    cache.mkdir()
+    with open(cache / f"{entry}.lock", "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # both builds start while a third holds the entry
+        for t in threads:
+            t.start()
+        time.sleep(0.5)
+        assert all(t.is_alive() for t in threads) and not (cache / entry).exists()
+    for t in threads:
+        t.join(60)
+    assert not errors, errors
+    assert sorted(r.stats["cached"] for r in results) == [False, True]
+    assert results[0].splits["train"]["input_ids"] == results[1].splits["train"]["input_ids"]
+    assert capsys.readouterr().out.count("is being built by another process") == 2
+
+
+def test_an_empty_cache_dir_is_refused(tmp_path, tokenizer, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    dom = DomainConfig(name="foxes", source=f"files:{_texts(tmp_path / 'in')}/*.txt")
+    with pytest.raises(DataError, match="data.cache_dir is empty"):
+        build_corpora(_cfg(tmp_path, domains=[dom], cache_dir=""), tokenizer)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in"]
