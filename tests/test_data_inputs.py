@@ -3,11 +3,14 @@ records without text, broken JSON, empty files, folders matched by a glob, one h
 cache entry changed on disk, the temporary folders of killed builds, two builds at once."""
 
 import fcntl
+import json
 import shutil
 import threading
 import time
 
 import pytest
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
 
 from hybridlm.config import DataConfig, DomainConfig
 from hybridlm.corpora import DataError, documents
@@ -198,3 +201,62 @@ def test_an_empty_cache_dir_is_refused(tmp_path, tokenizer, monkeypatch):
     with pytest.raises(DataError, match="data.cache_dir is empty"):
         build_corpora(_cfg(tmp_path, domains=[dom], cache_dir=""), tokenizer)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in"]
+
+
+# -- fuzz: any files: corpus builds, or is refused with a DataError naming the file --------
+
+_PROSE = st.lists(st.sampled_from(["the", "quick", "fox", "jumps", "naïve", "🦊", "\t", "\n",
+                                   "\n\n", "x" * 150]), min_size=20, max_size=120).map(" ".join)
+_GOOD_RECORD = st.builds(lambda t: json.dumps({"text": t}), _PROSE)
+_BAD_RECORD = st.sampled_from([
+    '{"text": null}', '{"text": 7}', '{"text": ["a"]}', '{"body": "x"}', '"just a string"',
+    "[]", "{", '{"text": "\\ud800"}', "1" * 5000, "", json.dumps({"text": "long " * 300})])
+_RECORDS = st.lists(st.one_of(_GOOD_RECORD, _BAD_RECORD), max_size=5)
+
+
+def _maybe(good, bad):
+    """`good`, or `bad` in one case of four (most files should be valid, so that whole
+    corpora often build)."""
+    return st.tuples(st.integers(0, 3), good, bad).map(lambda t: t[2] if t[0] == 0 else t[1])
+
+
+_FILE = st.one_of(
+    st.tuples(st.just(".txt"), _maybe(_PROSE, st.one_of(
+        st.text(max_size=300), st.sampled_from(["", "\n\n  \n", "y" * 1000])))
+        .map(str.encode) | st.binary(max_size=60)),
+    st.tuples(st.just(".jsonl"), _maybe(st.lists(_GOOD_RECORD, max_size=5), _RECORDS)
+              .map(lambda lines: "\n".join(lines).encode())),
+    st.tuples(st.just(".json"), _maybe(st.lists(_GOOD_RECORD, max_size=5), _RECORDS)
+              .map(lambda r: ("[\n" + ",\n".join(r) + "\n]").encode())),
+    st.tuples(st.just(".json"), st.one_of(_GOOD_RECORD, _BAD_RECORD).map(str.encode)),
+    st.tuples(st.just(".txt"), st.just(("word " * 2000).encode())),  # one huge line
+    st.tuples(st.just("/"), st.just(b"")),  # a folder
+)
+_FILES = st.lists(_FILE, min_size=1, max_size=3)
+
+
+@settings(max_examples=40, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(files=_FILES)
+def test_fuzz_files_corpora_build_or_name_the_file(tmp_path, tokenizer, files):
+    root = tmp_path / f"in{len(list(tmp_path.glob('in*')))}"
+    root.mkdir()
+    for i, (kind, content) in enumerate(files):
+        if kind == "/":
+            (root / f"folder{i}.txt").mkdir()
+        else:
+            (root / f"f{i}{kind}").write_bytes(content)
+    dom = DomainConfig(name="fuzz", source=f"files:{root}/*")
+    cfg = _cfg(tmp_path, passage_chars=100)
+    cache = tmp_path / "cache"
+    try:
+        first = build_domain(dom, cfg, tokenizer, cache)
+    except DataError as e:
+        assert str(root) in str(e) or "domain 'fuzz'" in str(e), str(e)
+        event(str(e).replace(str(root), "")[:30])
+        first = None
+    assert not list(cache.glob("*.tmp*")) if cache.exists() else True
+    if first is not None:  # what it left is reused as it is
+        event("built")
+        again = build_domain(dom, cfg, tokenizer, cache)
+        assert again.stats == first.stats | {"cached": True}
