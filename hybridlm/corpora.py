@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import glob
 import importlib.metadata
+import json
+import re
 import sysconfig
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -27,6 +29,8 @@ def _read_text(path: Path) -> str:
         raise DataError(
             f"{path} is not valid UTF-8 (byte {e.start}): convert it to UTF-8 or remove it"
         ) from e
+    except OSError as e:  # unreadable, a dangling link, removed since the glob matched it
+        raise DataError(f"{path} cannot be read ({e.strerror or e}): fix or remove it") from e
 
 
 def shakespeare() -> Documents:
@@ -130,29 +134,99 @@ BUILTIN: dict[str, Callable[[], Documents]] = {
 
 
 def local_files(patterns: str, text_field: str) -> Documents:
-    """`.txt` files (a document each) or `.json`/`.jsonl` files (a document per record)."""
-    import json
+    """`.txt` files (a document each) or `.json`/`.jsonl` files (a document per record).
 
-    paths: list[str] = []
-    for pattern in patterns.split(","):
-        matched = sorted(glob.glob(pattern.strip(), recursive=True))
-        if not matched:
-            raise DataError(f"no file matches '{pattern.strip()}': check the path in the config")
-        paths.extend(matched)
-    for p in map(Path, paths):
+    Each comma-separated glob must match at least one file; `**` recurses. Folders a glob
+    matches are skipped (their files are matched by `folder/*` or `folder/**/*`), and a file
+    matched twice is read once. A `.jsonl` file holds a record per line, a `.json` file one
+    record or a list of them; an empty one holds none. Every record must be an object whose
+    `text_field` is a string; anything else is refused naming the file and line.
+    """
+    paths: dict[Path, None] = {}  # ordered, each file once
+    for pattern in (p.strip() for p in patterns.split(",")):
+        matched = [Path(m) for m in sorted(glob.glob(pattern, recursive=True))]
+        files = [m for m in matched if not m.is_dir()]
+        if not files:
+            what = "only folders match" if matched else "no file matches"
+            raise DataError(f"{what} '{pattern}': check the path in the config (the files "
+                            "of a folder: 'folder/*.txt', with its subfolders' "
+                            "'folder/**/*.txt')")
+        paths.update(dict.fromkeys(files))
+    for p in paths:
         text = _read_text(p)
-        if p.suffix in (".json", ".jsonl"):
-            lines = text.splitlines() if p.suffix == ".jsonl" else None
-            records = [json.loads(line) for line in lines if line.strip()] if lines else None
-            if records is None:
-                loaded = json.loads(text)
-                records = loaded if isinstance(loaded, list) else [loaded]
-            for i, rec in enumerate(records):
-                if not isinstance(rec, dict) or text_field not in rec:
-                    raise DataError(f"{p}: record {i} has no '{text_field}' field (text_field)")
-                yield f"{p}#{i}", str(rec[text_field])
-        else:
+        if p.suffix not in (".json", ".jsonl"):
             yield str(p), text
+            continue
+        text = text.removeprefix("\ufeff")  # the byte-order mark some editors write
+        records = _jsonl_records(p, text) if p.suffix == ".jsonl" else _json_records(p, text)
+        for i, (line, rec) in enumerate(records):
+            where = f"{p}, line {line}"
+            if not isinstance(rec, dict) or text_field not in rec:
+                raise DataError(f"{where}: the record has no '{text_field}' field (the domain's "
+                                "text_field names the field that holds the text)")
+            value = rec[text_field]
+            if not isinstance(value, str):
+                kind = _JSON_TYPES.get(type(value), "not text")
+                raise DataError(f"{where}: '{text_field}' is {kind}, not a string: give the "
+                                "record text or remove it")
+            if _SURROGATE.search(value):
+                raise DataError(f"{where}: '{text_field}' holds an unpaired surrogate escape "
+                                "(\\ud800-\\udfff), which is not text: fix or remove the record")
+            yield f"{p}#{i}", value
+
+
+_JSON_TYPES = {bool: "a boolean", int: "a number", float: "a number", list: "a list",
+               dict: "an object", type(None): "null"}
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_JSON_SPACE = re.compile(r"[ \t\n\r]*")
+
+
+def _json_error(where: str, e: Exception) -> DataError:
+    """A DataError naming `where` (file and line) a JSON document failed to decode."""
+    if isinstance(e, RecursionError):
+        reason = "nested too deeply"
+    elif isinstance(e, json.JSONDecodeError):
+        reason = f"{e.msg}, column {e.colno}"
+    else:  # e.g. an integer of more digits than Python converts
+        reason = str(e).split(":")[0][:80]
+    return DataError(f"{where}: invalid JSON ({reason}): fix or remove it")
+
+
+def _jsonl_records(path: Path, text: str) -> Iterator[tuple[int, object]]:
+    """(line number, record) of every non-blank line. Lines are split at "\\n" only: other
+    line separators (U+2028...) may sit inside JSON strings."""
+    for n, line in enumerate(text.split("\n"), 1):
+        if line.strip():
+            try:
+                record = json.loads(line)
+            except (ValueError, RecursionError) as e:
+                raise _json_error(f"{path}, line {n}", e) from e
+            yield n, record
+
+
+def _json_records(path: Path, text: str) -> list[tuple[int, object]]:
+    """(line number, record) of a JSON document: its value, or each item of a top-level list
+    (an empty document holds none)."""
+    if not text.strip():
+        return []
+    try:
+        doc = json.loads(text)
+    except (ValueError, RecursionError) as e:
+        where = f"{path}, line {e.lineno}" if isinstance(e, json.JSONDecodeError) else str(path)
+        raise _json_error(where, e) from e
+    records = doc if isinstance(doc, list) else [doc]
+    # the line each record starts on: walk the (valid) document record by record, counting
+    # newlines once through the text
+    decode, skip = json.JSONDecoder().raw_decode, _JSON_SPACE.match
+    pos = skip(text).end() + isinstance(doc, list)  # past the list's "["
+    lines, counted, line = [], 0, 1
+    for _ in records:
+        start = skip(text, pos).end()
+        line += text.count("\n", counted, start)
+        lines.append(line)
+        counted, end = start, decode(text, start)[1]
+        pos = skip(text, end).end() + 1  # past the ","
+    return list(zip(lines, records, strict=True))
 
 
 def hub_dataset(name: str, config: str | None, split: str, text_field: str) -> Documents:

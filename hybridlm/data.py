@@ -8,17 +8,23 @@ and the token stream cut into blocks of `block_size`. Every token is kept: the l
 padded and its padding masked out. Each token also records how many characters of the text
 it covers (`chars`), so that scores can be given in bits per character, which do not depend
 on the tokenizer. Built splits are saved with `save_to_disk` under
-`cache_dir` and reused while sources, tokenizer and settings are unchanged.
+`cache_dir` and reused while sources, tokenizer and settings are unchanged: an entry is
+locked while it is built or checked (a second run waits, then reuses it), and its files'
+checksums, written with it, are checked on every reuse (a changed entry is built again).
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import glob
 import hashlib
 import json
 import math
 import os
 import random
 import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +33,7 @@ import numpy as np
 
 from hybridlm.config import DataConfig, DomainConfig
 from hybridlm.corpora import DataError, documents
+from hybridlm.trunks import sha256_file
 
 SPLITS = ("train", "validation", "test")
 FORMAT_VERSION = 2  # bump when the passage/packing rules change: invalidates caches
@@ -34,23 +41,39 @@ FORMAT_VERSION = 2  # bump when the passage/packing rules change: invalidates ca
 
 def split_passages(text: str, max_chars: int) -> list[str]:
     """Cut a document into passages of at most about `max_chars`, at blank lines when
-    possible, else at line ends (a single line longer than that stays whole)."""
+    possible, else at line ends. A line of up to twice `max_chars` stays whole (an article
+    written as one line); a longer one is cut at spaces (mid-word where `max_chars` characters
+    hold none), so one huge line becomes many passages. Time and memory are linear in the
+    text's length."""
     out: list[str] = []
     current: list[str] = []
     size = 0
     for para in re.split(r"\n\s*\n", text):
-        pieces = [para] if len(para) <= max_chars else para.splitlines()
-        for piece in pieces:
-            if not piece.strip():
-                continue
-            if current and size + len(piece) > max_chars:
-                out.append("\n\n".join(current))
-                current, size = [], 0
-            current.append(piece.strip("\n"))
-            size += len(piece) + 2
+        lines = [para] if len(para) <= max_chars else para.splitlines()
+        for line in lines:
+            for piece in _cut_line(line, max_chars) if len(line) > 2 * max_chars else [line]:
+                if not piece.strip():
+                    continue
+                if current and size + len(piece) > max_chars:
+                    out.append("\n\n".join(current))
+                    current, size = [], 0
+                current.append(piece.strip("\n"))
+                size += len(piece) + 2
     if current:
         out.append("\n\n".join(current))
     return out
+
+
+def _cut_line(line: str, max_chars: int) -> list[str]:
+    """`line` in pieces of at most `max_chars`, each ending after its last space."""
+    pieces, start = [], 0
+    while len(line) - start > max_chars:
+        space = line.rfind(" ", start + 1, start + max_chars)
+        stop = space + 1 if space > 0 else start + max_chars
+        pieces.append(line[start:stop])
+        start = stop
+    pieces.append(line[start:])
+    return pieces
 
 
 def _hash(text: str) -> str:
@@ -137,7 +160,7 @@ def build_domain(dom: DomainConfig, cfg: DataConfig, tokenizer, cache_root: Path
     if not passages:
         raise DataError(
             f"domain '{dom.name}' ({dom.source}) has no text: "
-            f"{len(docs)} documents, all empty. Point it at files that hold text."
+            f"{len(docs)} document(s), none with text. Point it at files that hold text."
         )
     if len(passages) < 3:
         raise DataError(
@@ -148,11 +171,24 @@ def build_domain(dom: DomainConfig, cfg: DataConfig, tokenizer, cache_root: Path
                 cfg.passage_chars, tokenizer_fingerprint(tokenizer)]
     key = _hash(json.dumps(settings) + "\0".join(passages))[:16]
     folder = cache_root / f"{dom.name}-{key}"
-    if (folder / "stats.json").is_file():
-        stats = json.loads((folder / "stats.json").read_text())
+    with _locked(folder):
+        _remove_stale_builds(folder)  # ours to remove: their builder held this lock
+        if folder.exists():
+            problem = _check_entry(folder)
+            if problem is None:
+                stats = json.loads((folder / "stats.json").read_text())
+                splits = {s: datasets.load_from_disk(str(folder / s)) for s in SPLITS}
+                return DomainData(dom.name, splits, stats | {"cached": True})
+            print(f"data cache entry {folder}: {problem}; building it again")
+            shutil.rmtree(folder)
+        stats = _build_entry(folder, dom, cfg, tokenizer, passages, len(docs))
         splits = {s: datasets.load_from_disk(str(folder / s)) for s in SPLITS}
-        return DomainData(dom.name, splits, stats | {"cached": True})
+    return DomainData(dom.name, splits, stats | {"cached": False})
 
+
+def _build_entry(folder: Path, dom: DomainConfig, cfg: DataConfig, tokenizer,
+                 passages: list[str], n_docs: int) -> dict:
+    """Tokenize and pack `passages` into the cache entry `folder`; returns its stats."""
     sep = tokenizer.sep_token_id if tokenizer.sep_token_id is not None else tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else sep
     if sep is None:
@@ -170,12 +206,14 @@ def build_domain(dom: DomainConfig, cfg: DataConfig, tokenizer, cache_root: Path
                 "chars": [token_chars(o, len(t)) + [1]
                           for o, t in zip(enc["offset_mapping"], batch["text"], strict=True)]}
 
-    stats = {"documents": len(docs), "passages": {}, "tokens": {}, "blocks": {}, "chars": {}}
+    stats = {"documents": n_docs, "passages": {}, "tokens": {}, "blocks": {}, "chars": {}}
     splits = {}
     for split, texts in assign_splits(passages, cfg.val_fraction, cfg.test_fraction).items():
+        # a fingerprint of our own: datasets would otherwise hash `tokenize`, pickling the
+        # whole tokenizer (most of a small domain's build time)
         tokenized = datasets.Dataset.from_dict({"text": texts}).map(
-            tokenize, batched=True, remove_columns=["text"], desc=f"tokenize {dom.name}/{split}"
-        )
+            tokenize, batched=True, remove_columns=["text"], desc=f"tokenize {dom.name}/{split}",
+            new_fingerprint=f"{folder.name}-{split}")
         ids, mask, chars = pack(tokenized["input_ids"], cfg.block_size, pad, tokenized["chars"])
         splits[split] = datasets.Dataset.from_dict(
             {"input_ids": ids, "attention_mask": mask, "chars": chars})
@@ -183,25 +221,101 @@ def build_domain(dom: DomainConfig, cfg: DataConfig, tokenizer, cache_root: Path
         stats["chars"][split] = int(chars.sum())
         stats["tokens"][split] = int(mask.sum())
         stats["blocks"][split] = len(ids)
-    # a folder of this process's own: a build killed midway leaves only an unused .tmp folder
+    # written aside and renamed: a build killed midway leaves only a .tmp folder, which the
+    # next build of this entry (or of any entry) removes
     tmp = folder.with_name(f"{folder.name}.tmp{os.getpid()}")
-    for split, ds in splits.items():
-        ds.save_to_disk(str(tmp / split))
-    (tmp / "stats.json").write_text(json.dumps(stats, indent=2))
-    if folder.exists():  # a concurrent build finished first: keep it
-        import shutil
-
-        shutil.rmtree(tmp)
-    else:
+    try:
+        for split, ds in splits.items():
+            ds.save_to_disk(str(tmp / split))
+        (tmp / "stats.json").write_text(json.dumps(stats, indent=2))
+        (tmp / CHECKSUMS).write_text(json.dumps(_checksums(tmp), indent=2))
         tmp.rename(folder)
-    splits = {s: datasets.load_from_disk(str(folder / s)) for s in SPLITS}
-    return DomainData(dom.name, splits, stats | {"cached": False})
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return stats
+
+
+# The cache entry's file of SHA-256 checksums (path in the entry: hex digest), written with it
+# and checked whenever it is reused: a file changed or replaced since (e.g. one split's
+# folder copied over another's) makes the entry be built again.
+CHECKSUMS = "checksums.json"
+_STALE_BUILD = re.compile(r"(.+-[0-9a-f]{16})\.tmp\d+")
+
+
+def _checksums(folder: Path) -> dict[str, str]:
+    return {p.relative_to(folder).as_posix(): sha256_file(p)
+            for p in sorted(folder.rglob("*")) if p.is_file() and p.name != CHECKSUMS}
+
+
+def _check_entry(folder: Path) -> str | None:
+    """None if the cache entry `folder` is complete and every file written with it is
+    unchanged, else what is wrong with it."""
+    sums = folder / CHECKSUMS
+    if not (folder / "stats.json").is_file() or not sums.is_file():
+        return "incomplete (written without checksums by an older version, or cut short)"
+    try:
+        expected = json.loads(sums.read_text())
+        for name, digest in expected.items():
+            path = folder / name
+            if not path.is_file():
+                return f"{name} is missing"
+            if sha256_file(path) != digest:
+                return f"{name} does not match its checksum (changed since it was written)"
+    except (OSError, ValueError, AttributeError, TypeError) as e:
+        return f"{CHECKSUMS} is unreadable ({type(e).__name__})"
+    return None
+
+
+@contextlib.contextmanager
+def _locked(folder: Path, wait: bool = True):
+    """Hold an exclusive lock on the cache entry `folder` (on `<folder>.lock` beside it),
+    waiting, with a message, while another process builds it. With `wait=False`, yields
+    False at once instead of waiting."""
+    lock = folder.with_name(f"{folder.name}.lock")
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        f = lock.open("a")
+    except OSError:
+        try:  # a read-only cache whose entries are only read: flock needs no write access
+            f = lock.open("r")
+        except OSError as e:
+            raise DataError(f"cannot lock the data cache entry {lock} ({e.strerror or e}): "
+                            "check that data.cache_dir is writable") from e
+    with f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if not wait:
+                yield False
+                return
+            print(f"data cache entry {folder} is being built by another process (it holds "
+                  f"{lock}); waiting for it", flush=True)
+            fcntl.flock(f, fcntl.LOCK_EX)
+        yield True  # the lock goes with the file's closing
+
+
+def _remove_stale_builds(folder: Path) -> None:
+    """Remove the temporary folders of killed builds of the entry `folder` (whose lock the
+    caller holds, so no live build of it can own one)."""
+    for tmp in folder.parent.glob(f"{glob.escape(folder.name)}.tmp*"):
+        if _STALE_BUILD.fullmatch(tmp.name):
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def build_corpora(cfg: DataConfig, tokenizer, progress: bool = True) -> list[DomainData]:
     """Every configured domain, built or loaded from the cache."""
+    if not cfg.cache_dir.strip():  # "" would put the cache in the current folder
+        raise DataError("data.cache_dir is empty: give the cache folder (e.g. .cache/hybridlm)")
     cache_root = Path(cfg.cache_dir) / "data"
     cache_root.mkdir(parents=True, exist_ok=True)
+    # temporary folders of killed builds of any entry, e.g. of data since changed; a folder
+    # whose entry is locked belongs to a live build
+    for tmp in cache_root.glob("*.tmp*"):
+        match = _STALE_BUILD.fullmatch(tmp.name)
+        if match:
+            with _locked(cache_root / match[1], wait=False) as free:
+                if free:
+                    _remove_stale_builds(cache_root / match[1])
     if not progress:
         datasets.disable_progress_bars()
     return [build_domain(dom, cfg, tokenizer, cache_root) for dom in cfg.domains]
