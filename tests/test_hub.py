@@ -439,3 +439,38 @@ def test_card_from_another_run_is_refused(saved, tmp_path, fake_hub, capsys, cha
     assert err.startswith("error: ") and message in err and "Traceback" not in err
     assert snapshot(folder) == before and fake_hub.requests == []
 
+
+# ---- make eval ----------------------------------------------------------------------------
+@pytest.mark.parametrize("damage", ["truncate", "no tokenizer", "not a folder"])
+def test_eval_on_a_broken_folder_is_an_error_line(saved, tmp_path, capsys, damage):
+    folder = copy(saved, tmp_path)
+    if damage == "truncate":
+        truncate(folder / "model.safetensors")
+    elif damage == "no tokenizer":
+        (folder / "tokenizer.json").unlink()
+    else:
+        folder = tmp_path / "nothing"
+    rc = command("eval/evaluate.py").main(["--config", "configs/quick.yaml", "--model",
+                                           str(folder)])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("error: ") and str(folder) in err
+
+
+def test_eval_results_of_sibling_folders_do_not_overwrite_each_other(saved, tmp_path, capsys):
+    text = tmp_path / "foxes.txt"
+    text.write_text("\n\n".join(f"Paragraph {j}: the quick brown fox jumps over the lazy dog."
+                                  for j in range(60)))
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump({
+        "data": {"domains": [{"name": "foxes", "source": f"files:{text}"}], "block_size": 32,
+                 "passage_chars": 400,  # 3 passages or more
+                 "cache_dir": str(ROOT / ".cache" / "hybridlm")},  # content-keyed: reused
+        "model": {"encoder": "minilm"}}))
+    evaluate = command("eval/evaluate.py")
+    shutil.copytree(saved, tmp_path / "a")
+    rc = evaluate.main(["--config", str(config), "--model", str(tmp_path / "a")])
+    assert rc == 0, capsys.readouterr().err
+    results = json.loads((tmp_path / "a.eval.json").read_text())  # named after its folder
+    assert results["model"] == str(tmp_path / "a") and results["validation"]["foxes"]
+    assert not (tmp_path / "eval.json").exists()
+    assert evaluate.eval_json(tmp_path / "b") == tmp_path / "b.eval.json"  # its sibling's
