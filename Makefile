@@ -93,8 +93,14 @@ bench-quick: install  ## a smaller benchmark set (about 2 minutes)
 gpu-check: install  ## on a GPU machine: CUDA tests, GPU-vs-CPU parity, memcheck, benchmarks
 	OUT=$${OUT:-runs/gpu_check} $(PY) bench/gpu_check.py
 
-publish: install  ## upload a model folder: make publish FOLDER=runs/default/spiking_pc/model HUB_REPO=user/name
-	HF_HUB_OFFLINE=0 $(PY) train/publish.py $(FOLDER) $(HUB_REPO) $(ARGS)
+# The token: HF_TOKEN=... on the command line or in the environment, or `hf auth login`. The
+# recipe is not echoed (ARGS may hold --token): the line shown has the token's value hidden.
+publish: install  ## upload a model folder: make publish FOLDER=runs/default/spiking_pc/model HUB_REPO=user/name [HF_TOKEN=...]
+	@set -- $(ARGS); shown=; while [ $$# -gt 0 ]; do case $$1 in \
+		--token) shown+=" --token <hidden>"; shift;; --token=*) shown+=" --token=<hidden>";; \
+		*) shown+=" $$1";; esac; shift; done; \
+	echo "HF_HUB_OFFLINE=0 $(PY) train/publish.py $(FOLDER) $(HUB_REPO)$$shown"
+	@HF_HUB_OFFLINE=0 $(PY) train/publish.py $(FOLDER) $(HUB_REPO) $(ARGS)
 
 report: install  ## report of a run: make report RUN=runs/default (W&B Report if possible, else HTML)
 	$(PY) eval/report.py $(RUN) $(ARGS)

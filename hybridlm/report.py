@@ -40,26 +40,64 @@ class Run:
     history: dict | None = None  # {head: every logged row}, from <head>/history.jsonl
 
 
+RESUME = "finish the run with `make train CONFIG=<its config> ARGS=--resume`"
+
+
+def _read_json_object(path: Path) -> dict:
+    """A JSON object from a run's file; `ReportError` naming the file and what to do."""
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ReportError(f"{path}: missing: the run is incomplete; {RESUME}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ReportError(f"{path}: not valid JSON ({str(e)[:200]}): delete it and {RESUME}, "
+                          "which writes it again") from e
+    if not isinstance(data, dict):
+        raise ReportError(f"{path}: not a JSON object: delete it and {RESUME}, which writes "
+                          "it again")
+    for key in ("validation", "test"):
+        if not isinstance(data.get(key, {}), dict) or not all(
+                isinstance(v, dict) for v in data.get(key, {}).values()):
+            raise ReportError(f"{path}: field '{key}' is not an object of per-domain results: "
+                              f"delete the file and {RESUME}")
+    return data
+
+
+def _read_config(path: Path) -> dict:
+    try:
+        config = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ReportError(f"{path}: missing: not a complete run folder of train/train.py; "
+                          f"{RESUME} (it writes the file again)") from None
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        raise ReportError(f"{path}: not valid YAML ({str(e)[:200]}): delete it and {RESUME}, "
+                          "which writes it again") from e
+    if not isinstance(config, dict):
+        raise ReportError(f"{path}: not a mapping of config sections: delete it and {RESUME}, "
+                          "which writes it again")
+    return config
+
+
 def load_run(run_dir: str | Path) -> Run:
+    """The run's files, checked: its config.yaml, the metrics.json of every head of its
+    `train.heads` and its summary metrics.json; `ReportError` names a file that is missing
+    or damaged, and what to do."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise ReportError(f"{run_dir}: no such run folder")
     run = RunDir(run_dir)
-    heads = {}
-    for head in run.finished_heads():
-        f = run.metrics(head)
-        try:
-            heads[head] = json.loads(f.read_text())
-        except json.JSONDecodeError as e:
-            raise ReportError(f"{f}: not valid JSON ({e})") from e
-    summary_file = run.summary
-    summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
-    if not heads:
-        raise ReportError(f"{run_dir}: no <head>/metrics.json (did train/train.py finish?)")
+    if not run.finished_heads():
+        raise ReportError(f"{run_dir}: no <head>/metrics.json (did train/train.py finish?); "
+                          f"{RESUME}, or pass the output_dir of a finished run")
+    config = _read_config(run.config)
+    train = config.get("train")
+    planned = train.get("heads") if isinstance(train, dict) else None
+    names = [str(h) for h in planned] if isinstance(planned, list) else []
+    heads = {h: _read_json_object(run.metrics(h))
+             for h in dict.fromkeys(names + run.finished_heads())}
+    summary = _read_json_object(run.summary)
     order = list((summary.get("heads") or {}).keys())
     heads = {h: heads[h] for h in order if h in heads} | heads
-    cfg_file = run.config
-    config = yaml.safe_load(cfg_file.read_text()) if cfg_file.is_file() else {}
     return Run(run_dir, summary, heads, config, _logged_history(run, heads))
 
 

@@ -1,5 +1,6 @@
 """A loopback fake of the Hugging Face Hub API, enough for `HfApi.create_repo` and a regular
-(non-LFS) `HfApi.upload_folder`. Tests point `HF_ENDPOINT` at it; nothing leaves 127.0.0.1.
+(non-LFS) `HfApi.create_commit` or `upload_folder`. Tests point `HF_ENDPOINT` at it (or pass
+it as the endpoint); nothing leaves 127.0.0.1.
 
 Routes (the ones huggingface_hub 2.4 calls for that path, see docs/hub_and_wandb.md):
 POST /api/repos/create, POST /api/validate-yaml, POST /api/models/{repo}/preupload/{rev}
@@ -106,7 +107,8 @@ class FakeHub:
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True,
+                                       kwargs={"poll_interval": 0.02})  # a quick shutdown
 
     def __enter__(self) -> FakeHub:
         self.thread.start()

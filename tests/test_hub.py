@@ -10,17 +10,15 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from huggingface_hub import ModelCard
 from transformers import AutoTokenizer, BertConfig
 
 from hybridlm import hub
 from hybridlm.modeling import HybridConfig, HybridForCausalLM
 from hybridlm.trunks import resolve_trunk
-
-try:
-    from tests.fake_hub import FakeHub
-except ImportError:  # tests/ is not a package
-    from fake_hub import FakeHub
+from tests.conftest import command
+from tests.fake_hub import FakeHub
 
 ROOT = Path(__file__).resolve().parent.parent
 DOMAINS = ("literature", "docs")
@@ -250,7 +248,8 @@ def test_publish_without_token_fails_clearly_and_sends_nothing(saved, tmp_path):
 
 
 @pytest.mark.parametrize("repo", ["no-slash", "a/b/c", "user/bad name", "user/x..y", "/name",
-                                  "user/" + "x" * 97, "user/name--x"])
+                                  "user/" + "x" * 97, "user/name--x", "user/name\n",
+                                  "user/name ", " user/name", "user/na\tme", "user/name\x00"])
 def test_malformed_repo_id_is_refused(saved, repo):
     with pytest.raises(hub.PublishError, match="malformed Hub repo id"):
         hub.publish(saved, repo, token="hf_x", endpoint="http://127.0.0.1:9")
@@ -298,3 +297,180 @@ def test_continual_results_join_the_card_and_its_model_index(saved, tmp_path):
     hub.write_card_for_run(run_dir, "spiking_pc")
     assert "## Continual learning" in ModelCard.load(run_dir / "spiking_pc" / "model" /
                                                      "README.md").text
+
+
+# ---- publishing: only the model's own files, one commit, nothing changed when refused ----------
+TOKEN = "hf_" + "FakeSecret" * 3
+
+
+@pytest.fixture
+def fake_hub(monkeypatch, tmp_path):
+    """The loopback fake Hub for publishing in this process: online, its endpoint, a token in
+    HF_TOKEN and no stored login."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-stored-token"))
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    with FakeHub() as fake:
+        monkeypatch.setenv("HF_ENDPOINT", fake.url)
+        yield fake
+
+
+def publish_here(*argv) -> int:
+    return command("train/publish.py").main([str(a) for a in argv])
+
+
+def snapshot(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file()}
+
+
+EXTRAS = {"token": b"hf_leaked", "id_rsa": b"-----BEGIN OPENSSH PRIVATE KEY-----\n",
+          "secrets/hub.txt": b"hf_leaked", "wandb/debug-internal.log": b"log line\n",
+          "debug.log": b"log line\n", "stray.bin": bytes(1 << 20), "notes.py": b"x = 1\n",
+          ".env": b"HF_TOKEN=hf_leaked\n"}
+
+
+def test_publish_uploads_only_the_model_files_in_one_commit(saved, tmp_path, fake_hub,
+                                                            monkeypatch, capsys):
+    folder = copy(saved, tmp_path)
+    for name, data in EXTRAS.items():
+        (folder / name).parent.mkdir(exist_ok=True)
+        (folder / name).write_bytes(data)
+    # the client splits a folder upload into commits of 100 MB of content: with a small
+    # budget, an upload of a few MB would take several
+    monkeypatch.setattr("huggingface_hub._upload_pipeline.REGULAR_CONTENT_BYTES_BUDGET", 4096)
+    assert publish_here(folder, "someone/tiny-hybrid") == 0
+    out = capsys.readouterr().out
+    assert len(fake_hub.commits) == 1
+    assert fake_hub.commits[0]["files"] == snapshot(saved)  # the model's files, nothing else
+    for name in EXTRAS:  # each extra is named as left out, before the upload
+        assert name.split("/")[0] in out.split("\npublished ")[0]
+
+
+@pytest.mark.parametrize("link", ["tokenizer.json", "extra_link", "ssh"])
+def test_publish_refuses_links_out_of_the_folder(saved, tmp_path, fake_hub, capsys, link):
+    folder = copy(saved, tmp_path)
+    outside = tmp_path / "outside"
+    if link == "ssh":
+        outside.mkdir()
+        (outside / "id_rsa").write_text("private key")
+    elif link == "tokenizer.json":
+        (folder / link).rename(outside)
+    else:
+        outside.write_text("hf_leaked")
+    (folder / link).symlink_to(outside)
+    assert publish_here(folder, "someone/x") == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and f"{folder / link}" in err and "outside" in err
+    assert fake_hub.requests == []
+
+
+def test_token_on_the_command_line_is_never_printed(saved, tmp_path, fake_hub, capsys):
+    secret = "hf_" + "CommandLineSecret" * 2
+    bad = copy(saved, tmp_path)
+    (bad / "README.md").unlink()
+    assert publish_here(bad, "someone/x", "--token", secret) == 2
+    assert publish_here(saved, "someone/x", "--token", secret) == 0
+    assert fake_hub.commits[0]["token"] == secret
+    captured = capsys.readouterr()
+    assert secret not in captured.out + captured.err
+    # make prints its recipe lines: the publish recipe must not print the token (PY=true
+    # stands in for Python; -o: nothing is installed)
+    proc = subprocess.run(["make", "-o", ".venv/.installed", "-o", "install", "publish",
+                           "PY=true", f"FOLDER={saved}", "HUB_REPO=someone/x",
+                           f"ARGS=--private --token {secret}"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert secret not in proc.stdout + proc.stderr and "--private" in proc.stdout
+
+
+def write_run(tmp_path: Path, folder: Path, **model) -> Path:
+    """A run folder in train.py's layout whose spiking_pc head is the model in `folder`;
+    `model` changes keys of its config's model section."""
+    from hybridlm.modeling import MODEL_KEYS
+
+    run = tmp_path / "run"
+    shutil.copytree(folder, run / "spiking_pc" / "model")
+    (run / "spiking_pc" / "metrics.json").write_text(json.dumps(fake_metrics()))
+    config = json.loads((folder / "config.json").read_text())
+    section = {"encoder": "minilm"} | {k: config[k] for k in MODEL_KEYS} | model
+    cfg = CFG | {"model": section, "train": {"heads": ["spiking_pc"]}}
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return run
+
+
+def test_refused_publish_changes_nothing_and_a_published_one_matches_the_folder(
+        saved, tmp_path, fake_hub, monkeypatch, capsys):
+    folder = copy(saved, tmp_path)
+    run = write_run(tmp_path, folder)
+    before = snapshot(folder)
+    monkeypatch.delenv("HF_TOKEN")
+    assert publish_here(folder, "someone/tiny", "--remote-code", "--card-from", run) == 2
+    assert "no Hugging Face token" in capsys.readouterr().err
+    assert snapshot(folder) == before  # no remote code, no new card
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    assert publish_here(folder, "someone/tiny", "--remote-code", "--card-from", run) == 0
+    files = fake_hub.commits[0]["files"]
+    assert hub.REMOTE_CODE in files and "auto_map" in json.loads(files["config.json"])
+    assert "# tiny" in files["README.md"].decode()  # the card named after the repo
+    assert files == snapshot(folder)  # the folder now holds what was published
+
+
+@pytest.mark.parametrize("change, message", [
+    ("n_neurons", "model.n_neurons"),
+    ("weights", "model.safetensors"),
+    ("head", "spiking_pc/metrics.json: missing"),
+])
+def test_card_from_another_run_is_refused(saved, tmp_path, fake_hub, capsys, change, message):
+    folder = copy(saved, tmp_path)
+    run = write_run(tmp_path, folder, **({"n_neurons": 32} if change == "n_neurons" else {}))
+    if change == "weights":  # another seed: the same config, other weights
+        w = run / "spiking_pc" / "model" / "model.safetensors"
+        data = bytearray(w.read_bytes())
+        data[-1] ^= 1
+        w.write_bytes(bytes(data))
+    if change == "head":
+        shutil.move(run / "spiking_pc", run / "mlp")
+    before = snapshot(folder)
+    assert publish_here(folder, "someone/x", "--card-from", run) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and "Traceback" not in err
+    assert snapshot(folder) == before and fake_hub.requests == []
+
+
+# ---- make eval ----------------------------------------------------------------------------
+@pytest.mark.parametrize("damage", ["truncate", "no tokenizer", "not a folder"])
+def test_eval_on_a_broken_folder_is_an_error_line(saved, tmp_path, capsys, damage):
+    folder = copy(saved, tmp_path)
+    if damage == "truncate":
+        truncate(folder / "model.safetensors")
+    elif damage == "no tokenizer":
+        (folder / "tokenizer.json").unlink()
+    else:
+        folder = tmp_path / "nothing"
+    rc = command("eval/evaluate.py").main(["--config", "configs/quick.yaml", "--model",
+                                           str(folder)])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("error: ") and str(folder) in err
+
+
+def test_eval_results_of_sibling_folders_do_not_overwrite_each_other(saved, tmp_path, capsys):
+    text = tmp_path / "foxes.txt"
+    text.write_text("\n\n".join(f"Paragraph {j}: the quick brown fox jumps over the lazy dog."
+                                  for j in range(60)))
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump({
+        "data": {"domains": [{"name": "foxes", "source": f"files:{text}"}], "block_size": 32,
+                 "passage_chars": 400,  # 3 passages or more
+                 "cache_dir": str(ROOT / ".cache" / "hybridlm")},  # content-keyed: reused
+        "model": {"encoder": "minilm"}}))
+    evaluate = command("eval/evaluate.py")
+    shutil.copytree(saved, tmp_path / "a")
+    rc = evaluate.main(["--config", str(config), "--model", str(tmp_path / "a")])
+    assert rc == 0, capsys.readouterr().err
+    results = json.loads((tmp_path / "a.eval.json").read_text())  # named after its folder
+    assert results["model"] == str(tmp_path / "a") and results["validation"]["foxes"]
+    assert not (tmp_path / "eval.json").exists()
+    assert evaluate.eval_json(tmp_path / "b") == tmp_path / "b.eval.json"  # its sibling's

@@ -3,6 +3,7 @@
 import base64
 import json
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -17,7 +18,8 @@ ROOT = Path(__file__).resolve().parent.parent
 def write_run(root: Path) -> Path:
     """A run folder in train.py's format (two heads, two domains)."""
     run = root / "demo"
-    cfg = {"output_dir": str(run), "seed": 0, "wandb": {"project": "hybridlm"}}
+    cfg = {"output_dir": str(run), "seed": 0, "train": {"heads": ["spiking_pc", "mlp"]},
+           "wandb": {"project": "hybridlm"}}
     summary = {"heads": {}, "data": {"legal": {"documents": 10, "train_tokens": 4096},
                                      "docs": {"documents": 12, "train_tokens": 5120}},
                "spiking_pc_vs_mlp": {}}
@@ -131,3 +133,30 @@ def test_missing_metrics_is_a_clear_error(tmp_path, capsys):
         report.load_run(tmp_path / "empty")
     assert command("eval/report.py").main([str(tmp_path / "nope")]) == 2
     assert "no such run folder" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("file, damage, message", [
+    ("metrics.json", "truncate", "metrics.json: not valid JSON"),
+    ("metrics.json", "delete", "metrics.json: missing"),
+    ("metrics.json", "[1, 2]", "metrics.json: not a JSON object"),
+    ("mlp/metrics.json", "truncate", "mlp/metrics.json: not valid JSON"),
+    ("mlp/metrics.json", "null", "mlp/metrics.json: not a JSON object"),
+    ("mlp", "delete", "mlp/metrics.json: missing"),
+    ("config.yaml", "train: [", "config.yaml: not valid YAML"),
+    ("config.yaml", "delete", "config.yaml: missing"),
+    ("config.yaml", "just a string", "config.yaml: not a mapping"),
+])
+def test_incomplete_or_corrupt_run_is_an_error_line(tmp_path, capsys, file, damage, message):
+    run = write_run(tmp_path)
+    f = run / file
+    if damage == "delete":
+        shutil.rmtree(f) if f.is_dir() else f.unlink()
+    elif damage == "truncate":
+        f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    else:
+        f.write_text(damage)
+    assert command("eval/report.py").main([str(run), "--kind", "html"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {run / file.split('/')[0]}") and message in err
+    assert "--resume" in err or "rerun" in err  # what to do
+    assert not (run / "report.html").exists()

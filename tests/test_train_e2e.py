@@ -102,7 +102,7 @@ def test_training_lowers_validation_loss_and_writes_results(tmp_path, data_cache
     assert command("eval/evaluate.py").main([
         "--config", "configs/quick.yaml", "--model", str(out / "mlp" / "model"),
         f"data.cache_dir={data_cache}", *SMALL]) == 0
-    again = json.loads((out / "mlp" / "eval.json").read_text())
+    again = json.loads((out / "mlp" / "model.eval.json").read_text())
     for domain, r in heads["mlp"]["validation"].items():
         assert again["validation"][domain]["perplexity"] == pytest.approx(r["perplexity"],
                                                                           rel=1e-4)

@@ -9,7 +9,8 @@ One job per module, all re-exported here (`from hybridlm import hub; hub.publish
   torch + transformers) and an `auto_map` into `config.json`, so people without hybridlm
   installed can load the folder with `trust_remote_code=True`;
 - `card`: the model card (`README.md`), built only from measured metrics and the configs;
-- `publishing`: `publish` uploads a checked folder to the Hub as one commit.
+- `publishing`: `publish` uploads a checked folder to the Hub as one commit of only the
+  files a model folder holds (`upload_plan`).
 
 Importing `hybridlm` registers the classes with `AutoConfig` / `AutoModelForCausalLM`, so
 `AutoModelForCausalLM.from_pretrained(folder)` works without remote code.
@@ -22,6 +23,7 @@ from hybridlm.hub.card import (
     add_continual_to_cards,
     card_data,
     card_text,
+    check_card_run,
     claim_sentence,
     continual_method,
     continual_section,
@@ -39,7 +41,16 @@ from hybridlm.hub.folder import (
     load_model,
     save_model,
 )
-from hybridlm.hub.publishing import REPO_ID, UPLOAD_IGNORE, PublishError, check_repo_id, publish
+from hybridlm.hub.publishing import (
+    MODEL_FILES,
+    REPO_ID,
+    PublishError,
+    UploadPlan,
+    check_repo_id,
+    model_files,
+    publish,
+    upload_plan,
+)
 from hybridlm.hub.remote_code import AUTO_MAP, REMOTE_CODE, export_remote_code, modeling_source
 from hybridlm.io import CheckpointError, safetensors_header
 
@@ -49,18 +60,20 @@ __all__ = [
     "CONFIG",
     "CONTINUAL_SUMMARY",
     "HEADS",
+    "MODEL_FILES",
     "MODEL_TYPE",
     "REMOTE_CODE",
     "REPO_ID",
     "TAGS",
-    "UPLOAD_IGNORE",
     "WEIGHTS",
     "WEIGHTS_INDEX",
     "CheckpointError",
     "PublishError",
+    "UploadPlan",
     "add_continual_to_cards",
     "card_data",
     "card_text",
+    "check_card_run",
     "check_model_folder",
     "check_repo_id",
     "claim_sentence",
@@ -69,10 +82,12 @@ __all__ = [
     "expected_shapes",
     "export_remote_code",
     "load_model",
+    "model_files",
     "modeling_source",
     "publish",
     "safetensors_header",
     "save_model",
+    "upload_plan",
     "write_card_for_run",
     "write_model_card",
 ]

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from hybridlm.hub.folder import CARD, CONFIG, _read_json
+from hybridlm.hub.folder import CARD, CONFIG, WEIGHTS, WEIGHTS_INDEX, _read_json
 from hybridlm.hub.publishing import REPO_ID
+from hybridlm.io import CheckpointError
 from hybridlm.rundir import RunDir
 
 TAGS = ["hybridlm", "spiking-neural-network", "predictive-coding", "causal-lm", "text-generation"]
@@ -51,7 +52,7 @@ def card_data(config: dict, metrics: dict, cfg: dict, model_name: str,
     from huggingface_hub import EvalResult, ModelCardData
 
     base = (config.get("encoder_config") or {}).get("_name_or_path") or None
-    if base and not REPO_ID.match(base):
+    if base and not REPO_ID.fullmatch(base):
         base = None  # a local folder's name, not a Hub id: the Hub would reject it
     sources = {d.get("name"): d.get("source", "") for d in (cfg.get("data") or {}).get("domains",
                                                                                       [])}
@@ -357,6 +358,60 @@ def write_card_for_run(run_dir: str | Path, head: str, repo_id: str | None = Non
     continual = _read_json(cont) if cont.is_file() else None
     return write_model_card(folder or run.model(head), metrics, summary, cfg, repo_id,
                             continual)
+
+
+def _weights_sha256(folder: Path) -> str:
+    """One SHA-256 over the weight files of a model folder (the file, or the index's shards)."""
+    import hashlib
+
+    names = [WEIGHTS] if (folder / WEIGHTS).is_file() else sorted(set(
+        (_read_json(folder / WEIGHTS_INDEX).get("weight_map") or {}).values()))
+    h = hashlib.sha256()
+    for name in names:
+        with (folder / name).open("rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def check_card_run(run_dir: str | Path, folder: str | Path) -> str:
+    """The head whose results in `run_dir` (a run folder of train/train.py) describe the
+    model in `folder`; raises `CheckpointError` naming what differs when they are another
+    model's: no results of the folder's head, another value of a key of the run's model
+    section (config.yaml), or other weights than the run's own `<head>/model` holds (a run
+    of another seed has the same config)."""
+    import yaml
+
+    from hybridlm.modeling import MODEL_KEYS
+
+    folder, run = Path(folder), RunDir(run_dir)
+    config = _read_json(folder / CONFIG)
+    head = config.get("head")
+    fix = f"pass --card-from the run folder that trained {folder}"
+    if not run.metrics(head).is_file():
+        raise CheckpointError(f"{run.metrics(head)}: missing: {run.root} holds no results of "
+                              f"head '{head}', the head of {folder}; {fix}")
+    try:
+        cfg = yaml.safe_load(run.config.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{run.config}: missing: {run.root} is not a run folder of "
+                              f"train/train.py; {fix}") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{run.config}: not valid YAML ({str(e)[:200]})") from e
+    section = (cfg.get("model") if isinstance(cfg, dict) else None) or {}
+    differ = [f"model.{k} is {section[k]!r:.60} in {run.config} but {config.get(k)!r:.60} in "
+              f"{folder / CONFIG}" for k in MODEL_KEYS
+              if k != "head" and k in section and section[k] != config.get(k)]
+    own = run.model(head)
+    if not own.is_dir():
+        differ.append(f"{own} is missing, so nothing shows {folder} holds that run's weights")
+    elif not own.samefile(folder) and _weights_sha256(own) != _weights_sha256(folder):
+        differ.append(f"{folder / WEIGHTS} holds other weights than {own} (another seed, "
+                      "step or run)")
+    if differ:
+        raise CheckpointError(f"--card-from {run.root}: its results are not of this model: "
+                              + "; ".join(differ) + f"; {fix}")
+    return head
 
 
 def add_continual_to_cards(run_dir: str | Path, continual: dict) -> list[Path]:
