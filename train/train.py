@@ -186,9 +186,13 @@ def run_training(args, held: contextlib.ExitStack) -> int:
     for head in cfg.train.heads:
         done = run.metrics(head)
         if args.resume and done.is_file():
-            results[head] = json.loads(done.read_text())
-            accelerator.print(f"[{head}] already finished: {done}")
-            continue
+            try:
+                results[head] = json.loads(done.read_text())
+                accelerator.print(f"[{head}] already finished: {done}")
+                continue
+            except (ValueError, OSError) as e:  # damaged: its checkpoints finish it again
+                accelerator.print(f"[{head}] {done} is unreadable ({type(e).__name__}): "
+                                  "resuming the head from its newest checkpoint instead")
         if head == "trunk":
             results[head] = score_trunk(trunk_model, splits, caches, cfg, accelerator)
             accelerator.print("[trunk] zero-shot val ppl: " + ", ".join(
