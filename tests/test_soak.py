@@ -27,7 +27,8 @@ ROOT = Path(__file__).resolve().parent.parent
 # make test runs a short soak (3 kills); make soak the long one (SOAK_KILLS, default 25)
 KILLS = int(os.environ.get("HYBRIDLM_SOAK_KILLS", "3"))
 HEADS = ("spiking_pc", "mlp")
-SETTINGS = ["train.heads=[spiking_pc,mlp]", "model.learning=hybrid", "train.epochs=3",
+EPOCHS = 2 if KILLS <= 8 else 3  # 6 steps an epoch a head: a checkpoint for every kill to follow
+SETTINGS = ["train.heads=[spiking_pc,mlp]", "model.learning=hybrid", f"train.epochs={EPOCHS}",
             "train.save_every=1", "train.eval_every=4", "train.keep_checkpoints=2",
             "data.max_train_tokens_per_domain=2048", "data.max_eval_tokens_per_domain=512"]
 TIMING = {"epoch_seconds", "resumes"}  # the only keys allowed to differ

@@ -234,7 +234,8 @@ def test_two_processes_with_accelerate_launch(tmp_path, data_cache):
               "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
               "--dynamo_backend", "no"]
     args = launch + ["train/train.py", "--config", "configs/quick.yaml", f"output_dir={out}",
-                     f"data.cache_dir={data_cache}", *SMALL, "train.heads=[spiking_pc]",
+                     f"data.cache_dir={data_cache}", "data.max_train_tokens_per_domain=2048",
+                     "data.max_eval_tokens_per_domain=512", "train.heads=[spiking_pc]",
                      "train.epochs=1", "model.learning=hybrid"]
     proc = subprocess.run(args, cwd=ROOT, capture_output=True, text=True,
                           env=os.environ | {"ACCELERATE_USE_CPU": "1"})
