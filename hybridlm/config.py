@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import textwrap
 import types
 import typing
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import MISSING, dataclass, field
 from pathlib import Path
@@ -43,6 +45,23 @@ MIXED_PRECISION = ("no", "bf16", "fp16")
 EVAL_SPLITS = ("test", "validation")
 ENERGY_PRESETS = tuple(PRESETS_PJ)  # hybridlm.energy: 45 nm (E_MAC, E_AC) per precision
 
+# Upper bounds far beyond any sensible run: an absurd value (a typo, digits too many) is
+# refused before anything is written, not found out by exhausting memory mid-run.
+MAX_BLOCK_SIZE = 1 << 16  # tokens per block: more positions than any trunk here reads
+MAX_BATCH_SIZE = 1 << 14  # blocks per batch
+MAX_NEURONS = 1 << 16  # the layer keeps batch x block x n_neurons codes per inner step
+MAX_TIME_STEPS = 1 << 10  # backpropagation keeps every inner step
+MAX_TOKENS = 1 << 40  # token limits: far more than a corpus held in memory
+MAX_PASSAGE_CHARS = 1 << 24
+MAX_LAYERS = 1 << 10  # trunk layers (the trunk's own count is checked when it is loaded)
+MAX_COUNT = 2**31 - 1  # epochs, steps, checkpoints, batches, replayed blocks
+SEED_MAX = 2**32 - 1  # numpy and torch take seeds in 0..2**32-1
+# A user string that becomes a file or folder name (a domain's data cache, a method's
+# results): no separators, and a first letter or digit, so never "." or "..".
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+NAME_RULE = "1-64 letters, digits, '_', '.' or '-', the first a letter or digit (it names files)"
+SHOW_CHARS = 80  # an error message prints at most about this much of a value
+
 
 class ConfigError(ValueError):
     """A config key is unknown, has the wrong type, or holds an out-of-range value."""
@@ -61,11 +80,44 @@ def _field(default: Any = MISSING, help: str = "", *,
 
 def _check(ok: bool, key: str, message: str) -> None:
     if not ok:
-        raise ConfigError(f"config key '{key}': {message}")
+        _fail(key, message)
+
+
+def _fail(key: str, message: str) -> typing.NoReturn:
+    raise ConfigError(f"config key '{key}': {message}")
 
 
 def _finite(v: float, ok: bool) -> bool:
     return math.isfinite(v) and ok
+
+
+# The checks below print the value only when it fails (`_show` of a string parses it).
+def _in_range(v: float, low: float, high: float, key: str, why: str = "") -> None:
+    """`low <= v <= high` (so a float is also finite); `why`: where the upper bound comes
+    from."""
+    if not low <= v <= high:
+        _fail(key, f"must be in [{low}, {high}]{why}, got {_show(v)}")
+
+
+def _member(v: str, allowed: tuple[str, ...], key: str, note: str = "") -> None:
+    if v not in allowed:
+        _fail(key, f"must be {_one_of(allowed)}{note}, got {_show(v)}")
+
+
+def _unique(values: list, key: str, what: str) -> None:
+    repeated = [v for v, n in Counter(values).items() if n > 1]
+    if repeated:
+        _fail(key, f"{what} repeat: {_show(repeated)}")
+
+
+def _name(v: str, key: str) -> None:
+    if NAME.fullmatch(v) is None:
+        _fail(key, f"must be {NAME_RULE}, got {_show(v)}")
+
+
+def _path(v: str, key: str) -> None:
+    if not v.strip() or "\0" in v or len(v) > 4096:
+        _fail(key, f"must be a path (not blank, no NUL, at most 4096 characters), got {_show(v)}")
 
 
 @dataclass
@@ -90,13 +142,12 @@ class DomainConfig:
 
     def check(self, key: str) -> None:
         """`key`: where this domain sits in the config, e.g. `data.domains[0]`."""
-        _check(bool(self.name), f"{key}.name", "must not be empty")
+        _name(self.name, f"{key}.name")  # its data cache folder is named after it
         scheme = self.source.split(":", 1)[0]
-        _check(
-            scheme in ("builtin", "files", "hf") and ":" in self.source,
-            f"{key}.source",
-            f"'{self.source}' must look like builtin:<name>, files:<glob> or hf:<dataset>",
-        )
+        if scheme not in ("builtin", "files", "hf") or ":" not in self.source \
+                or "\0" in self.source:
+            _fail(f"{key}.source", "must look like builtin:<name>, files:<glob> or hf:<dataset>, "
+                  f"got {_show(self.source)}")
 
 
 @dataclass
@@ -127,20 +178,21 @@ class DataConfig:
 
     def check(self, key: str = "data") -> None:
         _check(len(self.domains) > 0, f"{key}.domains", "list at least one domain")
-        names = [dom.name for dom in self.domains]
-        _check(len(set(names)) == len(names), f"{key}.domains", f"domain names repeat: {names}")
         for i, dom in enumerate(self.domains):
             dom.check(f"{key}.domains[{i}]")
-        _check(self.block_size >= 2, f"{key}.block_size", f"must be >= 2, got {self.block_size}")
+        _unique([dom.name for dom in self.domains], f"{key}.domains", "domain names")
+        _in_range(self.block_size, 2, MAX_BLOCK_SIZE, f"{key}.block_size")
         for name in ("val_fraction", "test_fraction"):
             v = getattr(self, name)
-            _check(0 < v < 0.5, f"{key}.{name}", f"must be in (0, 0.5), got {v}")
-        _check(self.passage_chars >= 100, f"{key}.passage_chars",
-               f"must be >= 100, got {self.passage_chars}")
+            _check(0 < v < 0.5, f"{key}.{name}", f"must be in (0, 0.5), got {_show(v)}")
+        _in_range(self.passage_chars, 100, MAX_PASSAGE_CHARS, f"{key}.passage_chars")
         for name in ("max_train_tokens_per_domain", "max_eval_tokens_per_domain"):
             v = getattr(self, name)
-            _check(v is None or v >= self.block_size, f"{key}.{name}",
-                   f"must be >= block_size, got {v}")
+            if v is not None:
+                _in_range(v, self.block_size, MAX_TOKENS, f"{key}.{name}",
+                          " (at least data.block_size)")
+        _in_range(self.subsample_seed, 0, SEED_MAX, f"{key}.subsample_seed")
+        _path(self.cache_dir, f"{key}.cache_dir")
 
 
 def _one_of(values: tuple[str, ...]) -> str:
@@ -193,40 +245,39 @@ class ModelConfig:
                                   "for the gates")
 
     def check(self, key: str = "model") -> None:
-        _check(self.head in HEADS, f"{key}.head", f"'{self.head}' is not one of {HEADS}")
-        _check(self.n_neurons >= 1, f"{key}.n_neurons", f"must be >= 1, got {self.n_neurons}")
-        _check(self.time_steps >= 1, f"{key}.time_steps",
-               f"must be >= 1, got {self.time_steps}")
+        _member(self.head, HEADS, f"{key}.head")
+        _in_range(self.n_neurons, 1, MAX_NEURONS, f"{key}.n_neurons",
+                  " (the layer keeps batch x block x n_neurons codes per step)")
+        _in_range(self.time_steps, 1, MAX_TIME_STEPS, f"{key}.time_steps",
+                  " (backpropagation keeps every step)")
         for name, ok, need in (("spike_quantum", self.spike_quantum > 0, "> 0"),
                                ("l2_cost", self.l2_cost >= 0, ">= 0"),
                                ("rate_cost", self.rate_cost > 0,
                                 "> 0 (it bounds the spikes per token)")):
             v = getattr(self, name)
-            _check(_finite(v, ok), f"{key}.{name}", f"must be finite and {need}, got {v}")
+            _check(_finite(v, ok), f"{key}.{name}", f"must be finite and {need}, got {_show(v)}")
         _check(0 < self.kwta_fraction <= 1, f"{key}.kwta_fraction",
-               f"must be in (0, 1], got {self.kwta_fraction}")
-        _check(self.dictionary_init in DICTIONARY_INITS, f"{key}.dictionary_init",
-               f"'{self.dictionary_init}' is not {'|'.join(DICTIONARY_INITS)}")
-        _check(self.surrogate in SURROGATES, f"{key}.surrogate",
-               f"'{self.surrogate}' is not {'|'.join(SURROGATES)}")
+               f"must be in (0, 1], got {_show(self.kwta_fraction)}")
+        _member(self.dictionary_init, DICTIONARY_INITS, f"{key}.dictionary_init")
+        _member(self.surrogate, SURROGATES, f"{key}.surrogate")
         _check(_finite(self.surrogate_alpha, self.surrogate_alpha > 0),
-               f"{key}.surrogate_alpha", "must be finite and > 0")
+               f"{key}.surrogate_alpha",
+               f"must be finite and > 0, got {_show(self.surrogate_alpha)}")
         _check(_finite(self.pc_energy_weight, self.pc_energy_weight >= 0),
-               f"{key}.pc_energy_weight", "must be finite and >= 0")
-        _check(self.kernel_backend in KERNEL_BACKENDS, f"{key}.kernel_backend",
-               f"'{self.kernel_backend}' is not one of {KERNEL_BACKENDS}")
-        _check(self.learning in LEARNING_MODES, f"{key}.learning",
-               f"'{self.learning}' is not {'|'.join(LEARNING_MODES)}")
+               f"{key}.pc_energy_weight",
+               f"must be finite and >= 0, got {_show(self.pc_energy_weight)}")
+        _member(self.kernel_backend, KERNEL_BACKENDS, f"{key}.kernel_backend")
+        _member(self.learning, LEARNING_MODES, f"{key}.learning")
         _check(_finite(self.hebbian_lr, self.hebbian_lr >= 0), f"{key}.hebbian_lr",
-               f"must be finite and >= 0, got {self.hebbian_lr}")
-        _check(self.gate in GATES, f"{key}.gate", f"'{self.gate}' is not one of {GATES}")
+               f"must be finite and >= 0, got {_show(self.hebbian_lr)}")
+        _member(self.gate, GATES, f"{key}.gate")
         for name in ("gate_min", "gate_max"):
             v = getattr(self, name)
-            _check(_finite(v, v >= 0), f"{key}.{name}", f"must be finite and >= 0, got {v}")
+            _check(_finite(v, v >= 0), f"{key}.{name}", f"must be finite and >= 0, got {_show(v)}")
         _check(self.gate_min <= self.gate_max, f"{key}.gate_min", f"must be <= {key}.gate_max")
-        _check(0 <= self.gate_momentum < 1, f"{key}.gate_momentum", "must be in [0, 1)")
-        _check(self.trainable_encoder_layers >= 0, f"{key}.trainable_encoder_layers",
-               "must be >= 0")
+        _check(0 <= self.gate_momentum < 1, f"{key}.gate_momentum",
+               f"must be in [0, 1), got {_show(self.gate_momentum)}")
+        _in_range(self.trainable_encoder_layers, 0, MAX_LAYERS, f"{key}.trainable_encoder_layers")
 
 
 @dataclass
@@ -259,19 +310,23 @@ class TrainConfig:
     def check(self, key: str = "train") -> None:
         _check(len(self.heads) > 0, f"{key}.heads", "list at least one head")
         for h in self.heads:
-            _check(h in HEADS, f"{key}.heads", f"'{h}' is not one of {HEADS}")
-        _check(self.epochs >= 1, f"{key}.epochs", f"must be >= 1, got {self.epochs}")
-        _check(self.batch_size >= 1, f"{key}.batch_size", f"must be >= 1, got {self.batch_size}")
-        _check(self.grad_accum_steps >= 1, f"{key}.grad_accum_steps", "must be >= 1")
-        _check(self.lr > 0 and math.isfinite(self.lr), f"{key}.lr", f"must be > 0, got {self.lr}")
-        _check(self.weight_decay >= 0, f"{key}.weight_decay", "must be >= 0")
-        _check(0 <= self.warmup_fraction < 1, f"{key}.warmup_fraction", "must be in [0, 1)")
-        _check(self.max_grad_norm > 0, f"{key}.max_grad_norm", "must be > 0")
-        _check(self.mixed_precision in MIXED_PRECISION, f"{key}.mixed_precision",
-               f"'{self.mixed_precision}' is not {'|'.join(MIXED_PRECISION)}")
-        _check(self.eval_every >= 0, f"{key}.eval_every", "must be >= 0")
-        _check(self.save_every >= 0, f"{key}.save_every", "must be >= 0")
-        _check(self.keep_checkpoints >= 1, f"{key}.keep_checkpoints", "must be >= 1")
+            _member(h, HEADS, f"{key}.heads")
+        _unique(self.heads, f"{key}.heads", "heads")  # each head writes its own folder
+        _in_range(self.epochs, 1, MAX_COUNT, f"{key}.epochs")
+        _in_range(self.batch_size, 1, MAX_BATCH_SIZE, f"{key}.batch_size")
+        _in_range(self.grad_accum_steps, 1, MAX_COUNT, f"{key}.grad_accum_steps")
+        _check(_finite(self.lr, self.lr > 0), f"{key}.lr",
+               f"must be finite and > 0, got {_show(self.lr)}")
+        _check(_finite(self.weight_decay, self.weight_decay >= 0), f"{key}.weight_decay",
+               f"must be finite and >= 0, got {_show(self.weight_decay)}")
+        _check(0 <= self.warmup_fraction < 1, f"{key}.warmup_fraction",
+               f"must be in [0, 1), got {_show(self.warmup_fraction)}")
+        _check(_finite(self.max_grad_norm, self.max_grad_norm > 0), f"{key}.max_grad_norm",
+               f"must be finite and > 0, got {_show(self.max_grad_norm)}")
+        _member(self.mixed_precision, MIXED_PRECISION, f"{key}.mixed_precision")
+        _in_range(self.eval_every, 0, MAX_COUNT, f"{key}.eval_every")
+        _in_range(self.save_every, 0, MAX_COUNT, f"{key}.save_every")
+        _in_range(self.keep_checkpoints, 1, MAX_COUNT, f"{key}.keep_checkpoints")
 
 
 @dataclass
@@ -284,8 +339,11 @@ class WandbConfig:
     project: str = _field("hybridlm", "the W&B project")
 
     def check(self, key: str = "wandb") -> None:
-        _check(self.mode in WANDB_MODES, f"{key}.mode",
-               f"'{self.mode}' is not {'|'.join(WANDB_MODES)}")
+        _member(self.mode, WANDB_MODES, f"{key}.mode")
+        # W&B's own rule, which it would apply only when the first head starts
+        if not 0 < len(self.project) <= 128 or set(self.project) & set("/\\#?%:"):
+            _fail(f"{key}.project",
+                  f"must be 1-128 characters, none of / \\ # ? % :, got {_show(self.project)}")
 
 
 @dataclass
@@ -311,16 +369,16 @@ class MethodConfig:
 
     def check(self, key: str) -> None:
         """`key`: where this method sits, e.g. `continual.methods[2]`."""
-        _check(bool(self.name), f"{key}.name", "must not be empty")
-        _check(self.head in HEADS, f"{key}.head", f"'{self.head}' is not one of {HEADS}")
+        _name(self.name, f"{key}.name")
+        _member(self.head, HEADS, f"{key}.head")
         for ov in self.model:
-            _check("=" in ov, f"{key}.model", f"'{ov}' must look like key=value")
+            if "=" not in ov:
+                _fail(f"{key}.model", f"must list key=value items, got {_show(ov)}")
         _check(_finite(self.ewc_lambda, self.ewc_lambda >= 0), f"{key}.ewc_lambda",
-               f"must be finite and >= 0, got {self.ewc_lambda}")
-        _check(self.replay_size >= 0, f"{key}.replay_size",
-               f"must be >= 0, got {self.replay_size}")
+               f"must be finite and >= 0, got {_show(self.ewc_lambda)}")
+        _in_range(self.replay_size, 0, MAX_COUNT, f"{key}.replay_size")
         _check(_finite(self.der_alpha, self.der_alpha >= 0), f"{key}.der_alpha",
-               f"must be finite and >= 0, got {self.der_alpha}")
+               f"must be finite and >= 0, got {_show(self.der_alpha)}")
         _check(self.der_alpha == 0 or self.replay_size > 0, f"{key}.der_alpha",
                "DER++ replays stored logits: set replay_size > 0 too")
         _check(not self.joint or (self.replay_size == 0 and self.ewc_lambda == 0),
@@ -360,27 +418,28 @@ class ContinualConfig:
     def check(self, key: str = "continual") -> None:
         """The checks that need only this section (`validate` checks `order`, `retention`
         and `tokens_per_stage` against `data`)."""
-        _check(len(set(self.order)) == len(self.order), f"{key}.order",
-               f"domains repeat: {self.order}")
-        names = [mt.name for mt in self.methods]
-        _check(len(set(names)) == len(names), f"{key}.methods", f"names repeat: {names}")
+        _unique(self.order, f"{key}.order", "domains")
         for i, mt in enumerate(self.methods):
             mt.check(f"{key}.methods[{i}]")
+        _unique([mt.name for mt in self.methods], f"{key}.methods", "names")
         if self.retention is not None:
             self.retention.check(f"{key}.retention")
         _check(len(self.seeds) > 0, f"{key}.seeds", "list at least one seed")
-        _check(len(set(self.seeds)) == len(self.seeds), f"{key}.seeds",
-               f"seeds repeat: {self.seeds}")
-        _check(self.epochs_per_stage >= 1, f"{key}.epochs_per_stage", "must be >= 1")
-        _check(0 <= self.replay_fraction < 1, f"{key}.replay_fraction", "must be in [0, 1)")
-        _check(self.fisher_batches >= 1, f"{key}.fisher_batches", "must be >= 1")
-        _check(all(t >= 1 for t in self.eval_time_steps), f"{key}.eval_time_steps",
-               f"every T must be >= 1, got {self.eval_time_steps}")
-        _check(self.energy_preset in ENERGY_PRESETS, f"{key}.energy_preset",
-               f"'{self.energy_preset}' is not {'|'.join(ENERGY_PRESETS)}")
-        _check(self.eval_split in EVAL_SPLITS, f"{key}.eval_split",
-               f"'{self.eval_split}' is not {'|'.join(EVAL_SPLITS)} (validation: tuning runs "
-               "only)")
+        for i, seed in enumerate(self.seeds):
+            _in_range(seed, 0, SEED_MAX, f"{key}.seeds[{i}]")
+        _unique(self.seeds, f"{key}.seeds", "seeds")
+        _in_range(self.tokens_per_stage, 1, MAX_TOKENS, f"{key}.tokens_per_stage")
+        _in_range(self.epochs_per_stage, 1, MAX_COUNT, f"{key}.epochs_per_stage")
+        _check(0 <= self.replay_fraction < 1, f"{key}.replay_fraction",
+               f"must be in [0, 1), got {_show(self.replay_fraction)}")
+        _in_range(self.fisher_batches, 1, MAX_COUNT, f"{key}.fisher_batches")
+        for i, t in enumerate(self.eval_time_steps):
+            _in_range(t, 1, MAX_TIME_STEPS, f"{key}.eval_time_steps[{i}]")
+        _member(self.energy_preset, ENERGY_PRESETS, f"{key}.energy_preset")
+        _member(self.eval_split, EVAL_SPLITS, f"{key}.eval_split",
+                " (validation: tuning runs only)")
+        if self.card_run is not None:
+            _path(self.card_run, f"{key}.card_run")
 
 
 @dataclass
@@ -408,17 +467,20 @@ SECTIONS = tuple(k for k, tp in typing.get_type_hints(RunConfig).items()
 def validate(cfg: RunConfig) -> None:
     """Range checks; each failure names the key and the allowed values. Every section checks
     its own fields; the checks below need two sections."""
-    _check(bool(cfg.output_dir), "output_dir", "must not be empty")
+    _path(cfg.output_dir, "output_dir")
+    _in_range(cfg.seed, 0, SEED_MAX, "seed")
     for name in SECTIONS:
         getattr(cfg, name).check(name)
     names = [dom.name for dom in cfg.data.domains]
     c = cfg.continual
     for i, name in enumerate(c.order):
-        _check(name in names, f"continual.order[{i}]",
-               f"'{name}' is not a domain of data.domains {names}")
+        if name not in names:
+            _fail(f"continual.order[{i}]",
+                  f"must be a name in data.domains {_show(names)}, got {_show(name)}")
     if c.retention is not None:
-        _check(c.retention.name not in names, "continual.retention.name",
-               f"'{c.retention.name}' is a training domain; the retention text must be in none")
+        if c.retention.name in names:
+            _fail("continual.retention.name", f"{_show(c.retention.name)} is a training domain; "
+                  "the retention text must be in none")
     _check(c.tokens_per_stage >= cfg.data.block_size, "continual.tokens_per_stage",
            f"must be >= data.block_size ({cfg.data.block_size}), got {c.tokens_per_stage}")
     # the energy-based layers' kernels take float32/float64 only: refuse before any work
@@ -448,18 +510,29 @@ def _type_name(tp: Any) -> str:
 
 
 def _show(value: Any) -> str:
-    """`value` as YAML (and a command-line override) writes it."""
-    if isinstance(value, list):
-        return "[" + ", ".join(_show(v) for v in value) + "]"
-    if isinstance(value, str):
+    """`value` as YAML (and a command-line override) writes it, cut to about SHOW_CHARS
+    characters: an error message never prints a whole huge value."""
+    if isinstance(value, list):  # at most SHOW_CHARS items are looked at
+        text = "[" + ", ".join(_show(v) for v in value[:SHOW_CHARS]) + "]"
+    elif isinstance(value, str):
+        cut = value[:SHOW_CHARS]
         try:
-            plain = value != "" and yaml.safe_load(value) == value
+            plain = cut != "" and _load_yaml(cut) == cut
         except yaml.YAMLError:
             plain = False
-        return value if plain else repr(value)  # e.g. 'no', which YAML reads as false
-    if value is None or isinstance(value, bool):
-        return yaml.safe_dump(value).split("\n")[0]  # null, true, false
-    return repr(value)
+        text = cut if plain else repr(cut)  # e.g. 'no', which YAML reads as false
+        text += "..." if len(value) > len(cut) else ""
+    elif value is None or isinstance(value, bool):
+        text = yaml.safe_dump(value).split("\n")[0]  # null, true, false
+    elif isinstance(value, int) and value.bit_length() > 128:  # Python refuses to print some
+        text = f"an integer of {value.bit_length()} bits"
+    else:
+        text = repr(value)
+    return _cut(text)
+
+
+def _cut(text: str) -> str:
+    return text if len(text) <= SHOW_CHARS else text[:SHOW_CHARS - 3] + "..."
 
 
 def _default(f: dataclasses.Field) -> Any:
@@ -526,13 +599,19 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             except ValueError:
                 pass
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        _check(ok, key, f"expected a number, got {value!r}")
-        return float(value)
+        if not ok:
+            _fail(key, f"expected a number, got {_show(value)}")
+        try:
+            return float(value)
+        except OverflowError:  # an int beyond any float
+            raise ConfigError(f"config key '{key}': {_show(value)} is too large") from None
     if tp is int:
         ok = isinstance(value, int) and not isinstance(value, bool)
-        _check(ok, key, f"expected an integer, got {value!r}")
+        if not ok:
+            _fail(key, f"expected an integer, got {_show(value)}")
         return value
-    _check(isinstance(value, tp), key, f"expected {tp.__name__}, got {value!r}")
+    if not isinstance(value, tp):
+        _fail(key, f"expected {tp.__name__}, got {_show(value)}")
     return value
 
 
@@ -543,36 +622,163 @@ def _build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
         key = f"{prefix}.{k}" if prefix else str(k)
         if k not in hints:
             allowed = ", ".join(hints)
-            raise ConfigError(f"unknown config key '{key}' (known keys here: {allowed})")
+            raise ConfigError(f"unknown config key {_show(key)} (known keys here: {allowed})")
         kwargs[k] = _coerce(v, hints[k], key)
     return cls(**kwargs)
 
 
-def _set_override(tree: dict[str, Any], dotted: str, raw: str) -> None:
+# ---- reading YAML ------------------------------------------------------------------------
+# The shipped configs are a few KiB; pure-Python YAML (which the checks below need) reads
+# 64 KiB in about a second.
+MAX_CONFIG_BYTES = 64 * 1024
+MAX_DEPTH = 16  # the deepest key, continual.methods[i].model[j], is 5 levels down
+
+
+def _marked(problem: str, mark: yaml.Mark) -> yaml.MarkedYAMLError:
+    return yaml.MarkedYAMLError(problem=problem, problem_mark=mark)
+
+
+class _ConfigLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, bounded: no aliases (a few hundred bytes of nested aliases expand
+    to gigabytes wherever the value is copied or printed), at most MAX_DEPTH levels of
+    nesting, and a key given twice in one mapping is an error (YAML keeps the later one)."""
+
+    depth = 0
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            raise _marked("aliases (*name) are not allowed in a config: write the value out",
+                          self.peek_event().start_mark)
+        self.depth += 1
+        try:
+            if self.depth > MAX_DEPTH:
+                raise _marked(f"nested more than {MAX_DEPTH} levels deep",
+                              self.peek_event().start_mark)
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
+
+    def construct_mapping(self, node, deep=False):
+        first_line: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
+                key, line = self.construct_object(key_node), key_node.start_mark.line + 1
+                if key in first_line:
+                    raise _marked(f"key {_show(key)} is given twice (first on line "
+                                  f"{first_line[key]}); give each key once", key_node.start_mark)
+                first_line[key] = line
+        return super().construct_mapping(node, deep)
+
+    def construct_object(self, node, deep=False):
+        try:
+            return super().construct_object(node, deep)
+        except yaml.YAMLError:
+            raise
+        except Exception as e:  # PyYAML's constructors raise ValueError, KeyError, IndexError...
+            # on a malformed explicit tag (!!int x, !!bool x, !!int with no value)
+            tag = node.tag.replace("tag:yaml.org,2002:", "!!")
+            raise _marked(f"cannot read this value as {_cut(tag)}", node.start_mark) from e
+
+
+def _load_yaml(text: str) -> Any:
+    """`text` read by `_ConfigLoader`; every way it can fail is a `yaml.YAMLError`."""
+    return yaml.load(text, _ConfigLoader)  # noqa: S506 (a SafeLoader)
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """', line N: what is wrong' for a YAML error (its line, when it has one)."""
+    if isinstance(e, yaml.reader.ReaderError) and isinstance(e.character, int):
+        return f", character {e.position + 1}: #x{e.character:04x} is not allowed in YAML"
+    mark = getattr(e, "problem_mark", None)
+    where = f", line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    problem = getattr(e, "problem", None) or str(e)
+    context = getattr(e, "context", None)
+    text = f"{problem} ({context})" if context else problem
+    return f"{where}: {text[:4 * SHOW_CHARS]}"
+
+
+def _read_config_file(p: Path) -> dict[str, Any]:
+    if not p.exists():
+        raise ConfigError(f"config file '{p}' does not exist")
+    if not p.is_file():
+        raise ConfigError(f"config file '{p}' is not a file (a folder?): pass a .yaml file")
+    try:
+        with p.open("rb") as f:
+            data = f.read(MAX_CONFIG_BYTES + 1)
+    except OSError as e:
+        raise ConfigError(f"config file '{p}' cannot be read: {e.strerror or e}") from e
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"config file '{p}' is larger than {MAX_CONFIG_BYTES // 1024} KiB; "
+                          "a config is a few KiB: is it the right file?")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file '{p}' is not UTF-8 text (byte {e.start}): save it as "
+                          "UTF-8") from e
+    try:
+        tree = _load_yaml(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file '{p}'{_yaml_problem(e)}") from e
+    if tree is None:
+        raise ConfigError(f"config file '{p}' is empty: give at least one key")
+    if not isinstance(tree, dict):
+        raise ConfigError(f"config file '{p}' must hold a mapping (key: value lines) at the top "
+                          f"level, not a {type(tree).__name__}")
+    return tree
+
+
+def _set_override(tree: dict[str, Any], item: str) -> None:
+    """Apply one `section.key=value` override (the value read as YAML) to `tree`."""
+    dotted, raw = item.split("=", 1)
     node = tree
-    parts = dotted.split(".")
+    parts = dotted.strip().split(".")
     for p in parts[:-1]:
         node = node.setdefault(p, {})
         if not isinstance(node, dict):
-            raise ConfigError(f"override '{dotted}': '{p}' is not a section")
-    node[parts[-1]] = yaml.safe_load(raw) if raw != "" else ""
+            raise ConfigError(f"override {_show(item)}: {_show(p)} is not a section")
+    node[parts[-1]] = parse_value(raw, f"override {_show(item)}")
+
+
+def parse_value(raw: str, where: str) -> Any:
+    """A command-line value (`key=value`'s value) read as YAML, as bounded as a config file;
+    `where` names it in the ConfigError when it is not valid YAML."""
+    if raw == "":
+        return ""
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{where} is longer than {MAX_CONFIG_BYTES // 1024} KiB, like no "
+                          "config value: is it the right value?")
+    try:
+        return _load_yaml(raw)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{where} is not a valid YAML value{_yaml_problem(e)}") from e
+
+
+def _overrides_once(overrides: list[str]) -> None:
+    """Refuse overrides that set one key twice (`a.b=1 a.b=2`, or `a={b: 1} a.b=2`): which
+    one should win is a guess, so neither does."""
+    seen: list[str] = []
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {_show(item)} must look like section.key=value")
+        key = item.split("=", 1)[0].strip()
+        if key in seen:
+            raise ConfigError(f"override {_show(key)} is given twice: give each key once")
+        for other in seen:
+            if key.startswith(other + ".") or other.startswith(key + "."):
+                raise ConfigError(f"overrides {_show(other)} and {_show(key)} both set "
+                                  f"{_show(max(key, other, key=len))}: give each key once")
+        seen.append(key)
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
-    """Read a YAML config, apply `section.key=value` overrides, check types and ranges."""
-    tree: dict[str, Any] = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file '{p}' does not exist")
-        tree = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-        if not isinstance(tree, dict):
-            raise ConfigError(f"config file '{p}' must hold a mapping at the top level")
-    for item in overrides or []:
-        if "=" not in item:
-            raise ConfigError(f"override '{item}' must look like section.key=value")
-        key, raw = item.split("=", 1)
-        _set_override(tree, key.strip(), raw)
+    """Read a YAML config, apply `section.key=value` overrides, check types and ranges.
+    Every way a file or an override can be wrong raises `ConfigError` naming the file (and
+    line), the override or the key."""
+    tree: dict[str, Any] = {} if path is None else _read_config_file(Path(path))
+    overrides = overrides or []
+    _overrides_once(overrides)
+    for item in overrides:
+        _set_override(tree, item)
     cfg = _build(RunConfig, tree)
     validate(cfg)
     return cfg

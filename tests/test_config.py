@@ -1,5 +1,8 @@
+import contextlib
 import dataclasses
 import importlib.util
+import io
+import json
 import re
 import tempfile
 import typing
@@ -12,6 +15,7 @@ from hypothesis import strategies as st
 
 from hybridlm import config, continual, energy, heads, kernels, plasticity, spiking, tracking
 from hybridlm.config import (
+    SECTIONS,
     ConfigError,
     ContinualConfig,
     DataConfig,
@@ -252,3 +256,255 @@ def test_any_override_either_loads_or_raises_a_config_error(pairs):
             saved = Path(tmp) / "config.yaml"
             saved.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
             assert load_config(saved).to_dict() == cfg.to_dict()
+
+
+# ---- hostile configs: bounded YAML, names used as paths, ranges before any write -----------
+MESSAGE_CHARS = 400  # an error message prints bounded values: never longer than this
+
+
+def _config_error(path, overrides=()) -> str:
+    with pytest.raises(ConfigError) as e:
+        load_config(path, list(overrides))
+    message = str(e.value)
+    assert len(message) <= MESSAGE_CHARS, message[:MESSAGE_CHARS]
+    return message
+
+
+def test_yaml_aliases_and_deep_nesting_cannot_blow_up_a_config(tmp_path):
+    """A few hundred bytes of nested aliases expand to 9**5 items wherever the value is copied
+    or printed (the real bomb, 9**9, exhausts memory); deep nesting overflows the stack."""
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text("a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"{b}: &{b} [*{a}, *{a}, *{a}, *{a}, *{a}, *{a}, *{a}, *{a}, *{a}]\n"
+        for a, b in zip("abcd", "bcde", strict=True)) + "model: {time_steps: *e}\n")
+    assert "line 2" in _config_error(bomb) and "alias" in _config_error(bomb)
+    deep = tmp_path / "deep.yaml"
+    deep.write_text("model: {time_steps: " + "[" * 5000 + "]" * 5000 + "}\n")
+    assert "deep.yaml', line 1" in _config_error(deep)
+    assert "alias" in _config_error(None, ["model.time_steps=*a"])
+
+
+def test_duplicate_keys_and_sections_are_errors_naming_key_and_line(tmp_path):
+    text = CONFIGS[0].read_text()
+    twice = tmp_path / "twice.yaml"
+    twice.write_text(text + "model:\n  time_steps: 3\n")
+    line = len(text.splitlines()) + 1
+    assert re.search(rf"line {line}\b.*key model is given twice", _config_error(twice))
+    key_twice = tmp_path / "key_twice.yaml"
+    key_twice.write_text("seed: 1\nmodel:\n  time_steps: 3\n  n_neurons: 8\n  time_steps: 4\n")
+    assert re.search(r"line 5\b.*time_steps is given twice \(first on line 3\)",
+                     _config_error(key_twice))
+    # on the command line which one should win is a guess too
+    message = _config_error("configs/quick.yaml", ["model.time_steps=3", "model.time_steps=4"])
+    assert "override model.time_steps is given twice" in message
+    message = _config_error("configs/quick.yaml", ["model={time_steps: 3}", "model.time_steps=4"])
+    assert "both set model.time_steps" in message
+
+
+@pytest.mark.parametrize("content, expected", [
+    ("model:\n  time_steps: [3\n", r"bad.yaml', line 3, column 1: expected ',' or ']'"),
+    ("model: {time_steps: 3}\n  head: mlp\n", r"bad.yaml', line 2"),
+    ("", r"bad.yaml' is empty"),
+    ("# nothing but a comment\n", r"bad.yaml' is empty"),
+    ("- model\n- train\n", r"bad.yaml' must hold a mapping .* not a list"),
+    ("model: {time_steps: !!int x}\n", r"bad.yaml', line 1, column 21: cannot read .* !!int"),
+    ("seed: " + "9" * 5000 + "\n", r"bad.yaml', line 1"),  # Python refuses to read it
+    ("seed: !!python/object/apply:os.getcwd []\n", r"bad.yaml', line 1"),
+    ("seed: 1\x00\n", r"bad.yaml', character 8"),
+    ("a: b: c\n", r"bad.yaml', line 1"),
+    ("a: 1\n---\nb: 2\n", r"bad.yaml', line 2"),
+    (b"model: {head: '\xe9'}\n", r"bad.yaml' is not UTF-8 text \(byte 15\)"),
+    ("seed: 1\n" + "#" * 64 * 1024, r"bad.yaml' is larger than 64 KiB"),
+], ids=["unclosed", "indent", "empty", "comment", "list", "tag", "digits", "python",
+        "nul", "colon", "documents", "latin1", "huge"])
+def test_unreadable_config_files_name_the_file_and_line(tmp_path, content, expected):
+    path = tmp_path / "bad.yaml"
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    assert re.search(expected, _config_error(path))
+
+
+def test_a_config_path_that_is_a_folder_is_named(tmp_path):
+    assert "is not a file" in _config_error(tmp_path)
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("model.time_steps=[3", r"override model.time_steps=\[3 is not a valid YAML value, line 1"),
+    ("model.time_steps=!!int x", r"override .* cannot read this value as !!int"),
+    ("model.head={a: 1, a: 2}", r"override .* key a is given twice"),
+])
+def test_unreadable_override_values_name_the_override(override, expected):
+    assert re.search(expected, _config_error("configs/quick.yaml", [override]))
+
+
+@pytest.mark.parametrize("override, key", [
+    ("model.head=" + "x" * 20_000, "model.head"),
+    ("data.domains=[{name: a, source: '" + "y" * 20_000 + "'}]", r"data.domains\[0\].source"),
+    ("data.domains=[" + ", ".join(["{name: a, source: 'builtin:news'}"] * 2_000) + "]",
+     "data.domains"),
+    ("continual.seeds=[" + ", ".join(map(str, range(2_000))) + ", 1]", "continual.seeds"),
+    ("model.time_steps=[" + ", ".join(["1"] * 2_000) + "]", "model.time_steps"),
+    ("seed=0x" + "f" * 5000, "seed"),  # no decimal form: Python refuses to print such an int
+    ("train.lr=0x" + "f" * 5000, "train.lr"),  # beyond any float
+    ("model." + "k" * 20_000 + "=1", "model.kkk"),
+    ("model.head=" + "x" * (64 * 1024 + 1), "override model.head=xxx"),
+])
+def test_error_messages_print_bounded_values(override, key):
+    assert re.search(key, _config_error("configs/quick.yaml", [override]))
+
+
+NAME_KEYS = {  # every user string that becomes a file or folder name
+    "data.domains[0].name": "data.domains=[{{name: {!r}, source: 'builtin:news'}}]",
+    "continual.retention.name": "continual.retention={{name: {!r}, source: 'builtin:news'}}",
+    "continual.methods[0].name": "continual.methods=[{{name: {!r}, head: mlp}}]",
+}
+
+
+@pytest.mark.parametrize("name", ["../escape", "a/b", "/abs", "..", ".", "", ".hidden",
+                                  "a\\b", "x" * 65, "new\nline", "naïve"])
+@pytest.mark.parametrize("key", NAME_KEYS)
+def test_names_used_as_paths_are_refused_naming_the_key_and_rule(key, name):
+    message = _config_error("configs/quick.yaml", [NAME_KEYS[key].format(name)])
+    assert f"config key '{key}'" in message and config.NAME_RULE in message
+
+
+@pytest.mark.parametrize("key", NAME_KEYS)
+def test_plain_names_are_accepted(key):
+    for name in ("news2", "Wiki-en_v1.2", "x" * 64):
+        load_config("configs/quick.yaml", [NAME_KEYS[key].format(name)])
+
+
+@pytest.mark.parametrize("override, key", [
+    ("seed=-1", "seed"),
+    (f"seed={2**32}", "seed"),  # numpy and torch take 0..2**32-1
+    ("data.subsample_seed=-1", "data.subsample_seed"),
+    ("continual.seeds=[0, -1]", r"continual.seeds\[1\]"),
+    ("train.weight_decay=.inf", "train.weight_decay"),
+    ("train.max_grad_norm=.inf", "train.max_grad_norm"),
+    ("train.max_grad_norm=.nan", "train.max_grad_norm"),
+    ("data.block_size=1000000", "data.block_size"),
+    ("train.batch_size=1000000", "train.batch_size"),
+    ("model.n_neurons=100000000", "model.n_neurons"),
+    ("model.time_steps=1000000", "model.time_steps"),
+    ("continual.eval_time_steps=[1, 1000000]", r"continual.eval_time_steps\[1\]"),
+    (f"data.max_train_tokens_per_domain={10**20}", "data.max_train_tokens_per_domain"),
+    (f"data.max_eval_tokens_per_domain={10**15}", "data.max_eval_tokens_per_domain"),
+    (f"continual.tokens_per_stage={10**15}", "continual.tokens_per_stage"),
+    ("data.passage_chars=100000000000", "data.passage_chars"),
+    (f"train.epochs={2**63}", "train.epochs"),
+    (f"train.eval_every={2**63}", "train.eval_every"),
+    (f"continual.methods=[{{name: r, replay_size: {2**63}}}]",
+     r"continual.methods\[0\].replay_size"),
+    ("model.trainable_encoder_layers=1000000", "model.trainable_encoder_layers"),
+    ("data.cache_dir=''", "data.cache_dir"),
+    ('output_dir="a\\0b"', "output_dir"),  # YAML's \0: a NUL
+    ("train.heads=[mlp, mlp]", "train.heads"),  # both would write mlp/
+    ("wandb.project=team/runs", "wandb.project"),  # W&B refuses it only when a head starts
+])
+def test_every_numeric_and_path_key_is_checked_before_any_write(override, key):
+    assert re.search(rf"config key '{key}'", _config_error("configs/quick.yaml", [override]))
+
+
+# Hostile YAML values (each one also a whole override value): aliases, deep nesting,
+# malformed tags, huge numbers and strings, path-like names.
+_HOSTILE = ["*a", "&a [1, 2]", "[&a x, *a]", "[" * 40 + "]" * 40, "{a: 1, a: 2}", "!!int x",
+            "!!bool x", "!!timestamp x", "!!python/object:os.system {}", "9" * 5000,
+            "0x" + "f" * 3000, "1" + ":59" * 300, "x" * 20_000, "'../../etc'", "a/b", "..",
+            "[", "{", "a: b: c", "'\\x00'", ".nan", "-.inf", "1e999", "- a\n- b"]
+_SCALARS = st.one_of(st.integers(), st.integers(min_value=-(2**70), max_value=2**70),
+                     st.floats(), st.text(max_size=20), st.booleans(), st.none(),
+                     st.sampled_from(["mlp", "spiking_pc", "builtin:news", "../x", "a/b", "."]))
+_VALUES_ANY = st.recursive(_SCALARS, lambda inner: st.lists(inner, max_size=3)
+                           | st.dictionaries(st.sampled_from(["name", "source", "head", "x"]),
+                                             inner, max_size=3), max_leaves=8)
+
+# a value as one line of YAML (JSON is YAML's flow style)
+_RAW = st.one_of(st.sampled_from(_VALUES + _HOSTILE), _VALUES_ANY.map(json.dumps))
+_FUZZ_KEYS = sorted(k for k in KEYS if "[i]" not in k) + ["nope.key", "model.nope", "a.b.c"]
+
+
+def _key_and_raw(keys: list[str]) -> st.SearchStrategy[tuple[str, str]]:
+    """A key and a YAML value for it: any value, or now and then the key's default."""
+    def raws(key):
+        value = config._default(KEYS[key]) if key in KEYS else "x"
+        value = dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
+        return st.tuples(st.just(key), st.one_of(_RAW, st.just(json.dumps(value))))
+    return st.sampled_from(keys).flatmap(raws)
+DOMAINS = "[{name: a, source: 'builtin:news'}, {name: b, source: 'builtin:shakespeare'}]"
+
+
+_RARELY = st.sampled_from([False] * 9 + [True])  # hypothesis draws the first ones more often
+
+
+@st.composite
+def _documents(draw) -> str:
+    """A YAML config text: random keys of random sections (a key or a section now and then
+    given twice) with random values, usually with valid domains, now and then raw junk."""
+    sections: dict[str, list[str]] = {}
+    if draw(_RARELY) is False:
+        sections["data"] = [f"domains: {DOMAINS}"]
+    keys = [k for k in _FUZZ_KEYS if k not in SECTIONS]
+    for key, raw in draw(st.lists(_key_and_raw(keys), max_size=5)):
+        section, _, name = key.rpartition(".")
+        sections.setdefault(section, []).append(f"{name}: {raw}")
+    lines = []
+    for section, items in sections.items():
+        if not section:
+            lines += items
+        else:
+            lines += [f"{section}:"] + [f"  {item}" for item in items]
+            if draw(_RARELY):
+                lines += [f"{section}:", f"  {items[0]}"]  # the section again
+    if draw(_RARELY):
+        lines.append(draw(st.sampled_from(_HOSTILE)))
+    return "\n".join(lines) + "\n"
+
+
+@settings(max_examples=60, deadline=None, derandomize=True)
+@given(_documents(), st.lists(_key_and_raw(_FUZZ_KEYS).map("=".join), max_size=3))
+def test_any_config_file_and_overrides_load_or_raise_a_bounded_config_error(text, overrides):
+    """Every input loads (and survives its config.yaml round trip) or raises a ConfigError
+    naming the file, the override or the key, in a bounded message; when it raises,
+    train/train.py exits 2 with an error: line and writes nothing."""
+    from tests.conftest import command
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "fuzz.yaml"
+        path.write_text(text)
+        try:
+            cfg = load_config(path, overrides)
+        except ConfigError as e:
+            message = str(e)
+            assert len(message) <= MESSAGE_CHARS, message[:MESSAGE_CHARS]
+            assert str(path) in message or "override" in message or "config key" in message
+        else:
+            saved = Path(tmp) / "config.yaml"
+            saved.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+            assert load_config(saved).to_dict() == cfg.to_dict()
+            return
+        out = Path(tmp) / "run"
+        stderr = io.StringIO()
+        with contextlib.redirect_stderr(stderr):
+            rc = command("train/train.py").main(["--config", str(path), *overrides,
+                                                 f"output_dir={out}"])
+        assert rc == 2 and stderr.getvalue().startswith("error: ")
+        assert "Traceback" not in stderr.getvalue() and not out.exists()
+
+
+@pytest.mark.parametrize("content", [
+    "data: {domains: [{name: ../../escape, source: 'builtin:news'}]}\n",
+    f"data: {{domains: {DOMAINS}}}\nmodel: {{time_steps: &t 2, n_neurons: *t}}\n",
+    f"data: {{domains: {DOMAINS}}}\nseed: 1\nseed: 2\n",
+    f"data: {{domains: {DOMAINS}}}\nmodel: {{time_steps: 2\n",
+    f"data: {{domains: {DOMAINS}}}\ntrain: {{weight_decay: .inf}}\n",
+])
+def test_train_refuses_a_bad_config_before_writing_anything(tmp_path, capsys, content):
+    from tests.conftest import command
+
+    path, out = tmp_path / "bad.yaml", tmp_path / "run"
+    path.write_text(content)
+    # no trunk: were the config taken, the run would stop at the trunk, not train
+    argv = ["--config", str(path), f"output_dir={out}", f"model.encoder={tmp_path}/no-trunk"]
+    assert command("train/train.py").main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: config file '{path}'") or err.startswith("error: config key")
+    assert not out.exists() and not (tmp_path / "escape").exists()

@@ -34,6 +34,7 @@ from hybridlm.config import (
     ModelConfig,
     RunConfig,
     _coerce,
+    parse_value,
     validate,
 )
 
@@ -50,20 +51,19 @@ def method_model_config(cfg: RunConfig, index: int) -> ModelConfig:
     key = f"continual.methods[{index}].model"
     hints = typing.get_type_hints(ModelConfig)
     changes: dict[str, typing.Any] = {"head": method.head}
-    import yaml
-
     for ov in method.model:
         name, raw = (s.strip() for s in ov.split("=", 1))
         if name.startswith("model."):
             name = name[len("model."):]
         if name not in hints:
-            raise ConfigError(f"config key '{key}': unknown model key '{name}' in '{ov}' "
+            raise ConfigError(f"config key '{key}': unknown model key {name[:80]!r} "
                               f"(known: {', '.join(hints)})")
         if name in FIXED_MODEL_KEYS:
             raise ConfigError(f"config key '{key}': '{name}' cannot differ between methods "
                               f"(the encoder and its cached features are shared; set the head "
                               f"with continual.methods[{index}].head)")
-        changes[name] = _coerce(yaml.safe_load(raw), hints[name], f"{key}:{name}")
+        changes[name] = _coerce(parse_value(raw, f"config key '{key}' ({name}=...)"),
+                                hints[name], f"{key}:{name}")
     model = dataclasses.replace(cfg.model, **changes)
     try:
         validate(dataclasses.replace(cfg, model=model, continual=ContinualConfig()))
