@@ -11,6 +11,10 @@ meaning, and is the `--help` epilog of every script that takes `section.key=valu
 section checks its own fields (`check(key)`, `key` the section's place in the config, so
 errors name the full key); `validate` runs them all, then the checks that need two sections.
 The allowed values of an option come from the module that implements it.
+
+YAML is read bounded (`_ConfigLoader`: no aliases, limited nesting and size, a key given twice
+is an error) and error messages print values cut to `SHOW_CHARS` (`_show`): a hostile config
+of a few hundred bytes can neither exhaust memory nor flood the terminal.
 """
 
 from __future__ import annotations
@@ -545,7 +549,8 @@ def keys_help(width: int = 100) -> str:
     lines = ["config keys: YAML sections as below; override any key on the command line as",
              "section.key=value (YAML values, e.g. model.time_steps=4 'train.heads=[mlp, "
              "spiking_pc]').",
-             "A default is the value when neither the config file nor an override sets the key."]
+             "A default is the value when neither the config file nor an override sets the key.",
+             "Give each key once: a key twice, in the file or among the overrides, is an error."]
 
     def add(cls: type, prefix: str, indent: int) -> None:
         hints = typing.get_type_hints(cls)
