@@ -66,9 +66,9 @@ lint: install  ## ruff
 
 # Two pytest processes side by side, one per core and one thread each, about half the suite
 # each: the compile-bound kernel tests (NVRTC, nvcc, the AddressSanitizer build), the short
-# soak, the GGUF conversion and the continual evaluation in one, everything else in the other.
-# Both must pass and collect tests.
-TESTS_A := tests/test_kernels.py tests/test_sc_kernels.py tests/test_soak.py tests/test_trunks.py \
+# soak, the continual evaluation and the W&B run in one, everything else (make train's
+# end-to-end runs, the GGUF conversion) in the other. Both must pass and collect tests.
+TESTS_A := tests/test_kernels.py tests/test_sc_kernels.py tests/test_soak.py \
 	tests/test_continual.py tests/test_wandb_offline.py
 test: install  ## ruff + the whole test suite (CPU only; a short soak: make soak for the long one)
 	$(VENV)/bin/ruff check .
