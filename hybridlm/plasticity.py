@@ -22,7 +22,10 @@ atoms stay unit-norm. g is the neuromodulatory gate (`NeuromodulatoryGate`). Mod
 The statistic is summed over micro-batches (`collect`) and applied when the optimizer steps
 (`step`). Updates made outside autograd are not synchronised by DDP: `step` averages the
 statistic and the gate's inputs across processes itself, so every rank applies the same
-update and stays bit-identical.
+update and stays bit-identical. Under FSDP2 the dictionary is a DTensor whose rows are split
+across ranks: each rank applies the same averaged update to its own rows, and a column's norm
+sums its squares over the ranks (`writable_part`, `column_norms`). Engines that would lose the
+update are refused at start (`hybridlm.engine.check_local_learning`; docs/scaling.md).
 """
 
 from __future__ import annotations
@@ -30,6 +33,14 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.distributed as dist
+
+from hybridlm.spiking import check_column_norms
+
+if dist.is_available():
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+else:  # a build of torch without torch.distributed: every weight is a plain tensor
+    DTensor = Replicate = Shard = ()
 
 LEARNING_MODES = ("bptt", "hebbian", "hybrid")
 GATES = ("constant", "surprise", "energy")
@@ -133,11 +144,59 @@ class LocalLearning:
             self.skipped += 1  # never write a non-finite update into the weights
             return {"plasticity/gate": g, "plasticity/step_norm": float("nan"),
                     "plasticity/skipped": self.skipped}
-        layer = self.layer
-        atoms = layer.atoms().detach()
         touched = d_atoms.abs().sum(0) > 0  # the atoms of neurons that spiked
-        new = atoms[:, touched] + d_atoms[:, touched]
-        layer.dictionary.data[:, touched] = new / new.norm(dim=0).clamp_min(1e-12)
+        # Each process edits the part of the dictionary it holds (all of it, but under FSDP2);
+        # a column's norm sums over every process that holds some of its rows.
+        part, (rows, cols), groups = writable_part(self.layer.dictionary)
+        norms = column_norms(part, groups)
+        check_column_norms(norms, first=cols.start or 0)
+        hit = touched[cols]
+        new = part[:, hit] / norms[hit] + d_atoms[rows, cols][:, hit]
+        part[:, hit] = new / column_norms(new, groups).clamp_min(1e-12)
         return {"plasticity/gate": g, "plasticity/step_norm": float(d_atoms.norm()),
                 "plasticity/atoms_updated": int(touched.sum()),
                 "plasticity/skipped": self.skipped}
+
+
+def writable_part(weight: torch.Tensor) -> tuple[torch.Tensor, tuple[slice, slice], list]:
+    """The part of the matrix `weight` this process holds, to edit in place: (that tensor,
+    the (rows, columns) slices of the whole matrix it is, the process groups across which its
+    rows are split). A plain tensor (one process, DDP) is whole. A DTensor (FSDP2's
+    `fully_shard`) holds one torch.chunk of each sharded dim (13 rows on 2 ranks: 7 + 6) and
+    all of a replicated one; any other layout is refused rather than edited wrongly."""
+    if not isinstance(weight, DTensor):
+        return weight.data, (slice(None), slice(None)), []
+    part, mesh = weight.to_local(), weight.device_mesh
+    coordinate = mesh.get_coordinate()
+    spans = [slice(0, n) for n in weight.shape]
+    groups = []
+    for mesh_dim, placement in enumerate(weight.placements):
+        if isinstance(placement, Replicate):
+            continue
+        dim = placement.dim if type(placement) is Shard else None
+        if dim is None or spans[dim] != slice(0, weight.shape[dim]) or coordinate is None:
+            raise NotImplementedError(
+                f"local learning: cannot edit a parameter laid out as {weight.placements} in "
+                "place (only Shard and Replicate placements, one mesh dim per tensor dim, are "
+                "supported); shard the spiking layer with plain fully_shard or use DDP")
+        n, chunk = weight.shape[dim], -(-weight.shape[dim] // mesh.size(mesh_dim))
+        start = min(coordinate[mesh_dim] * chunk, n)
+        spans[dim] = slice(start, min(start + chunk, n))
+        if dim == 0:
+            groups.append(mesh.get_group(mesh_dim))
+    if tuple(part.shape) != tuple(s.stop - s.start for s in spans):  # never guess a layout
+        raise NotImplementedError(
+            f"local learning: this process's part of a {tuple(weight.shape)} parameter is "
+            f"{tuple(part.shape)}, not the torch.chunk rows {spans}; it cannot be edited exactly")
+    return part, tuple(spans), groups
+
+
+def column_norms(part: torch.Tensor, groups: list) -> torch.Tensor:
+    """The norms of the whole matrix's columns from this process's rows `part`, summing the
+    squares across `groups` (the processes that hold the other rows)."""
+    if not groups:
+        return part.norm(dim=0)
+    squares = part.pow(2).sum(0)
+    for group in groups:
+        dist.all_reduce(squares, group=group)
+    return squares.sqrt()

@@ -107,11 +107,7 @@ class SpikingPCLayer(nn.Module):
     def atoms(self) -> torch.Tensor:
         """D (D x N): the dictionary's columns normalised to unit length."""
         norms = self.dictionary.norm(dim=0)
-        if not torch.isfinite(norms).all() or bool((norms == 0).any()):
-            bad = int(((norms == 0) | ~torch.isfinite(norms)).nonzero()[0])
-            raise FloatingPointError(
-                f"spiking layer: dictionary column {bad} is zero or non-finite, so its atom "
-                "has no direction; reinitialise the layer or lower the learning rate")
+        check_column_norms(norms)
         return self.dictionary / norms
 
     def thresholds(self) -> float:
@@ -256,6 +252,16 @@ class ISTALayer(SpikingPCLayer):
                 f_prev = f
             active.append((r > 0).detach())
         return r, torch.stack(active), torch.stack(d_energy)
+
+
+def check_column_norms(norms: torch.Tensor, first: int = 0) -> None:
+    """Raise if a dictionary column (numbered from `first`) is zero or non-finite: its atom
+    would have no direction."""
+    if not torch.isfinite(norms).all() or bool((norms == 0).any()):
+        bad = first + int(((norms == 0) | ~torch.isfinite(norms)).nonzero()[0])
+        raise FloatingPointError(
+            f"spiking layer: dictionary column {bad} is zero or non-finite, so its atom "
+            "has no direction; reinitialise the layer or lower the learning rate")
 
 
 def check_costs(time_steps: int, spike_quantum: float, l2_cost: float, rate_cost: float):
