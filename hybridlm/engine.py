@@ -11,6 +11,9 @@ One call of `Engine.step` takes one micro-batch's loss through
        gate inputs averaged across ranks, since DDP does not see updates made outside
        autograd), learning-rate schedule, zero the gradients.
 
+Local learning runs only under an engine that keeps its update exact (one process, DDP,
+FSDP2); the others are refused when the engine is built (`check_local_learning`).
+
 The caller owns the loop (what a batch is, when to validate or save) and wraps the forward
 and `step` in `accelerator.accumulate(model)` when it accumulates gradients.
 """
@@ -19,11 +22,36 @@ from __future__ import annotations
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import DistributedType
+
+from hybridlm.config import ConfigError
 
 
 def mean_over_processes(accelerator: Accelerator, t: torch.Tensor) -> torch.Tensor:
     """`t` averaged over processes (itself with one process)."""
     return accelerator.reduce(t, "mean") if accelerator.num_processes > 1 else t
+
+
+def check_local_learning(accelerator: Accelerator) -> None:
+    """Refuse an engine under which the local rule's update, made outside the optimizer,
+    would be lost or wrong without an error. Exact: one process, DDP (the rule's statistic is
+    averaged across ranks, every rank applies the same update) and FSDP2 (each rank edits
+    its own rows of the sharded dictionary, `hybridlm.plasticity.writable_part`)."""
+    kind = accelerator.distributed_type
+    if kind == DistributedType.NO or kind.name.startswith("MULTI_") or accelerator.is_fsdp2:
+        return
+    why = {
+        DistributedType.DEEPSPEED: "DeepSpeed ZeRO restores its own copy of every parameter "
+        "at the next optimizer step, so the update the local rule writes into the dictionary "
+        "would be silently lost",
+        DistributedType.FSDP: "FSDP version 1 holds the dictionary inside a flattened, "
+        "sharded parameter that the local rule cannot edit in place (FSDP version 2 is exact: "
+        "set fsdp_version: 2 in the Accelerate config)",
+    }.get(kind, f"the local rule's update has not been made exact under {kind.value}")
+    raise ConfigError(
+        f"model.learning: local learning (hebbian or hybrid) is refused under this launch: "
+        f"{why}. Launch with DDP (several processes without DeepSpeed or FSDP) or FSDP2, or "
+        "set model.learning=bptt")
 
 
 class NonFiniteLoss(FloatingPointError):
@@ -56,6 +84,8 @@ class Engine:
         self.accelerator, self.model = accelerator, model
         self.base = accelerator.unwrap_model(model)
         self.params = [p for p in self.base.parameters() if p.requires_grad]
+        if local is not None:
+            check_local_learning(accelerator)
         self.optimizer, self.scheduler = optimizer, scheduler
         self.max_grad_norm, self.local, self.patience = max_grad_norm, local, patience
         self.skipped = 0  # micro-batches skipped for a non-finite loss

@@ -25,7 +25,7 @@ from transformers import get_cosine_schedule_with_warmup
 from hybridlm import checkpoints
 from hybridlm.checkpoints import drop_keys, frozen_trunk_keys, latest_intact
 from hybridlm.config import RunConfig
-from hybridlm.engine import Engine, NonFiniteLoss, make_optimizer
+from hybridlm.engine import Engine, NonFiniteLoss, check_local_learning, make_optimizer
 from hybridlm.evaluation import Blocks, evaluate, ranks_agree
 from hybridlm.features import FeatureCache, sample_states
 from hybridlm.heads import SPIKING_HEADS
@@ -52,12 +52,16 @@ class IndexedBlocks(torch.utils.data.Dataset):
 def make_accelerator(cfg: RunConfig) -> Accelerator:
     """A fresh Accelerator: it tracks the objects it prepared, and `save_state` writes all of
     them, so each head gets its own. The seedable sampler makes each epoch's order a function
-    of (seed, epoch) alone, which a resumed run must reproduce."""
-    return Accelerator(
+    of (seed, epoch) alone, which a resumed run must reproduce. A launch under which the
+    local rule would be silently wrong is refused here, before any work."""
+    accelerator = Accelerator(
         mixed_precision=cfg.train.mixed_precision,
         gradient_accumulation_steps=cfg.train.grad_accum_steps,
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
     )
+    if cfg.model.learning != "bptt" and any(h in SPIKING_HEADS for h in cfg.train.heads):
+        check_local_learning(accelerator)
+    return accelerator
 
 
 def operations(head: str, model, validation: dict) -> dict:
