@@ -324,19 +324,21 @@ def nvrtc_compile(arch: str = "sm_90", extra_options: tuple[str, ...] = ()) -> d
         opts += [o.encode() for o in (*NVRTC_OPTIONS, *extra_options)]
         (err,) = nvrtc.nvrtcCompileProgram(prog, len(opts), opts)
         size = check(nvrtc.nvrtcGetProgramLogSize(prog), "log size")
-        log = b" " * size
+        # NVRTC writes into the buffer: a bytearray, never bytes (an empty log is 1 byte, and
+        # b" " * 1 is CPython's shared one-byte object: writing into it broke torch.load)
+        log = bytearray(size)
         check(nvrtc.nvrtcGetProgramLog(prog, log), "log")
         log_text = log.decode(errors="replace").rstrip("\x00 \n")
         if err != nvrtc.nvrtcResult.NVRTC_SUCCESS:
             raise KernelCompileError(f"NVRTC compile for {arch} failed:\n{log_text}")
         size = check(nvrtc.nvrtcGetCUBINSize(prog), "cubin size")
-        cubin = b" " * size
+        cubin = bytearray(size)
         check(nvrtc.nvrtcGetCUBIN(prog, cubin), "cubin")
         lowered = {}
         for n in names:
             low = check(nvrtc.nvrtcGetLoweredName(prog, n.encode()), f"lowered {n}")
             lowered[n] = low.decode() if isinstance(low, bytes) else str(low)
-        return {"cubin": cubin, "log": log_text, "lowered": lowered}
+        return {"cubin": bytes(cubin), "log": log_text, "lowered": lowered}
     finally:
         nvrtc.nvrtcDestroyProgram(prog)
 
