@@ -42,7 +42,7 @@ def _train(case: str, rank: int, world: int, accelerator, shard: bool, local: bo
     spiking head, the trainable trunk layers and the rest of the model are each sharded with
     `fully_shard` over all ranks. Returns the whole state dict (gathered)."""
     from torch.distributed.fsdp import fully_shard
-    from torch.distributed.tensor import Shard, init_device_mesh
+    from torch.distributed.tensor import DTensor, Shard, init_device_mesh
 
     options, dim = CASES[case]
     model = tiny_model(hebbian_lr=0.5, **options).train()
@@ -65,18 +65,8 @@ def _train(case: str, rank: int, world: int, accelerator, shard: bool, local: bo
         mine = ids[rank * per_rank : (rank + 1) * per_rank]
         out = model(input_ids=mine, labels=mine)
         assert engine.step(out.loss, out.local_statistic) is not None
-    return {k: _plain(v) for k, v in model.state_dict().items()}
-
-
-def _plain(v: torch.Tensor) -> torch.Tensor:
-    """A whole, plain copy of a (possibly sharded) tensor in storage of its full size. (Once, in
-    make test, a saved gather had a storage of 0 bytes when pickled and 128 when written: a
-    copy into a fresh tensor waits for the gather and fixes the size.)"""
-    from torch.distributed.tensor import DTensor
-
-    if isinstance(v, DTensor):
-        v = v.full_tensor()
-    return torch.empty(v.shape, dtype=v.dtype).copy_(v.detach())
+    return {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().clone()
+            for k, v in model.state_dict().items()}
 
 
 def _uneven_rows(world: int) -> list[tuple[int, int]]:
@@ -104,7 +94,6 @@ def _two_rank_worker():
     results = {"uneven_rows": _uneven_rows(world)}
     for case in CASES:
         results[case] = _train(case, rank, world, acc, shard=True)
-    acc.wait_for_everyone()  # every collective done before the results are written
     if acc.is_main_process:
         torch.save(results, os.environ["HYBRIDLM_TEST_OUT"])
 
