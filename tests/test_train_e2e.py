@@ -57,7 +57,8 @@ def train_here(out, cache, capsys, *extra) -> tuple[int, str]:
 def test_training_lowers_validation_loss_and_writes_results(tmp_path, data_cache, capsys):
     # (W&B logging and secrets kept out of every file: tests/test_wandb_offline.py)
     out = tmp_path / "run"
-    rc, err = train_here(out, data_cache, capsys)  # validates at steps 0, 12 and 24
+    # validates at steps 0, 12 and 24, on 1,024 tokens per domain and split
+    rc, err = train_here(out, data_cache, capsys, "data.max_eval_tokens_per_domain=1024")
     assert rc == 0, err[-3000:]
     summary = json.loads((out / "metrics.json").read_text())
     for head in ("spiking_pc", "mlp"):
@@ -101,7 +102,7 @@ def test_training_lowers_validation_loss_and_writes_results(tmp_path, data_cache
     # the saved model evaluates the same way from its folder
     assert command("eval/evaluate.py").main([
         "--config", "configs/quick.yaml", "--model", str(out / "mlp" / "model"),
-        f"data.cache_dir={data_cache}", *SMALL]) == 0
+        f"data.cache_dir={data_cache}", *SMALL, "data.max_eval_tokens_per_domain=1024"]) == 0
     again = json.loads((out / "mlp" / "model.eval.json").read_text())
     for domain, r in heads["mlp"]["validation"].items():
         assert again["validation"][domain]["perplexity"] == pytest.approx(r["perplexity"],
@@ -252,6 +253,7 @@ def test_two_processes_with_accelerate_launch(tmp_path, data_cache):
 def test_diverging_run_stops_with_a_clear_error(tmp_path, data_cache, capsys):
     out = tmp_path / "nan"
     rc, err = train_here(out, data_cache, capsys, "train.lr=1e30", "train.heads=[mlp]",
-                         "train.epochs=1", "train.warmup_fraction=0", "--no-wandb")
+                         "train.epochs=1", "train.warmup_fraction=0",
+                         "data.max_eval_tokens_per_domain=512", "--no-wandb")
     assert rc == 3, err[-2000:]
     assert "NaN/inf for 10 steps in a row" in err
