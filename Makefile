@@ -66,12 +66,11 @@ lint: install  ## ruff
 
 # Two pytest processes side by side, one per core and one thread each, about half the suite
 # each: the compile-bound kernel tests (NVRTC, nvcc, the AddressSanitizer build), the short
-# soak, the continual evaluation, the W&B run and the two-rank local rules in one, everything
-# else (make train's end-to-end runs, the GGUF conversion) in the other. Both must pass and
-# collect tests.
+# soak, the continual evaluation and the W&B run in one, everything else (make train's
+# end-to-end runs, the GGUF conversion, the two-rank local rules) in the other. Both must pass
+# and collect tests.
 TESTS_A := tests/test_kernels.py tests/test_sc_kernels.py tests/test_soak.py \
-	tests/test_continual.py tests/test_wandb_offline.py tests/test_plasticity_ddp.py \
-	tests/test_plasticity_fsdp.py
+	tests/test_continual.py tests/test_wandb_offline.py
 test: install  ## ruff + the whole test suite (CPU only; a short soak: make soak for the long one)
 	$(VENV)/bin/ruff check .
 	@export OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1}; \

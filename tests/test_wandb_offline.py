@@ -44,7 +44,7 @@ def run_dir(tmp_path_factory):
             "data.domains=[{name: legal, source: 'builtin:licenses'}, "
             "{name: docs, source: 'builtin:python_reference'}]",
             "data.max_train_tokens_per_domain=2048", "data.max_eval_tokens_per_domain=512",
-            "model.n_neurons=16", "train.epochs=2", "train.eval_every=4", "wandb.enabled=true"]
+            "model.n_neurons=16", "train.epochs=1", "train.eval_every=2", "wandb.enabled=true"]
     env = os.environ | {"WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1"} | SECRETS
     proc = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
