@@ -24,7 +24,7 @@ def main(argv=None) -> int:
     p.add_argument("--resume", action="store_true", help="ignored (accepted like train.py)")
     p.add_argument("--no-wandb", action="store_true", help="ignored (accepted like train.py)")
     p.add_argument("overrides", nargs="*", help="section.key=value")
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)  # overrides before and after flags
     start = time.perf_counter()
     try:
         cfg = load_config(args.config, args.overrides)

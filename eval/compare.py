@@ -42,7 +42,7 @@ def parse_args(argv=None):
     p.add_argument("--out", default="runs/compare", help="folder of the seeds' runs and results")
     p.add_argument("--no-wandb", action="store_true", help="do not log to Weights & Biases")
     p.add_argument("overrides", nargs="*", help="section.key=value, applied to every seed")
-    return p.parse_args(argv)
+    return p.parse_intermixed_args(argv)  # overrides before and after flags
 
 
 def run_seed(args, seed: int, out: Path) -> dict:

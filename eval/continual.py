@@ -61,7 +61,7 @@ def parse_args(argv=None):
                    help="rebuild report and plots from output_dir/continual.json (e.g. of an "
                         "interrupted run) without training")
     p.add_argument("overrides", nargs="*", help="section.key=value")
-    return p.parse_args(argv)
+    return p.parse_intermixed_args(argv)  # overrides before and after flags
 
 
 def score_checkpoint(cfg, args, accelerator, stream, tokenizer) -> int:

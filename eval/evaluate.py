@@ -41,7 +41,7 @@ def main(argv=None) -> int:
                    help="where to write the JSON (default: MODEL.eval.json, beside MODEL)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("overrides", nargs="*", help="section.key=value")
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)  # overrides before and after flags
     try:
         cfg = load_config(args.config, args.overrides)
         folder = Path(args.model)

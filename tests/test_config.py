@@ -508,3 +508,12 @@ def test_train_refuses_a_bad_config_before_writing_anything(tmp_path, capsys, co
     err = capsys.readouterr().err
     assert err.startswith(f"error: config file '{path}'") or err.startswith("error: config key")
     assert not out.exists() and not (tmp_path / "escape").exists()
+
+
+@pytest.mark.parametrize("path", ["train/train.py", "eval/compare.py", "eval/continual.py"])
+def test_overrides_may_come_before_and_after_flags(path):
+    from tests.conftest import command
+
+    args = command(path).parse_args(["data.seed=1", "--config", "x.yaml", "--no-wandb",
+                                     "train.lr=0.1"])
+    assert args.overrides == ["data.seed=1", "train.lr=0.1"] and args.config == "x.yaml"

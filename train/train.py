@@ -55,7 +55,7 @@ def parse_args(argv=None):
     p.add_argument("--resume", action="store_true", help="continue the run in output_dir")
     p.add_argument("--no-wandb", action="store_true", help="do not log to Weights & Biases")
     p.add_argument("overrides", nargs="*", help="section.key=value")
-    return p.parse_args(argv)
+    return p.parse_intermixed_args(argv)  # overrides before and after flags
 
 
 def main(argv=None) -> int:
