@@ -43,18 +43,24 @@ class Run:
 RESUME = "finish the run with `make train CONFIG=<its config> ARGS=--resume`"
 
 
-def _read_json_object(path: Path) -> dict:
-    """A JSON object from a run's file; `ReportError` naming the file and what to do."""
+def _read_mapping(path: Path, parse, errors: tuple, language: str, kind: str,
+                  missing: str) -> dict:
+    """A mapping parsed from a run's file; `ReportError` naming the file and what to do."""
     try:
-        data = json.loads(path.read_text())
+        data = parse(path.read_text())
     except FileNotFoundError:
-        raise ReportError(f"{path}: missing: the run is incomplete; {RESUME}") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ReportError(f"{path}: not valid JSON ({str(e)[:200]}): delete it and {RESUME}, "
-                          "which writes it again") from e
+        raise ReportError(f"{path}: missing: {missing}") from None
+    except (OSError, UnicodeDecodeError, *errors) as e:
+        raise ReportError(f"{path}: not valid {language} ({str(e)[:200]}): delete it and "
+                          f"{RESUME}, which writes it again") from e
     if not isinstance(data, dict):
-        raise ReportError(f"{path}: not a JSON object: delete it and {RESUME}, which writes "
-                          "it again")
+        raise ReportError(f"{path}: not {kind}: delete it and {RESUME}, which writes it again")
+    return data
+
+
+def _read_json_object(path: Path) -> dict:
+    data = _read_mapping(path, json.loads, (json.JSONDecodeError,), "JSON", "a JSON object",
+                         f"the run is incomplete; {RESUME}")
     for key in ("validation", "test"):
         if not isinstance(data.get(key, {}), dict) or not all(
                 isinstance(v, dict) for v in data.get(key, {}).values()):
@@ -64,18 +70,10 @@ def _read_json_object(path: Path) -> dict:
 
 
 def _read_config(path: Path) -> dict:
-    try:
-        config = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise ReportError(f"{path}: missing: not a complete run folder of train/train.py; "
-                          f"{RESUME} (it writes the file again)") from None
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
-        raise ReportError(f"{path}: not valid YAML ({str(e)[:200]}): delete it and {RESUME}, "
-                          "which writes it again") from e
-    if not isinstance(config, dict):
-        raise ReportError(f"{path}: not a mapping of config sections: delete it and {RESUME}, "
-                          "which writes it again")
-    return config
+    return _read_mapping(path, yaml.safe_load, (yaml.YAMLError,), "YAML",
+                         "a mapping of config sections",
+                         f"not a complete run folder of train/train.py; {RESUME} (it writes the "
+                         "file again)")
 
 
 def load_run(run_dir: str | Path) -> Run:
