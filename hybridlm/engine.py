@@ -12,7 +12,11 @@ One call of `Engine.step` takes one micro-batch's loss through
        autograd), learning-rate schedule, zero the gradients.
 
 Local learning runs only under an engine that keeps its update exact (one process, DDP,
-FSDP2); the others are refused when the engine is built (`check_local_learning`).
+FSDP2, DeepSpeed ZeRO 0-3 in fp32 or bf16 without offload); the others are refused when the
+engine is built (`check_local_learning`). Under DeepSpeed, `accelerator.backward` also steps
+the optimizer (Accelerate's DeepSpeed engine wrapper) and clips with the DeepSpeed config's
+`gradient_clipping`; the local rule then writes through DeepSpeed
+(`hybridlm.plasticity.zero_write`).
 
 The caller owns the loop (what a batch is, when to validate or save) and wraps the forward
 and `step` in `accelerator.accumulate(model)` when it accumulates gradients.
@@ -35,23 +39,55 @@ def mean_over_processes(accelerator: Accelerator, t: torch.Tensor) -> torch.Tens
 def check_local_learning(accelerator: Accelerator) -> None:
     """Refuse an engine under which the local rule's update, made outside the optimizer,
     would be lost or wrong without an error. Exact: one process, DDP (the rule's statistic is
-    averaged across ranks, every rank applies the same update) and FSDP2 (each rank edits
-    its own rows of the sharded dictionary, `hybridlm.plasticity.writable_part`)."""
+    averaged across ranks, every rank applies the same update), FSDP2 (each rank edits
+    its own rows of the sharded dictionary, `hybridlm.plasticity.writable_part`) and DeepSpeed
+    ZeRO but for `deepspeed_problem` (the update is written into ZeRO's fp32 master copy too,
+    `hybridlm.plasticity.zero_write`)."""
     kind = accelerator.distributed_type
     if kind == DistributedType.NO or kind.name.startswith("MULTI_") or accelerator.is_fsdp2:
         return
-    why = {
-        DistributedType.DEEPSPEED: "DeepSpeed ZeRO restores its own copy of every parameter "
-        "at the next optimizer step, so the update the local rule writes into the dictionary "
-        "would be silently lost",
-        DistributedType.FSDP: "FSDP version 1 holds the dictionary inside a flattened, "
-        "sharded parameter that the local rule cannot edit in place (FSDP version 2 is exact: "
-        "set fsdp_version: 2 in the Accelerate config)",
-    }.get(kind, f"the local rule's update has not been made exact under {kind.value}")
+    if kind == DistributedType.DEEPSPEED:
+        why = deepspeed_problem(accelerator)
+        if why is None:
+            return
+    else:
+        why = {
+            DistributedType.FSDP: "FSDP version 1 holds the dictionary inside a flattened, "
+            "sharded parameter that the local rule cannot edit in place (FSDP version 2 is "
+            "exact: set fsdp_version: 2 in the Accelerate config)",
+        }.get(kind, f"the local rule's update has not been made exact under {kind.value}")
     raise ConfigError(
         f"model.learning: local learning (hebbian or hybrid) is refused under this launch: "
-        f"{why}. Launch with DDP (several processes without DeepSpeed or FSDP) or FSDP2, or "
-        "set model.learning=bptt")
+        f"{why}. Launch with DDP (several processes without DeepSpeed or FSDP), FSDP2 or "
+        "DeepSpeed ZeRO in fp32 or bf16 without offload, or set model.learning=bptt")
+
+
+def deepspeed_problem(accelerator: Accelerator) -> str | None:
+    """Why the local rule would not be exact under this DeepSpeed launch (its config,
+    `accelerator.state.deepspeed_plugin.deepspeed_config`), or None when it is."""
+    config = accelerator.state.deepspeed_plugin.deepspeed_config
+    if accelerator.mixed_precision == "fp16" or config.get("fp16", {}).get("enabled") is True:
+        return ("DeepSpeed fp16 skips the optimizer step when its loss scale overflows, while "
+                "the local rule would still step, and its fp16 optimizer keeps master weights "
+                "the rule cannot reach; use bf16 or fp32")
+    zero = config.get("zero_optimization", {})
+    for key in ("offload_optimizer", "offload_param"):
+        device = (zero.get(key) or {}).get("device", "none")
+        if device not in ("none", None):
+            return (f"DeepSpeed zero_optimization.{key} to {device} keeps the weights the "
+                    "local rule must write in memory it has not been checked to reach; "
+                    "remove the offload")
+    return None
+
+
+def register_zero3_external_parameters(model: torch.nn.Module) -> None:
+    """ZeRO-3 gathers a parameter only around its own module's forward: register the ones
+    the model's forward reads from a submodule without calling it (`external_parameters`,
+    e.g. the word embeddings a tied LM head multiplies by), or they would read 0 elements."""
+    from deepspeed.runtime.zero import register_external_parameter
+
+    for p in getattr(model, "external_parameters", list)():
+        register_external_parameter(model, p)
 
 
 class NonFiniteLoss(FloatingPointError):
@@ -86,6 +122,8 @@ class Engine:
         self.params = [p for p in self.base.parameters() if p.requires_grad]
         if local is not None:
             check_local_learning(accelerator)
+        if any(hasattr(p, "ds_id") for p in self.base.parameters()):  # ZeRO-3 partitioned
+            register_zero3_external_parameters(self.base)
         self.optimizer, self.scheduler = optimizer, scheduler
         self.max_grad_norm, self.local, self.patience = max_grad_norm, local, patience
         self.skipped = 0  # micro-batches skipped for a non-finite loss
@@ -125,7 +163,9 @@ class Engine:
         acc.backward(loss)
         if not acc.sync_gradients:  # accumulating: the prepared optimizer does not step yet
             return {}
-        row = {"train/grad_norm": float(acc.clip_grad_norm_(self.params, self.max_grad_norm))}
+        # (None under DeepSpeed without gradient_clipping: it did not compute the norm)
+        norm = acc.clip_grad_norm_(self.params, self.max_grad_norm)
+        row = {"train/grad_norm": float("nan") if norm is None else float(norm)}
         self.optimizer.step()
         if self.local is not None:  # the gate reads the whole step's mean loss
             gate = torch.stack(self.gate_losses).mean()

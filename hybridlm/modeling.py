@@ -198,6 +198,12 @@ class HybridForCausalLM(PreTrainedModel, GenerationMixin):
         bias = None if self.lm_bias is None else self.lm_bias.to(y.dtype)
         return F.linear(y, emb.to(y.dtype), bias)
 
+    def external_parameters(self) -> list[nn.Parameter]:
+        """Parameters this model's forward reads from a submodule without calling it: the
+        word embeddings a tied LM head multiplies by (`lm_logits`). DeepSpeed ZeRO-3 must be
+        told (`hybridlm.engine.register_zero3_external_parameters`)."""
+        return [] if self.lm_head is not None else [self.encoder.get_input_embeddings().weight]
+
     # ---- forward -------------------------------------------------------------------------
     def run_head(self, input_ids=None, features=None, attention_mask=None, token_mask=None,
                  time_steps: int | None = None) -> tuple[torch.Tensor, HeadOutput]:

@@ -24,13 +24,18 @@ The statistic is summed over micro-batches (`collect`) and applied when the opti
 statistic and the gate's inputs across processes itself, so every rank applies the same
 update and stays bit-identical. Under FSDP2 the dictionary is a DTensor whose rows are split
 across ranks: each rank applies the same averaged update to its own rows, and a column's norm
-sums its squares over the ranks (`writable_part`, `column_norms`). Engines that would lose the
-update are refused at start (`hybridlm.engine.check_local_learning`; docs/scaling.md).
+sums its squares over the ranks (`writable_part`, `column_norms`). Under DeepSpeed ZeRO the
+optimizer keeps its own fp32 copy of the dictionary and would overwrite a plain in-place edit
+at its next step: every rank edits the whole fp32 matrix and writes it to both copies
+(`zero_write`). Engines that would lose the update are refused at start
+(`hybridlm.engine.check_local_learning`; docs/scaling.md).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
@@ -147,15 +152,62 @@ class LocalLearning:
         touched = d_atoms.abs().sum(0) > 0  # the atoms of neurons that spiked
         # Each process edits the part of the dictionary it holds (all of it, but under FSDP2);
         # a column's norm sums over every process that holds some of its rows.
-        part, (rows, cols), groups = writable_part(self.layer.dictionary)
-        norms = column_norms(part, groups)
-        check_column_norms(norms, first=cols.start or 0)
-        hit = touched[cols]
-        new = part[:, hit] / norms[hit] + d_atoms[rows, cols][:, hit]
-        part[:, hit] = new / column_norms(new, groups).clamp_min(1e-12)
+        with editing(self.layer.dictionary) as (part, (rows, cols), groups):
+            norms = column_norms(part, groups)
+            check_column_norms(norms, first=cols.start or 0)
+            hit = touched[cols]
+            new = part[:, hit] / norms[hit] + d_atoms[rows, cols][:, hit]
+            part[:, hit] = new / column_norms(new, groups).clamp_min(1e-12)
         return {"plasticity/gate": g, "plasticity/step_norm": float(d_atoms.norm()),
                 "plasticity/atoms_updated": int(touched.sum()),
                 "plasticity/skipped": self.skipped}
+
+
+@contextmanager
+def editing(weight: torch.nn.Parameter) -> Iterator[tuple[torch.Tensor, tuple[slice, slice], list]]:
+    """`writable_part(weight)` to edit in place; under DeepSpeed ZeRO, where the edit must
+    reach the optimizer's own copy, the whole fp32 matrix, written back by `zero_write` when
+    the block ends without an error."""
+    if not is_zero_parameter(weight):
+        yield writable_part(weight)
+        return
+    whole = zero_read(weight)
+    yield whole, (slice(None), slice(None)), []
+    zero_write(weight, whole)
+
+
+def is_zero_parameter(weight: torch.Tensor) -> bool:
+    """True for a parameter DeepSpeed ZeRO manages: partitioned (stage 3: `ds_id`), or with
+    an fp32 master copy in the optimizer (stages 1 and 2, bf16: `_hp_mapping`, None on the
+    ranks that hold none of it; the same answer on every rank, as the collectives need)."""
+    return hasattr(weight, "ds_id") or hasattr(weight, "_hp_mapping")
+
+
+def zero_read(weight: torch.nn.Parameter) -> torch.Tensor:
+    """The whole fp32 value of a ZeRO parameter on every rank (a collective): the
+    optimizer's master copy, or the parameter itself when the optimizer has none (a weight
+    without gradient, as the dictionary in `hebbian` mode)."""
+    from deepspeed.runtime.zero import GatheredParameters
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    master = safe_get_full_fp32_param(weight)
+    if master is not None:
+        return master.float().clone()
+    with GatheredParameters([weight]):  # ZeRO-3 holds 1/world of it outside a forward
+        return weight.data.float().clone()
+
+
+def zero_write(weight: torch.nn.Parameter, value: torch.Tensor) -> None:
+    """Set a ZeRO parameter to `value` (its whole shape; the same on every rank) where
+    DeepSpeed keeps it: the optimizer's fp32 master copy, which its next step starts from
+    (written in place alone it would be overwritten there), and the parameter the next
+    forward reads (ZeRO-3 re-partitions it on leaving the gathered block)."""
+    from deepspeed.runtime.zero import GatheredParameters
+    from deepspeed.utils import safe_set_full_fp32_param
+
+    safe_set_full_fp32_param(weight, value)
+    with GatheredParameters([weight], modifier_rank=0):
+        weight.data.copy_(value)
 
 
 def writable_part(weight: torch.Tensor) -> tuple[torch.Tensor, tuple[slice, slice], list]:

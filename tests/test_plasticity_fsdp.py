@@ -13,11 +13,10 @@ from accelerate import Accelerator, debug_launcher
 from accelerate.utils import DistributedType
 from transformers import get_constant_schedule
 
-from hybridlm import training
 from hybridlm.config import ConfigError
 from hybridlm.engine import Engine, check_local_learning, make_optimizer
 from hybridlm.plasticity import column_norms, writable_part
-from tests.conftest import command, tiny_model
+from tests.conftest import tiny_model
 from tests.test_plasticity_ddp import GLOBAL_BATCH, _batches
 
 # Two ranks at the same global batch as one process: the same arithmetic up to the order of
@@ -131,8 +130,8 @@ def test_two_sharded_ranks_match_one_process_and_keep_the_local_update(two_ranks
     assert (sharded[key] - gradient_only[key]).abs().max() > 1000 * TOL
 
 
-# A DeepSpeed or FSDP1 accelerator cannot be built on a CPU-only machine: these fakes carry
-# the two attributes the check reads, as Accelerate sets them.
+# An FSDP1 accelerator cannot be built on a CPU-only machine: these fakes carry the two
+# attributes the check reads, as Accelerate sets them (DeepSpeed's: test_plasticity_zero.py).
 def _launch(kind: DistributedType, fsdp_version: int = 0) -> SimpleNamespace:
     return SimpleNamespace(distributed_type=kind, is_fsdp2=fsdp_version == 2,
                            unwrap_model=lambda model: model)
@@ -144,7 +143,6 @@ def _launch(kind: DistributedType, fsdp_version: int = 0) -> SimpleNamespace:
     (_launch(DistributedType.MULTI_GPU), None),
     (_launch(DistributedType.FSDP, fsdp_version=2), None),
     (_launch(DistributedType.FSDP, fsdp_version=1), "FSDP version 1"),
-    (_launch(DistributedType.DEEPSPEED), "DeepSpeed ZeRO"),
     (_launch(DistributedType.MEGATRON_LM), "not been made exact"),
 ], ids=lambda v: getattr(v, "distributed_type", v))
 def test_launches_that_would_lose_the_local_update_are_refused(launch, refused):
@@ -154,41 +152,6 @@ def test_launches_that_would_lose_the_local_update_are_refused(launch, refused):
     with pytest.raises(ConfigError, match=refused) as e:
         check_local_learning(launch)
     assert "model.learning=bptt" in str(e.value)
-
-
-def test_the_engine_refuses_deepspeed_only_when_a_local_rule_runs():
-    model = tiny_model(learning="hybrid")
-    opt = make_optimizer(model, lr=1e-2, weight_decay=0.0)
-    zero = _launch(DistributedType.DEEPSPEED)
-    with pytest.raises(ConfigError, match="DeepSpeed"):
-        Engine(zero, model, opt, get_constant_schedule(opt), 1.0, local=model.local_learning())
-    Engine(zero, model, opt, get_constant_schedule(opt), 1.0, local=None)  # bptt: nothing lost
-
-
-class Reached(Exception):
-    """The run went past make_accelerator's check."""
-
-
-@pytest.mark.parametrize("learning", ["hybrid", "bptt"])
-def test_make_train_refuses_deepspeed_with_local_learning_at_start(
-        learning, tmp_path, capsys, monkeypatch):
-    def deepspeed(**kwargs):
-        zero = _launch(DistributedType.DEEPSPEED)
-        zero.main_process_first = lambda: (_ for _ in ()).throw(Reached())
-        return zero
-
-    monkeypatch.setattr(training, "Accelerator", deepspeed)
-    argv = ["--no-wandb", "--config", str(Path(__file__).parent.parent / "configs/quick.yaml"),
-            f"output_dir={tmp_path / 'run'}", "train.heads=[spiking_pc]",
-            f"model.learning={learning}"]
-    if learning == "bptt":  # no local update to lose: the run goes on
-        with pytest.raises(Reached):
-            command("train/train.py").main(argv)
-        return
-    assert command("train/train.py").main(argv) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("error: model.learning: local learning") and "DeepSpeed" in err
-    assert "Traceback" not in err and not (tmp_path / "run").exists()
 
 
 if __name__ == "__main__":

@@ -1,0 +1,249 @@
+"""The local rule under DeepSpeed ZeRO 1, 2 and 3: ZeRO's optimizer keeps its own fp32 copy of
+every parameter and overwrites a plain in-place edit at its next step, so the rule writes
+there too (`hybridlm.plasticity.zero_write`); launches it cannot keep exact are refused.
+
+Accelerate's DeepSpeed plugin needs a GPU (on a CPU-only machine it silently runs DDP), so the
+two-rank test builds the ZeRO engine with `deepspeed.initialize` and drives it as Accelerate's
+DeepSpeed integration does (`ZeroLaunch`). It skips when deepspeed is not installed (it is
+the optional extra `deepspeed`)."""
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from accelerate import Accelerator, debug_launcher
+from accelerate.utils import DistributedType
+from transformers import get_constant_schedule
+
+from hybridlm import plasticity, training
+from hybridlm.config import ConfigError
+from hybridlm.engine import Engine, check_local_learning, make_optimizer
+from tests.conftest import command, tiny_model
+from tests.test_plasticity_ddp import GLOBAL_BATCH, _batches
+from tests.test_plasticity_fsdp import CASES, NOISE_ONLY, NOISE_TOL
+from tests.test_plasticity_fsdp import _train as _one_process
+
+STAGES = (1, 2, 3)
+# the dictionary without gradient (hebbian) and with it, beside a trainable trunk layer
+ZERO_CASES = ("hebbian", "hybrid_trunk_columns")
+# Two ranks at the same global batch as one process: the same arithmetic up to the order of
+# float sums (gradient reduction over ranks, flat partitions); measured max difference below.
+TOL = 1e-6
+HAS_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
+
+
+class ZeroLaunch:
+    """What Accelerate does around a DeepSpeed engine (accelerate.utils.deepspeed), for the
+    training `Engine`: `backward` runs DeepSpeed's backward and, at a step boundary, its step
+    (clipping with the config's `gradient_clipping`, optimizer, zero grad); the prepared
+    optimizer's own `step` is a no-op. `accelerator`: a CPU Accelerator for the collectives."""
+
+    distributed_type = DistributedType.DEEPSPEED
+    is_fsdp2 = False
+    sync_gradients = True  # no gradient accumulation here: every micro-batch steps
+    mixed_precision = "no"
+
+    def __init__(self, accelerator, ds_engine, config: dict):
+        from accelerate.utils.deepspeed import DeepSpeedEngineWrapper
+
+        self.accelerator, self.wrapped = accelerator, DeepSpeedEngineWrapper(ds_engine)
+        self.num_processes = accelerator.num_processes
+        self.state = SimpleNamespace(deepspeed_plugin=SimpleNamespace(deepspeed_config=config))
+
+    def reduce(self, t, reduction):
+        return self.accelerator.reduce(t, reduction)
+
+    def unwrap_model(self, model):
+        return model.module
+
+    def backward(self, loss):
+        self.wrapped.backward(loss, sync_gradients=self.sync_gradients)
+
+    def clip_grad_norm_(self, parameters, max_norm):
+        return self.wrapped.get_global_grad_norm()
+
+
+def _zero_config(stage: int, per_rank: int) -> dict:
+    return {"train_micro_batch_size_per_gpu": per_rank, "gradient_accumulation_steps": 1,
+            "gradient_clipping": 1.0, "zero_optimization": {"stage": stage},
+            "zero_allow_untested_optimizer": True, "steps_per_print": 10**9}
+
+
+def _zero_train(case: str, stage: int, rank: int, world: int, accelerator
+                ) -> dict[str, torch.Tensor]:
+    """test_plasticity_fsdp's run of `case` (the same model, data and steps) with the model
+    and optimizer under ZeRO `stage`. Returns the whole state dict (gathered) and, under
+    `master.`, the optimizer's fp32 copy of the dictionary when it has one."""
+    import deepspeed
+    from accelerate.utils.deepspeed import DeepSpeedOptimizerWrapper
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    model = tiny_model(hebbian_lr=0.5, **CASES[case][0]).train()
+    torch.nn.init.normal_(model.head.readout.weight, std=0.2)
+    for m in model.modules():  # the trunk layers' dropout would draw differently per rank
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    per_rank = GLOBAL_BATCH // world
+    config = _zero_config(stage, per_rank)
+    ds_model, ds_opt, _, _ = deepspeed.initialize(
+        model=model, optimizer=make_optimizer(model, lr=1e-2, weight_decay=0.01),
+        config=config, dist_init_required=False)
+    launch = ZeroLaunch(accelerator, ds_model, config)
+    opt = DeepSpeedOptimizerWrapper(ds_opt)
+    engine = Engine(launch, ds_model, opt, get_constant_schedule(opt), max_grad_norm=1.0,
+                    local=model.local_learning())
+    for ids in _batches():
+        mine = ids[rank * per_rank : (rank + 1) * per_rank]
+        out = ds_model(input_ids=mine, labels=mine)
+        assert engine.step(out.loss, out.local_statistic) is not None
+    with deepspeed.zero.GatheredParameters(list(model.parameters())):
+        state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    master = safe_get_full_fp32_param(model.head.dictionary)
+    if master is not None:
+        state["master.head.dictionary"] = master.reshape(state["head.dictionary"].shape)
+    return state
+
+
+def _two_rank_worker():
+    import deepspeed
+
+    # DeepSpeed's shared-memory all-reduce for CPU ranks is compiled on first use (minutes);
+    # without it every collective goes through gloo, as the Accelerator's do
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    acc = Accelerator(cpu=True)
+    rank, world = acc.process_index, acc.num_processes
+    results = {}
+    for stage in STAGES:
+        for case in ZERO_CASES:
+            results[case, stage] = _zero_train(case, stage, rank, world, acc)
+    # The same run with the plain in-place write (ZeRO stage 2): its update is lost
+    real = plasticity.is_zero_parameter
+    plasticity.is_zero_parameter = lambda weight: False
+    try:
+        results["plain write", 2] = _zero_train("hybrid_trunk_columns", 2, rank, world, acc)
+    finally:
+        plasticity.is_zero_parameter = real
+    if acc.is_main_process:
+        torch.save(results, os.environ["HYBRIDLM_TEST_OUT"])
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory) -> dict:
+    # a fresh interpreter, as in test_plasticity_ddp (forking pytest's OpenMP pool can hang)
+    out = tmp_path_factory.mktemp("zero") / "zero.pt"
+    root = Path(__file__).resolve().parent.parent
+    subprocess.run([sys.executable, "-m", "tests.test_plasticity_zero"], cwd=root, check=True,
+                   timeout=300, env=os.environ | {"HYBRIDLM_TEST_OUT": str(out),
+                                                  "DS_BUILD_OPS": "0"})
+    return torch.load(out)
+
+
+needs_deepspeed = pytest.mark.skipif(
+    not HAS_DEEPSPEED, reason="deepspeed is not installed (the optional extra: "
+    "pip install -c constraints.txt '.[deepspeed]' with DS_BUILD_OPS=0)")
+
+
+@pytest.mark.slow
+@needs_deepspeed
+@pytest.mark.parametrize("stage", STAGES)
+@pytest.mark.parametrize("case", ZERO_CASES)
+def test_two_zero_ranks_match_one_process_and_keep_the_local_update(two_ranks, case, stage):
+    reference = _one_process(case, 0, 1, Accelerator(cpu=True), shard=False)
+    zero = two_ranks[case, stage]
+    master = zero.pop("master.head.dictionary", None)
+    assert zero.keys() == reference.keys()
+    for name in sorted(reference, key=lambda n: n != "head.dictionary"):  # the rule's first
+        atol = NOISE_TOL if name.endswith(NOISE_ONLY) else TOL
+        torch.testing.assert_close(zero[name], reference[name], rtol=0, atol=atol, msg=name)
+    if case != "hebbian":  # the optimizer's master copy holds the update too
+        torch.testing.assert_close(master, zero["head.dictionary"], rtol=0, atol=0)
+
+
+@pytest.mark.slow
+@needs_deepspeed
+def test_a_plain_in_place_write_is_lost_under_zero(two_ranks):
+    """What the ZeRO write prevents: written into the parameter alone, the update is undone
+    by the optimizer's next step (from its own fp32 copy); the reference moves far from it."""
+    case = "hybrid_trunk_columns"
+    reference = _one_process(case, 0, 1, Accelerator(cpu=True), shard=False)
+    gradient_only = _one_process(case, 0, 1, Accelerator(cpu=True), shard=False, local=False)
+    key = "head.dictionary"
+    lost = two_ranks["plain write", 2][key]
+    assert (reference[key] - gradient_only[key]).abs().max() > 1000 * TOL
+    assert (lost - reference[key]).abs().max() > 1000 * TOL
+
+
+# An Accelerate DeepSpeed launch cannot be built on a CPU-only machine: these fakes carry the
+# attributes the check reads, as Accelerate sets them.
+def _launch(kind: DistributedType, fsdp_version: int = 0, mixed_precision: str = "no",
+            **zero) -> SimpleNamespace:
+    config = {"zero_optimization": {"stage": 3} | zero}
+    if mixed_precision == "fp16":
+        config["fp16"] = {"enabled": True}
+    return SimpleNamespace(
+        distributed_type=kind, is_fsdp2=fsdp_version == 2, mixed_precision=mixed_precision,
+        unwrap_model=lambda model: model,
+        state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(deepspeed_config=config)))
+
+
+@pytest.mark.parametrize("launch, refused", [
+    (_launch(DistributedType.DEEPSPEED), None),
+    (_launch(DistributedType.DEEPSPEED, mixed_precision="bf16"), None),
+    (_launch(DistributedType.DEEPSPEED, offload_optimizer={"device": "none"}), None),
+    (_launch(DistributedType.DEEPSPEED, mixed_precision="fp16"), "fp16 skips"),
+    (_launch(DistributedType.DEEPSPEED, offload_optimizer={"device": "cpu"}),
+     "offload_optimizer to cpu"),
+    (_launch(DistributedType.DEEPSPEED, offload_param={"device": "nvme"}),
+     "offload_param to nvme"),
+], ids=["zero", "bf16", "no_offload", "fp16", "optimizer_offload", "param_offload"])
+def test_deepspeed_launches_that_would_lose_the_local_update_are_refused(launch, refused):
+    if refused is None:
+        check_local_learning(launch)
+        return
+    with pytest.raises(ConfigError, match=refused) as e:
+        check_local_learning(launch)
+    assert "model.learning=bptt" in str(e.value)
+
+
+def test_the_engine_refuses_fp16_deepspeed_only_when_a_local_rule_runs():
+    model = tiny_model(learning="hybrid")
+    opt = make_optimizer(model, lr=1e-2, weight_decay=0.0)
+    fp16 = _launch(DistributedType.DEEPSPEED, mixed_precision="fp16")
+    with pytest.raises(ConfigError, match="DeepSpeed fp16"):
+        Engine(fp16, model, opt, get_constant_schedule(opt), 1.0, local=model.local_learning())
+    Engine(fp16, model, opt, get_constant_schedule(opt), 1.0, local=None)  # bptt: nothing lost
+
+
+class Reached(Exception):
+    """The run went past make_accelerator's check."""
+
+
+@pytest.mark.parametrize("learning", ["hybrid", "bptt"])
+def test_make_train_refuses_fp16_deepspeed_with_local_learning_at_start(
+        learning, tmp_path, capsys, monkeypatch):
+    def deepspeed(**kwargs):
+        zero = _launch(DistributedType.DEEPSPEED, mixed_precision="fp16")
+        zero.main_process_first = lambda: (_ for _ in ()).throw(Reached())
+        return zero
+
+    monkeypatch.setattr(training, "Accelerator", deepspeed)
+    argv = ["--no-wandb", "--config", str(Path(__file__).parent.parent / "configs/quick.yaml"),
+            f"output_dir={tmp_path / 'run'}", "train.heads=[spiking_pc]",
+            f"model.learning={learning}"]
+    if learning == "bptt":  # no local update to lose: the run goes on
+        with pytest.raises(Reached):
+            command("train/train.py").main(argv)
+        return
+    assert command("train/train.py").main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: model.learning: local learning") and "DeepSpeed fp16" in err
+    assert "Traceback" not in err and not (tmp_path / "run").exists()
+
+
+if __name__ == "__main__":
+    debug_launcher(_two_rank_worker, num_processes=2)
