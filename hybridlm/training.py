@@ -17,7 +17,7 @@ import time
 import psutil
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, set_seed
+from accelerate.utils import DataLoaderConfiguration, DistributedType, set_seed
 from torch.utils.data import ConcatDataset, DataLoader
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
@@ -87,6 +87,16 @@ def ranks_identical(accelerator: Accelerator, model) -> bool:
         return True
     return ranks_agree(accelerator, torch.cat(
         [t.detach().flatten().double() for t in model.state_dict().values()]))
+
+
+def whole_state_dict(accelerator: Accelerator, model) -> dict | None:
+    """The state dict to save for `model` (prepared) where the engine splits its weights
+    across ranks, else None (save_pretrained reads the model's own). Under DeepSpeed ZeRO-3
+    each rank holds 1/world of every weight: Accelerate gathers them (on every rank: call it
+    on all; it needs `zero3_save_16bit_model`, which configs/accelerate/zero3.yaml sets)."""
+    if accelerator.distributed_type != DistributedType.DEEPSPEED:
+        return None
+    return accelerator.get_state_dict(model)
 
 
 def layer_row(stats: dict) -> dict:
@@ -290,10 +300,11 @@ def train_head(head: str, cfg: RunConfig, splits: dict, caches: dict, tokenizer,
     tracker.summary({f"final/{s}/{d}/perplexity": r["perplexity"]
                      for s in ("validation", "test") for d, r in final[s].items()})
     tracker.finish()
+    whole = whole_state_dict(accelerator, model) if t.save_model else None  # every rank
     if accelerator.is_main_process:
         if t.save_model:  # the card is written once, after every head, with the run's table
             with folder_atomic(run.model(head)) as folder:
-                base.save_pretrained(folder)
+                base.save_pretrained(folder, state_dict=whole)
                 tokenizer.save_pretrained(folder)
         write_json_atomic(run.metrics(head), metrics)
     accelerator.wait_for_everyone()

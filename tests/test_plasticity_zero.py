@@ -23,18 +23,20 @@ from transformers import get_constant_schedule
 from hybridlm import plasticity, training
 from hybridlm.config import ConfigError
 from hybridlm.engine import Engine, check_local_learning, make_optimizer
+from hybridlm.hub.folder import check_model_folder, load_model
 from tests.conftest import command, tiny_model
 from tests.test_plasticity_ddp import GLOBAL_BATCH, _batches
 from tests.test_plasticity_fsdp import CASES, NOISE_ONLY, NOISE_TOL
 from tests.test_plasticity_fsdp import _train as _one_process
 
-STAGES = (1, 2, 3)
+STAGES = (0, 1, 2, 3)  # 0: DeepSpeed without ZeRO (its optimizer steps the parameters)
 # the dictionary without gradient (hebbian) and with it, beside a trainable trunk layer
 ZERO_CASES = ("hebbian", "hybrid_trunk_columns")
 # Two ranks at the same global batch as one process: the same arithmetic up to the order of
 # float sums (gradient reduction over ranks, flat partitions); measured max difference below.
 TOL = 1e-6
 HAS_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
+SAVED = ("hybrid_trunk_columns", 3)  # the run whose final model folder is saved and loaded
 
 
 class ZeroLaunch:
@@ -67,21 +69,31 @@ class ZeroLaunch:
     def clip_grad_norm_(self, parameters, max_norm):
         return self.wrapped.get_global_grad_norm()
 
+    @property
+    def deepspeed_config(self) -> dict:
+        return self.state.deepspeed_plugin.deepspeed_config
+
+    def get_state_dict(self, model, unwrap: bool = True):
+        return Accelerator.get_state_dict(self, model, unwrap)  # Accelerate's own code
+
 
 def _zero_config(stage: int, per_rank: int) -> dict:
     # ZeRO-3 would keep parameters under 1e5 elements whole on every rank (all of the tiny
     # model's): a threshold of 0 partitions every one, as in a real model
-    zero = {"stage": stage} | ({"stage3_param_persistence_threshold": 0} if stage == 3 else {})
+    zero = {"stage": stage} | ({"stage3_param_persistence_threshold": 0,
+                                "stage3_gather_16bit_weights_on_model_save": True}
+                               if stage == 3 else {})
     return {"train_micro_batch_size_per_gpu": per_rank, "gradient_accumulation_steps": 1,
             "gradient_clipping": 1.0, "zero_optimization": zero,
             "zero_allow_untested_optimizer": True, "steps_per_print": 10**9}
 
 
-def _zero_train(case: str, stage: int, rank: int, world: int, accelerator
-                ) -> dict[str, torch.Tensor]:
+def _zero_train(case: str, stage: int, rank: int, world: int, accelerator,
+                save_to: str | None = None) -> dict[str, torch.Tensor]:
     """test_plasticity_fsdp's run of `case` (the same model, data and steps) with the model
     and optimizer under ZeRO `stage`. Returns the whole state dict (gathered) and, under
-    `master.`, the optimizer's fp32 copy of the dictionary when it has one."""
+    `master.`, the optimizer's fp32 copy of the dictionary when it has one. `save_to`: a
+    folder where the main process saves the model as make train does at the end."""
     import deepspeed
     from accelerate.utils.deepspeed import DeepSpeedOptimizerWrapper
     from deepspeed.utils import safe_get_full_fp32_param
@@ -107,6 +119,10 @@ def _zero_train(case: str, stage: int, rank: int, world: int, accelerator
     with deepspeed.zero.GatheredParameters(list(model.parameters())):
         state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     master = safe_get_full_fp32_param(model.head.dictionary)
+    if save_to is not None:
+        whole = training.whole_state_dict(launch, ds_model)  # every rank
+        if rank == 0:
+            model.save_pretrained(save_to, state_dict=whole)
     if master is not None:
         state["master.head.dictionary"] = master.reshape(state["head.dictionary"].shape)
     return state
@@ -123,7 +139,8 @@ def _two_rank_worker():
     results = {}
     for stage in STAGES:
         for case in ZERO_CASES:
-            results[case, stage] = _zero_train(case, stage, rank, world, acc)
+            save_to = os.environ["HYBRIDLM_TEST_FOLDER"] if (case, stage) == SAVED else None
+            results[case, stage] = _zero_train(case, stage, rank, world, acc, save_to)
     # The same run with the plain in-place write (ZeRO stage 2): its update is lost
     real = plasticity.is_zero_parameter
     plasticity.is_zero_parameter = lambda weight: False
@@ -138,12 +155,13 @@ def _two_rank_worker():
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory) -> dict:
     # a fresh interpreter, as in test_plasticity_ddp (forking pytest's OpenMP pool can hang)
-    out = tmp_path_factory.mktemp("zero") / "zero.pt"
+    out = tmp_path_factory.mktemp("zero")
     root = Path(__file__).resolve().parent.parent
     subprocess.run([sys.executable, "-m", "tests.test_plasticity_zero"], cwd=root, check=True,
-                   timeout=300, env=os.environ | {"HYBRIDLM_TEST_OUT": str(out),
+                   timeout=300, env=os.environ | {"HYBRIDLM_TEST_OUT": str(out / "zero.pt"),
+                                                  "HYBRIDLM_TEST_FOLDER": str(out / "model"),
                                                   "DS_BUILD_OPS": "0"})
-    return torch.load(out)
+    return torch.load(out / "zero.pt") | {"folder": out / "model"}
 
 
 needs_deepspeed = pytest.mark.skipif(
@@ -163,7 +181,7 @@ def test_two_zero_ranks_match_one_process_and_keep_the_local_update(two_ranks, c
     for name in sorted(reference, key=lambda n: n != "head.dictionary"):  # the rule's first
         atol = NOISE_TOL if name.endswith(NOISE_ONLY) else TOL
         torch.testing.assert_close(zero[name], reference[name], rtol=0, atol=atol, msg=name)
-    if case != "hebbian":  # the optimizer's master copy holds the update too
+    if case != "hebbian" and stage > 0:  # ZeRO's master copy holds the update too
         torch.testing.assert_close(master, zero["head.dictionary"], rtol=0, atol=0)
 
 
@@ -179,6 +197,19 @@ def test_a_plain_in_place_write_is_lost_under_zero(two_ranks):
     lost = two_ranks["plain write", 2][key]
     assert (reference[key] - gradient_only[key]).abs().max() > 1000 * TOL
     assert (lost - reference[key]).abs().max() > 1000 * TOL
+
+
+@pytest.mark.slow
+@needs_deepspeed
+def test_the_final_model_folder_of_a_zero3_run_is_whole_and_loads(two_ranks):
+    """Each rank held 1/2 of every weight: the folder make train saves holds them whole."""
+    folder = two_ranks["folder"]
+    check_model_folder(folder, require_tokenizer=False)
+    loaded = load_model(folder).state_dict()
+    trained = two_ranks[SAVED]
+    assert loaded.keys() == trained.keys() - {"master.head.dictionary"}
+    for name, value in loaded.items():
+        torch.testing.assert_close(value, trained[name], rtol=0, atol=0, msg=name)
 
 
 # An Accelerate DeepSpeed launch cannot be built on a CPU-only machine: these fakes carry the
