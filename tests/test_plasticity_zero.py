@@ -1,6 +1,7 @@
-"""The local rule under DeepSpeed ZeRO 1, 2 and 3: ZeRO's optimizer keeps its own fp32 copy of
-every parameter and overwrites a plain in-place edit at its next step, so the rule writes
-there too (`hybridlm.plasticity.zero_write`); launches it cannot keep exact are refused.
+"""The local rule under DeepSpeed (ZeRO stages 0 to 3): ZeRO's optimizer keeps its own fp32
+copy of every parameter and overwrites a plain in-place edit at its next step, so the rule
+writes there too (`hybridlm.plasticity.zero_write`); launches it cannot keep exact are
+refused. The final model folder of a ZeRO-3 run holds whole weights.
 
 Accelerate's DeepSpeed plugin needs a GPU (on a CPU-only machine it silently runs DDP), so the
 two-rank test builds the ZeRO engine with `deepspeed.initialize` and drives it as Accelerate's
