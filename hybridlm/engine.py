@@ -12,8 +12,8 @@ One call of `Engine.step` takes one micro-batch's loss through
        autograd), learning-rate schedule, zero the gradients.
 
 Local learning runs only under an engine that keeps its update exact (one process, DDP,
-FSDP2, DeepSpeed ZeRO 0-3 in fp32 or bf16 without offload); the others are refused when the
-engine is built (`check_local_learning`). Under DeepSpeed, `accelerator.backward` also steps
+FSDP2, DeepSpeed ZeRO 0-3 in fp32 or bf16 without NVMe offload); the others are refused when
+the engine is built (`check_local_learning`). Under DeepSpeed, `accelerator.backward` also steps
 the optimizer (Accelerate's DeepSpeed engine wrapper) and clips with the DeepSpeed config's
 `gradient_clipping`; the local rule then writes through DeepSpeed
 (`hybridlm.plasticity.zero_write`).
@@ -59,7 +59,7 @@ def check_local_learning(accelerator: Accelerator) -> None:
     raise ConfigError(
         f"model.learning: local learning (hebbian or hybrid) is refused under this launch: "
         f"{why}. Launch with DDP (several processes without DeepSpeed or FSDP), FSDP2 or "
-        "DeepSpeed ZeRO in fp32 or bf16 without offload, or set model.learning=bptt")
+        "DeepSpeed ZeRO in fp32 or bf16 without NVMe offload, or set model.learning=bptt")
 
 
 def deepspeed_problem(accelerator: Accelerator) -> str | None:
@@ -72,11 +72,10 @@ def deepspeed_problem(accelerator: Accelerator) -> str | None:
                 "the rule cannot reach; use bf16 or fp32")
     zero = config.get("zero_optimization", {})
     for key in ("offload_optimizer", "offload_param"):
-        device = (zero.get(key) or {}).get("device", "none")
-        if device not in ("none", None):
-            return (f"DeepSpeed zero_optimization.{key} to {device} keeps the weights the "
-                    "local rule must write in memory it has not been checked to reach; "
-                    "remove the offload")
+        if (zero.get(key) or {}).get("device") == "nvme":
+            return (f"DeepSpeed zero_optimization.{key} to nvme swaps the weights the local "
+                    "rule must write out to disk, where its write has not been checked; "
+                    "offload to cpu instead")
     return None
 
 

@@ -8,6 +8,7 @@ two-rank test builds the ZeRO engine with `deepspeed.initialize` and drives it a
 DeepSpeed integration does (`ZeroLaunch`). It skips when deepspeed is not installed (it is
 the optional extra `deepspeed`)."""
 
+import functools
 import importlib.util
 import os
 import subprocess
@@ -78,23 +79,36 @@ class ZeroLaunch:
         return Accelerator.get_state_dict(self, model, unwrap)  # Accelerate's own code
 
 
-def _zero_config(stage: int, per_rank: int) -> dict:
+@functools.cache
+def _reference(case: str, local: bool = True) -> dict[str, torch.Tensor]:
+    """One process at the same global batch (computed once per case: the tests only read it)."""
+    return _one_process(case, 0, 1, Accelerator(cpu=True), shard=False, local=local)
+
+
+def _zero_config(stage: int, per_rank: int, offload: bool = False) -> dict:
     # ZeRO-3 would keep parameters under 1e5 elements whole on every rank (all of the tiny
     # model's): a threshold of 0 partitions every one, as in a real model
     zero = {"stage": stage} | ({"stage3_param_persistence_threshold": 0,
                                 "stage3_gather_16bit_weights_on_model_save": True}
                                if stage == 3 else {})
-    return {"train_micro_batch_size_per_gpu": per_rank, "gradient_accumulation_steps": 1,
-            "gradient_clipping": 1.0, "zero_optimization": zero,
-            "zero_allow_untested_optimizer": True, "steps_per_print": 10**9}
+    config = {"train_micro_batch_size_per_gpu": per_rank, "gradient_accumulation_steps": 1,
+              "gradient_clipping": 1.0, "zero_optimization": zero,
+              "zero_allow_untested_optimizer": True, "steps_per_print": 10**9}
+    if offload:  # the master copy (and under ZeRO-3 the parameters) in host memory
+        zero["offload_optimizer"] = {"device": "cpu"}
+        if stage == 3:
+            zero["offload_param"] = {"device": "cpu"}
+        config["zero_force_ds_cpu_optimizer"] = False  # torch's AdamW: DeepSpeed's is compiled
+    return config
 
 
 def _zero_train(case: str, stage: int, rank: int, world: int, accelerator,
-                save_to: str | None = None) -> dict[str, torch.Tensor]:
+                save_to: str | None = None, offload: bool = False) -> dict[str, torch.Tensor]:
     """test_plasticity_fsdp's run of `case` (the same model, data and steps) with the model
     and optimizer under ZeRO `stage`. Returns the whole state dict (gathered) and, under
     `master.`, the optimizer's fp32 copy of the dictionary when it has one. `save_to`: a
-    folder where the main process saves the model as make train does at the end."""
+    folder where the main process saves the model as make train does at the end; `offload`:
+    the optimizer state (and under ZeRO-3 the parameters) offloaded to host memory."""
     import deepspeed
     from accelerate.utils.deepspeed import DeepSpeedOptimizerWrapper
     from deepspeed.utils import safe_get_full_fp32_param
@@ -105,7 +119,7 @@ def _zero_train(case: str, stage: int, rank: int, world: int, accelerator,
         if isinstance(m, torch.nn.Dropout):
             m.p = 0.0
     per_rank = GLOBAL_BATCH // world
-    config = _zero_config(stage, per_rank)
+    config = _zero_config(stage, per_rank, offload)
     ds_model, ds_opt, _, _ = deepspeed.initialize(
         model=model, optimizer=make_optimizer(model, lr=1e-2, weight_decay=0.01),
         config=config, dist_init_required=False)
@@ -142,6 +156,9 @@ def _two_rank_worker():
         for case in ZERO_CASES:
             save_to = os.environ["HYBRIDLM_TEST_FOLDER"] if (case, stage) == SAVED else None
             results[case, stage] = _zero_train(case, stage, rank, world, acc, save_to)
+    for stage in (2, 3):
+        results["cpu offload", stage] = _zero_train("hybrid_trunk_columns", stage, rank, world,
+                                                    acc, offload=True)
     # The same run with the plain in-place write (ZeRO stage 2): its update is lost
     real = plasticity.is_zero_parameter
     plasticity.is_zero_parameter = lambda weight: False
@@ -172,11 +189,12 @@ needs_deepspeed = pytest.mark.skipif(
 
 @pytest.mark.slow
 @needs_deepspeed
-@pytest.mark.parametrize("stage", STAGES)
-@pytest.mark.parametrize("case", ZERO_CASES)
-def test_two_zero_ranks_match_one_process_and_keep_the_local_update(two_ranks, case, stage):
-    reference = _one_process(case, 0, 1, Accelerator(cpu=True), shard=False)
-    zero = two_ranks[case, stage]
+@pytest.mark.parametrize("run", [(case, stage) for stage in STAGES for case in ZERO_CASES]
+                         + [("cpu offload", 2), ("cpu offload", 3)], ids=str)
+def test_two_zero_ranks_match_one_process_and_keep_the_local_update(two_ranks, run):
+    case, stage = run
+    reference = _reference("hybrid_trunk_columns" if case == "cpu offload" else case)
+    zero = dict(two_ranks[run])
     master = zero.pop("master.head.dictionary", None)
     assert zero.keys() == reference.keys()
     for name in sorted(reference, key=lambda n: n != "head.dictionary"):  # the rule's first
@@ -192,8 +210,7 @@ def test_a_plain_in_place_write_is_lost_under_zero(two_ranks):
     """What the ZeRO write prevents: written into the parameter alone, the update is undone
     by the optimizer's next step (from its own fp32 copy); the reference moves far from it."""
     case = "hybrid_trunk_columns"
-    reference = _one_process(case, 0, 1, Accelerator(cpu=True), shard=False)
-    gradient_only = _one_process(case, 0, 1, Accelerator(cpu=True), shard=False, local=False)
+    reference, gradient_only = _reference(case), _reference(case, local=False)
     key = "head.dictionary"
     lost = two_ranks["plain write", 2][key]
     assert (reference[key] - gradient_only[key]).abs().max() > 1000 * TOL
@@ -230,12 +247,14 @@ def _launch(kind: DistributedType, fsdp_version: int = 0, mixed_precision: str =
     (_launch(DistributedType.DEEPSPEED), None),
     (_launch(DistributedType.DEEPSPEED, mixed_precision="bf16"), None),
     (_launch(DistributedType.DEEPSPEED, offload_optimizer={"device": "none"}), None),
+    (_launch(DistributedType.DEEPSPEED, offload_optimizer={"device": "cpu"},
+             offload_param={"device": "cpu"}), None),
     (_launch(DistributedType.DEEPSPEED, mixed_precision="fp16"), "fp16 skips"),
-    (_launch(DistributedType.DEEPSPEED, offload_optimizer={"device": "cpu"}),
-     "offload_optimizer to cpu"),
+    (_launch(DistributedType.DEEPSPEED, offload_optimizer={"device": "nvme"}),
+     "offload_optimizer to nvme"),
     (_launch(DistributedType.DEEPSPEED, offload_param={"device": "nvme"}),
      "offload_param to nvme"),
-], ids=["zero", "bf16", "no_offload", "fp16", "optimizer_offload", "param_offload"])
+], ids=["zero", "bf16", "no_offload", "cpu_offload", "fp16", "optimizer_nvme", "param_nvme"])
 def test_deepspeed_launches_that_would_lose_the_local_update_are_refused(launch, refused):
     if refused is None:
         check_local_learning(launch)
