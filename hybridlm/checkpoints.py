@@ -160,12 +160,12 @@ def resume_point(ckpt_dir: Path, identity: dict) -> Path | None:
     saved = read_progress(folder).get("identity")
     if saved == identity:
         return folder
-    if isinstance(saved, dict) and saved.get("launch") != identity["launch"] \
-            and isinstance(saved.get("launch"), dict):
+    launch = saved.get("launch") if isinstance(saved, dict) else None
+    if isinstance(launch, dict) and launch != identity["launch"]:
         from hybridlm.launch import describe
 
         raise ConfigError(
-            f"--resume: checkpoint {folder} was made by {describe(saved['launch'])}, this "
+            f"--resume: checkpoint {folder} was made by {describe(launch)}, this "
             f"launch is {describe(identity['launch'])}: resume with the launch it was made "
             "with (the same number of processes and engine: NPROC, LAUNCH_CONFIG, torchrun's "
             "--nnodes and --nproc-per-node), or choose another output_dir (nothing was "

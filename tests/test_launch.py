@@ -17,7 +17,7 @@ from accelerate import Accelerator
 from safetensors.torch import load_file
 
 from hybridlm import launch
-from hybridlm.checkpoints import resume_point, run_identity
+from hybridlm.checkpoints import read_progress, resume_point, run_identity
 from hybridlm.config import ConfigError
 from tests.test_checkpoints import _checkpoint
 
@@ -250,6 +250,9 @@ def test_two_nodes_killed_and_relaunched_finish_like_an_uninterrupted_run(tmp_pa
     assert b["resumes"] and b["resumes"][0]["from_step"] >= 1  # it did restart from a checkpoint
     assert b["data_sha256"] == a["data_sha256"]  # the same batches, in the same order
     assert json.loads((out / "metrics.json").read_text())["processes"] == 2
+    # the checkpoints record the launch: a resume under another one is refused
+    newest = sorted(ckpts.glob("step_*"))[-1]
+    assert read_progress(newest)["identity"]["launch"] == {"processes": 2, "engine": "DDP"}
     # and the same model, bit for bit, as the uninterrupted run
     wa, wb = (load_file(run / "spiking_pc" / "model" / "model.safetensors") for run in (ref, out))
     assert wa.keys() == wb.keys() and all((wa[k] == wb[k]).all() for k in wa)
