@@ -178,7 +178,7 @@ def test_accelerate_launches_that_would_run_something_else_are_refused(tmp_path,
 # ---- two nodes on this host: killed after the first checkpoint, relaunched with --resume ----
 TRAIN_ARGS = ["--config", "configs/quick.yaml", "data.max_train_tokens_per_domain=2048",
               "data.max_eval_tokens_per_domain=512", "train.heads=[spiking_pc]",
-              "train.epochs=2", "train.save_every=1", "model.learning=hybrid", "--no-wandb",
+              "train.epochs=1", "train.save_every=1", "model.learning=hybrid", "--no-wandb",
               "--resume"]  # the restart hook: starts cleanly when there is no checkpoint yet
 
 
@@ -246,7 +246,7 @@ def test_two_nodes_killed_and_relaunched_finish_like_an_uninterrupted_run(tmp_pa
         assert p.wait(timeout=300) == 0, (tmp_path / log).read_text()[-3000:]
 
     a, b = (json.loads((run / "spiking_pc" / "metrics.json").read_text()) for run in (ref, out))
-    assert b["ranks_identical"] is True and b["optimizer_steps"] == a["optimizer_steps"] == 6
+    assert b["ranks_identical"] is True and b["optimizer_steps"] == a["optimizer_steps"] == 3
     assert b["resumes"] and b["resumes"][0]["from_step"] >= 1  # it did restart from a checkpoint
     assert b["data_sha256"] == a["data_sha256"]  # the same batches, in the same order
     assert json.loads((out / "metrics.json").read_text())["processes"] == 2
