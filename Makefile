@@ -16,12 +16,23 @@ OUT ?= bench/results
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-# Two CPU ranks for real: ACCELERATE_USE_CPU + --multi_gpu (plain --cpu runs one process).
-ifeq ($(NPROC),1)
-LAUNCH := $(PY)
+# How make train / make continual start: one process (NPROC=1, no LAUNCH_CONFIG), or
+# `accelerate launch` with an Accelerate config of configs/accelerate/ (NPROC > 1 alone: DDP on
+# this machine's GPUs or CPU ranks; LAUNCH_CONFIG=configs/accelerate/fsdp2.yaml, multinode.yaml,
+# ...; NPROC then overrides its num_processes; LAUNCH_ARGS: more launcher options, e.g.
+# "--machine_rank 1 --main_process_ip HOST"). hybridlm.launch checks the launch first: one that
+# would start fewer processes, an engine this machine cannot run, a missing or unreachable
+# rendezvous endpoint are refused before anything starts (docs/scaling.md).
+LAUNCH_CONFIG ?=
+LAUNCH_ARGS ?=
+ifneq ($(LAUNCH_CONFIG),)
+LAUNCH := $(PY) -m hybridlm.launch accelerate --config_file $(LAUNCH_CONFIG) \
+	$(if $(filter-out 1,$(NPROC)),--num_processes $(NPROC)) $(LAUNCH_ARGS)
+else ifneq ($(NPROC),1)
+LAUNCH := $(PY) -m hybridlm.launch accelerate --config_file configs/accelerate/ddp.yaml \
+	--num_processes $(NPROC) $(LAUNCH_ARGS)
 else
-LAUNCH := ACCELERATE_USE_CPU=1 $(VENV)/bin/accelerate launch --multi_gpu --num_processes $(NPROC) \
-	--num_machines 1 --mixed_precision no --dynamo_backend no
+LAUNCH := $(PY)
 endif
 
 .PHONY: help install data train compare eval test lint soak bench bench-quick gpu-check publish report continual clean

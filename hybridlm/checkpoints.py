@@ -138,13 +138,17 @@ def blocks_sha256(blocks: list) -> str:
 
 
 def run_identity(model_type: str, head: str, model_config: dict, tokenizer: dict,
-                 trunk: str = "", data: dict | None = None) -> dict:
+                 trunk: str = "", data: dict | None = None, launch: dict | None = None
+                 ) -> dict:
     """What a checkpoint must have been trained as for a run to resume it: model type, head,
     model config, tokenizer (`tokenizer_identity`), the frozen trunk's fingerprint (its
-    weights are not in the checkpoint) and the data ({domain: `blocks_sha256` of its
-    splits}: a `files:` corpus edited after the kill is other data)."""
+    weights are not in the checkpoint), the data ({domain: `blocks_sha256` of its
+    splits}: a `files:` corpus edited after the kill is other data) and the launch
+    (`hybridlm.launch.launch_identity`: processes and engine; each rank's batches and the
+    state's sharding depend on them)."""
     return {"model_type": model_type, "head": head, "model": dict(model_config),
-            "tokenizer": tokenizer, "trunk_sha256": trunk, "data": dict(data or {})}
+            "tokenizer": tokenizer, "trunk_sha256": trunk, "data": dict(data or {}),
+            "launch": dict(launch or {"processes": 1, "engine": "one process"})}
 
 
 def resume_point(ckpt_dir: Path, identity: dict) -> Path | None:
@@ -156,6 +160,16 @@ def resume_point(ckpt_dir: Path, identity: dict) -> Path | None:
     saved = read_progress(folder).get("identity")
     if saved == identity:
         return folder
+    launch = saved.get("launch") if isinstance(saved, dict) else None
+    if isinstance(launch, dict) and launch != identity["launch"]:
+        from hybridlm.launch import describe
+
+        raise ConfigError(
+            f"--resume: checkpoint {folder} was made by {describe(launch)}, this "
+            f"launch is {describe(identity['launch'])}: resume with the launch it was made "
+            "with (the same number of processes and engine: NPROC, LAUNCH_CONFIG, torchrun's "
+            "--nnodes and --nproc-per-node), or choose another output_dir (nothing was "
+            "changed)")
     if not isinstance(saved, dict):
         what = "records no model identity (saved by another program or an older version)"
     else:

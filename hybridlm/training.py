@@ -30,6 +30,7 @@ from hybridlm.evaluation import Blocks, evaluate, ranks_agree
 from hybridlm.features import FeatureCache, sample_states
 from hybridlm.heads import SPIKING_HEADS
 from hybridlm.io import folder_atomic, write_json_atomic
+from hybridlm.launch import new_accelerator
 from hybridlm.modeling import HybridForCausalLM, model_kwargs
 from hybridlm.report import Run, log_plots
 from hybridlm.rundir import History, RunDir
@@ -53,8 +54,9 @@ def make_accelerator(cfg: RunConfig) -> Accelerator:
     """A fresh Accelerator: it tracks the objects it prepared, and `save_state` writes all of
     them, so each head gets its own. The seedable sampler makes each epoch's order a function
     of (seed, epoch) alone, which a resumed run must reproduce. A launch under which the
-    local rule would be silently wrong is refused here, before any work."""
-    accelerator = Accelerator(
+    local rule would be silently wrong, or that Accelerate runs as something else than the
+    launcher asked for (`hybridlm.launch.check_launch`), is refused here, before any work."""
+    accelerator = new_accelerator(
         mixed_precision=cfg.train.mixed_precision,
         gradient_accumulation_steps=cfg.train.grad_accum_steps,
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),

@@ -231,23 +231,8 @@ def test_existing_output_dir_is_left_untouched(tmp_path, data_cache, capsys):
     assert (out / "metrics.json").read_text() == "{}"
 
 
-def test_two_processes_with_accelerate_launch(tmp_path, data_cache):
-    """A real `accelerate launch` with two CPU ranks (gloo), hybrid local learning on."""
-    out = tmp_path / "ddp"
-    launch = [str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu",
-              "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-              "--dynamo_backend", "no"]
-    args = launch + ["train/train.py", "--config", "configs/quick.yaml", f"output_dir={out}",
-                     f"data.cache_dir={data_cache}", "data.max_train_tokens_per_domain=2048",
-                     "data.max_eval_tokens_per_domain=512", "train.heads=[spiking_pc]",
-                     "train.epochs=1", "model.learning=hybrid"]
-    proc = subprocess.run(args, cwd=ROOT, capture_output=True, text=True,
-                          env=os.environ | {"ACCELERATE_USE_CPU": "1"})
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    summary = json.loads((out / "metrics.json").read_text())
-    assert summary["processes"] == 2
-    assert summary["heads"]["spiking_pc"]["ranks_identical"] is True
-    assert summary["heads"]["spiking_pc"]["learning"] == "hybrid"
+# Two processes (DDP through configs/accelerate/ddp.yaml) and two torchrun nodes killed and
+# relaunched: tests/test_launch.py.
 
 
 def test_diverging_run_stops_with_a_clear_error(tmp_path, data_cache, capsys):

@@ -30,6 +30,7 @@ from hybridlm.data import build_corpora, format_report, subsample
 from hybridlm.evaluation import Blocks
 from hybridlm.features import cache_report, trunk_fingerprint
 from hybridlm.io import write_json_atomic, write_text_atomic
+from hybridlm.launch import launch_identity
 from hybridlm.modeling import HybridForCausalLM, model_kwargs
 from hybridlm.results import results_figure, results_table, worse_than_trunk
 from hybridlm.rundir import RunDir, config_differences
@@ -153,7 +154,8 @@ def run_training(args, held: contextlib.ExitStack) -> int:
         tokenizer_id = tokenizer_identity(tokenizer)
         identities = {h: run_identity(HybridForCausalLM.config_class.model_type, h,
                                       asdict(cfg.model), tokenizer_id,
-                                      trunk_fingerprint(trunk_model), data_id)
+                                      trunk_fingerprint(trunk_model), data_id,
+                                      launch_identity(accelerator))
                       for h in cfg.train.heads}
         lock_output_dir(run, cfg, args.resume, accelerator, held)  # the first write
         resume_from = {h: resume_point(run.checkpoints(h), identities[h])
