@@ -29,6 +29,7 @@ from hybridlm.engine import Engine, NonFiniteLoss, check_local_learning, make_op
 from hybridlm.evaluation import Blocks, evaluate, ranks_agree
 from hybridlm.features import FeatureCache, sample_states
 from hybridlm.heads import SPIKING_HEADS
+from hybridlm.hub.folder import full_state_dict
 from hybridlm.io import folder_atomic, write_json_atomic
 from hybridlm.modeling import HybridForCausalLM, model_kwargs
 from hybridlm.report import Run, log_plots
@@ -290,10 +291,12 @@ def train_head(head: str, cfg: RunConfig, splits: dict, caches: dict, tokenizer,
     tracker.summary({f"final/{s}/{d}/perplexity": r["perplexity"]
                      for s in ("validation", "test") for d, r in final[s].items()})
     tracker.finish()
+    # whole tensors on the main process (under FSDP2 every rank takes part in gathering them)
+    state = full_state_dict(base) if t.save_model else None
     if accelerator.is_main_process:
         if t.save_model:  # the card is written once, after every head, with the run's table
             with folder_atomic(run.model(head)) as folder:
-                base.save_pretrained(folder)
+                base.save_pretrained(folder, state_dict=state)
                 tokenizer.save_pretrained(folder)
         write_json_atomic(run.metrics(head), metrics)
     accelerator.wait_for_everyone()
