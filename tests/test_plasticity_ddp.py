@@ -67,8 +67,13 @@ def launches(tmp_path_factory) -> dict[int, dict]:
     procs = {world: subprocess.Popen(
         [sys.executable, "-m", "tests.test_plasticity_ddp", str(world)], cwd=root,
         env=os.environ | {"HYBRIDLM_TEST_OUT": str(tmp / f"{world}.json")}) for world in (2, 4)}
-    for world, proc in procs.items():
-        assert proc.wait(timeout=300) == 0, f"the {world}-rank launch failed"
+    try:
+        for world, proc in procs.items():
+            assert proc.wait(timeout=300) == 0, f"the {world}-rank launch failed"
+    finally:  # a failed launch leaves no process behind (file rendezvous: no port shared)
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
     results = {world: json.loads((tmp / f"{world}.json").read_text()) for world in procs}
     assert all(results[world]["world"] == world for world in results)
     return results
