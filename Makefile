@@ -98,6 +98,7 @@ bench: install  ## benchmarks (kernels, a training step per head, checkpoints, r
 	$(PY) bench/bench_heads.py --out $(OUT)/bench_heads.json
 	$(PY) bench/bench_checkpoint.py --out $(OUT)/bench_checkpoint.json
 	$(PY) bench/bench_resume.py --out $(OUT)/bench_resume.json
+	$(PY) bench/bench_scaling.py --out $(OUT)/bench_scaling.json && $(PY) bench/scaling_model.py --measured $(OUT)/bench_scaling.json
 
 bench-quick: install  ## a smaller benchmark set (about 2 minutes)
 	$(PY) bench/bench_kernels.py --quick --threads 1 --out $(OUT)/bench_kernels_quick.json

@@ -69,7 +69,7 @@ def build(head: str, mode: str, feats: torch.Tensor):
     accelerator = Accelerator(cpu=True)
     model, opt = accelerator.prepare(model, make_optimizer(model, lr=1e-3, weight_decay=0.0))
     return Engine(accelerator, model, opt, get_constant_schedule(opt), max_grad_norm=1.0,
-                  local=model.local_learning())
+                  local=accelerator.unwrap_model(model).local_learning())
 
 
 def step(engine, feats, ids) -> dict:

@@ -5,7 +5,8 @@ optimizer and RNG states read back with `torch.load(weights_only=True)`) and `pr
 written last: the step, the data position, the scheduler and gate states (plain numbers, so
 nothing is unpickled), a SHA-256 of every other file and, on its last line, a SHA-256 of
 itself. A folder without `progress.yaml` was cut off mid-save; one whose files don't match
-their checksums is corrupt.
+their checksums is corrupt. The frozen trunk is not in it: the run identity names it
+(`model.encoder`) and fingerprints it (`trunk_sha256`), and a resume on another is refused.
 """
 
 from __future__ import annotations

@@ -29,6 +29,7 @@ from hybridlm.engine import Engine, NonFiniteLoss, check_local_learning, make_op
 from hybridlm.evaluation import Blocks, evaluate, ranks_agree
 from hybridlm.features import FeatureCache, sample_states
 from hybridlm.heads import SPIKING_HEADS
+from hybridlm.hub.folder import full_state_dict
 from hybridlm.io import folder_atomic, write_json_atomic
 from hybridlm.launch import new_accelerator
 from hybridlm.modeling import HybridForCausalLM, model_kwargs
@@ -94,11 +95,12 @@ def ranks_identical(accelerator: Accelerator, model) -> bool:
 def whole_state_dict(accelerator: Accelerator, model) -> dict | None:
     """The state dict to save for `model` (prepared) where the engine splits its weights
     across ranks, else None (save_pretrained reads the model's own). Under DeepSpeed ZeRO-3
-    each rank holds 1/world of every weight: Accelerate gathers them (on every rank: call it
-    on all; it needs `zero3_save_16bit_model`, which configs/accelerate/zero3.yaml sets)."""
-    if accelerator.distributed_type != DistributedType.DEEPSPEED:
-        return None
-    return accelerator.get_state_dict(model)
+    each rank holds 1/world of every weight: Accelerate gathers them (it needs
+    `zero3_save_16bit_model`, which configs/accelerate/zero3.yaml sets); under FSDP2 each rank
+    holds a slice: `full_state_dict` gathers them to rank 0. Collectives: every rank calls it."""
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        return accelerator.get_state_dict(model)
+    return full_state_dict(accelerator.unwrap_model(model))
 
 
 def layer_row(stats: dict) -> dict:

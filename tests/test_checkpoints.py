@@ -97,14 +97,14 @@ def test_falls_back_to_the_previous_checkpoint_with_a_warning(tmp_path):
     assert latest_intact(tmp_path / "nothing") is None
 
 
-def _identity(head, model, words, data=None):
+def _identity(head, model, words, data=None, trunk="c" * 64):
     return run_identity("hybridlm", head, model, tokenizer_identity(_Tokenizer(words)),
-                        data=data or {"docs": "a" * 64})
+                        trunk=trunk, data=data or {"docs": "a" * 64})
 
 
 def test_resume_point_accepts_its_own_run_and_names_what_differs_otherwise(tmp_path):
     words = ["[PAD]", "the", "cat"]
-    model = {"n_neurons": 256, "time_steps": 4}
+    model = {"encoder": "smollm2", "n_neurons": 256, "time_steps": 4}
     ours = _identity("spiking_pc", model, words)
     folder = _checkpoint(tmp_path, 4, identity=yaml.safe_load(yaml.safe_dump(ours)))
     assert resume_point(tmp_path, ours) == folder
@@ -114,6 +114,10 @@ def test_resume_point_accepts_its_own_run_and_names_what_differs_otherwise(tmp_p
         (_identity("spiking_pc", model | {"n_neurons": 512}, words), "another model.n_neurons"),
         (_identity("spiking_pc", model, words[::-1]), "another tokenizer"),
         (_identity("spiking_pc", model, words, {"docs": "b" * 64}), "another data.docs than"),
+        # the frozen trunk is not in the checkpoint: another trunk's weights (same name) or
+        # another trunk (its name is model.encoder) are refused, not trained on silently
+        (_identity("spiking_pc", model, words, trunk="d" * 64), "another trunk_sha256 than"),
+        (_identity("spiking_pc", model | {"encoder": "minilm"}, words), "another model.encoder"),
     ]
     for theirs, message in cases:
         with pytest.raises(ConfigError, match=message):

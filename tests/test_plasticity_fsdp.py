@@ -15,6 +15,7 @@ from transformers import get_constant_schedule
 
 from hybridlm.config import ConfigError
 from hybridlm.engine import Engine, check_local_learning, make_optimizer
+from hybridlm.hub import full_state_dict, load_model
 from hybridlm.plasticity import column_norms, writable_part
 from tests.conftest import tiny_model
 from tests.test_plasticity_ddp import GLOBAL_BATCH, _batches
@@ -33,13 +34,15 @@ CASES = {  # name: (tiny_model options, the dictionary's FSDP2 placement: rows o
     "hybrid_trunk_columns": (dict(learning="hybrid", gate="surprise", n_neurons=14,
                                   trainable_encoder_layers=1), 1),
 }
+FINAL = "hybrid_trunk_columns"  # the case whose final model folder is saved and reloaded
 
 
-def _train(case: str, rank: int, world: int, accelerator, shard: bool, local: bool = True
-           ) -> dict[str, torch.Tensor]:
+def _train(case: str, rank: int, world: int, accelerator, shard: bool, local: bool = True,
+           save_to: Path | None = None) -> dict[str, torch.Tensor]:
     """The training engine over this rank's share of each global batch; with `shard`, the
     spiking head, the trainable trunk layers and the rest of the model are each sharded with
-    `fully_shard` over all ranks. Returns the whole state dict (gathered)."""
+    `fully_shard` over all ranks. Returns the whole state dict (gathered); with `save_to`, the
+    main process also writes the final model folder there, as `make train` does."""
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import DTensor, Shard, init_device_mesh
 
@@ -64,6 +67,10 @@ def _train(case: str, rank: int, world: int, accelerator, shard: bool, local: bo
         mine = ids[rank * per_rank : (rank + 1) * per_rank]
         out = model(input_ids=mine, labels=mine)
         assert engine.step(out.loss, out.local_statistic) is not None
+    if save_to is not None:  # hybridlm.training.train_head's final save_pretrained
+        state = full_state_dict(model)
+        if accelerator.is_main_process:
+            model.save_pretrained(save_to, state_dict=state)
     return {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().clone()
             for k, v in model.state_dict().items()}
 
@@ -91,10 +98,12 @@ def _two_rank_worker():
     acc = Accelerator(cpu=True)
     rank, world = acc.process_index, acc.num_processes
     results = {"uneven_rows": _uneven_rows(world)}
+    out = Path(os.environ["HYBRIDLM_TEST_OUT"])
     for case in CASES:
-        results[case] = _train(case, rank, world, acc, shard=True)
+        results[case] = _train(case, rank, world, acc, shard=True,
+                               save_to=out.with_name(FINAL) if case == FINAL else None)
     if acc.is_main_process:
-        torch.save(results, os.environ["HYBRIDLM_TEST_OUT"])
+        torch.save(results, out)
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +113,7 @@ def two_ranks(tmp_path_factory) -> dict:
     root = Path(__file__).resolve().parent.parent
     subprocess.run([sys.executable, "-m", "tests.test_plasticity_fsdp"], cwd=root, check=True,
                    timeout=300, env=os.environ | {"HYBRIDLM_TEST_OUT": str(out)})
-    return torch.load(out)
+    return torch.load(out) | {"folder": out.with_name(FINAL)}
 
 
 @pytest.mark.slow
@@ -128,6 +137,17 @@ def test_two_sharded_ranks_match_one_process_and_keep_the_local_update(two_ranks
     key = "head.dictionary"
     assert (reference[key] - gradient_only[key]).abs().max() > 1000 * TOL
     assert (sharded[key] - gradient_only[key]).abs().max() > 1000 * TOL
+
+
+@pytest.mark.slow
+def test_the_final_folder_of_a_sharded_run_is_whole_and_loads_in_one_process(two_ranks):
+    # a rank's slices saved as the weights would fail check_model_folder's shapes (or the
+    # save itself): the folder must hold every tensor whole, as the ranks trained it
+    model = load_model(two_ranks["folder"])
+    trained = two_ranks[FINAL]
+    assert model.state_dict().keys() == trained.keys()
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, trained[name]), name
 
 
 # An FSDP1 accelerator cannot be built on a CPU-only machine: these fakes carry the two

@@ -4,7 +4,7 @@ One job per module, all re-exported here (`from hybridlm import hub; hub.publish
 
 - `folder`: what a model folder holds; `check_model_folder` (the one validator: publishing
   and `load_model` call it first, and it names the file or field that is wrong),
-  `save_model`, `load_model`;
+  `save_model`, `load_model`, `full_state_dict` (a sharded model's whole weights);
 - `remote_code`: `export_remote_code` writes a self-contained `modeling_hybridlm.py` (plain
   torch + transformers) and an `auto_map` into `config.json`, so people without hybridlm
   installed can load the folder with `trust_remote_code=True`;
@@ -38,6 +38,7 @@ from hybridlm.hub.folder import (
     WEIGHTS_INDEX,
     check_model_folder,
     expected_shapes,
+    full_state_dict,
     load_model,
     save_model,
 )
@@ -81,6 +82,7 @@ __all__ = [
     "continual_section",
     "expected_shapes",
     "export_remote_code",
+    "full_state_dict",
     "load_model",
     "model_files",
     "modeling_source",

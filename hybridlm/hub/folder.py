@@ -163,6 +163,24 @@ def expected_shapes(cfg: dict, folder: Path) -> dict[str, list[int]]:
 
 
 # ---- save / load ---------------------------------------------------------------------------
+def full_state_dict(model) -> dict | None:
+    """What `model.save_pretrained(folder, state_dict=...)` must write for a complete folder.
+
+    None (save_pretrained then reads the model's own `state_dict()`) unless some parameter is
+    sharded across ranks (FSDP2's `fully_shard` makes parameters DTensors holding a slice
+    each; saving those fails or writes slices): then the whole tensors, gathered to CPU on
+    rank 0 ({} on the other ranks). A collective in that case: every rank must call it.
+    """
+    from torch.distributed.tensor import DTensor
+
+    if not any(isinstance(p, DTensor) for p in model.parameters()):
+        return None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(
+        model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
 def load_model(folder: str | Path, **kwargs):
     """`AutoModelForCausalLM.from_pretrained(folder)` after `check_model_folder`."""
     check_model_folder(folder, require_tokenizer=False)
