@@ -285,7 +285,7 @@ def test_make_train_refuses_fp16_deepspeed_with_local_learning_at_start(
         zero.main_process_first = lambda: (_ for _ in ()).throw(Reached())
         return zero
 
-    monkeypatch.setattr(training, "Accelerator", deepspeed)
+    monkeypatch.setattr(training, "new_accelerator", deepspeed)
     argv = ["--no-wandb", "--config", str(Path(__file__).parent.parent / "configs/quick.yaml"),
             f"output_dir={tmp_path / 'run'}", "train.heads=[spiking_pc]",
             f"model.learning={learning}"]
