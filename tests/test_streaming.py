@@ -192,3 +192,124 @@ def test_bad_streaming_configs_are_refused(overrides, message):
     base = [] if any(o.startswith(limit) for o in overrides) else [f"{limit}=null"]
     with pytest.raises(ConfigError, match=re.escape(message)):
         load_config(str(ROOT / "configs" / "quick.yaml"), base + overrides)
+
+
+# ---- make train on a stream: kill, resume, same data -----------------------------------------
+# Four shards of unequal length (1, 4, 1, 4 records): with two ranks, one rank holds 5 batches
+# of 4 blocks of 16 tokens a pass, the other 20, so each pass ends at the fifth batch and
+# 8 steps cross a pass boundary; one process at 16 blocks a batch crosses one too.
+E2E_SHARDS = [1, 4, 1, 4]
+
+
+def train_args(out: Path, source: str, *extra: str) -> list[str]:
+    return ["--config", "configs/quick.yaml", f"output_dir={out}",
+            f"data.cache_dir={ROOT / '.cache' / 'hybridlm'}",
+            f"data.domains=[{{name: docs, source: '{source}', streaming: true}}]",
+            "data.max_train_tokens_per_domain=null", "data.max_eval_tokens_per_domain=256",
+            "data.block_size=16", "data.passage_chars=100", "data.val_fraction=0.1",
+            "data.test_fraction=0.1", "train.heads=[spiking_pc]", "train.max_steps=8",
+            "train.save_every=3", "train.keep_checkpoints=10", "model.n_neurons=32",
+            "model.learning=hybrid", "--no-wandb", *extra]
+
+
+def expected_sha256(source: str, batch_size: int, world: int, steps: int, tokenizer) -> str:
+    """data_sha256 of an uninterrupted run, from the streams alone: per pass, the ranks train
+    as many batches as the shortest of them holds; each step chains every rank's digest."""
+    import hashlib
+
+    from hybridlm.config import load_config
+
+    cfg = load_config(str(ROOT / "configs" / "quick.yaml"),
+                      [a for a in train_args(Path("x"), source) if "=" in a])
+    ranks = [digests(TrainStream(cfg.data.domains, cfg.data, tokenizer, batch_size, r, world))
+             for r in range(world)]
+    per_pass = min(len(r) for r in ranks)
+    chain = ""
+    for step in range(steps):
+        row = [r[step % per_pass] for r in ranks]
+        chain = hashlib.sha256((chain + str(row)).encode()).hexdigest()
+    return chain
+
+
+def keep_until(run: Path, step: int) -> None:
+    """The run folder as a kill right after checkpoint `step` leaves it: newer checkpoints
+    and every result removed (the kill may have come later)."""
+    import shutil
+
+    for ckpt in (run / "spiking_pc" / "checkpoints").glob("step_*"):
+        if int(ckpt.name.removeprefix("step_")) > step:
+            shutil.rmtree(ckpt)
+    shutil.rmtree(run / "spiking_pc" / "model", ignore_errors=True)
+    for done in (run / "spiking_pc" / "metrics.json", run / "metrics.json"):
+        done.unlink(missing_ok=True)
+
+
+@pytest.mark.slow
+def test_one_process_resume_of_a_stream_is_bit_exact(tmp_path, tokenizer, capsys):
+    from safetensors.torch import load_file
+
+    from tests.conftest import command
+
+    source = write_shards(tmp_path / "shards", E2E_SHARDS, chars=800)
+    train = command("train/train.py").main
+    whole, part = tmp_path / "whole", tmp_path / "part"
+    assert train(train_args(whole, source, "train.batch_size=16")) == 0, capsys.readouterr().err
+    import shutil
+    shutil.copytree(whole, part)
+    keep_until(part, 3)
+    assert train(train_args(part, source, "train.batch_size=16", "--resume")) == 0
+    a, b = (load_file(r / "spiking_pc" / "model" / "model.safetensors") for r in (whole, part))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    a, b = (json.loads((r / "spiking_pc" / "metrics.json").read_text()) for r in (whole, part))
+    for key in a.keys() - {"epoch_seconds", "resumes"}:
+        assert a[key] == b[key], key
+    assert [r["from_step"] for r in b["resumes"]] == [3]
+    assert a["data_sha256"] == expected_sha256(source, 16, 1, 8, tokenizer)
+    assert a["train_tokens_per_epoch"] is None and "kn_bigram" not in json.loads(
+        (whole / "metrics.json").read_text())["heads"]  # n-grams need the whole training set
+
+
+@pytest.mark.slow
+def test_two_ranks_stream_unequal_shards_killed_and_resumed(tmp_path, tokenizer, capsys):
+    """accelerate launch, 2 CPU ranks: killed after its step-3 checkpoint, refused a resume on
+    one process, resumed on two; the batches trained on are those of an uninterrupted run."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import command
+
+    source = write_shards(tmp_path / "shards", E2E_SHARDS, chars=800)
+    run = tmp_path / "ddp"
+    launch = [str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu",
+              "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+              "--dynamo_backend", "no", "train/train.py"]
+    env = os.environ | {"ACCELERATE_USE_CPU": "1"}
+    proc = subprocess.Popen(launch + train_args(run, source, "train.batch_size=4"), cwd=ROOT,
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    ckpt = run / "spiking_pc" / "checkpoints" / "step_0000003" / "progress.yaml"
+    deadline = time.time() + 180
+    while time.time() < deadline and not ckpt.exists() and proc.poll() is None:
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both ranks
+    err = proc.communicate()[1]
+    assert ckpt.exists(), err[-3000:]
+    keep_until(run, 3)
+    # one process cannot take over two ranks' shards and positions
+    rc = command("train/train.py").main(train_args(run, source, "train.batch_size=4",
+                                                   "--resume"))
+    assert rc == 2
+    assert "streamed its shards over 2 rank(s), and this launch has 1" in capsys.readouterr().err
+    done = subprocess.run(launch + train_args(run, source, "train.batch_size=4", "--resume"),
+                          cwd=ROOT, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    m = json.loads((run / "spiking_pc" / "metrics.json").read_text())
+    assert m["optimizer_steps"] == 8 and m["ranks_identical"] is True
+    assert [r["from_step"] for r in m["resumes"]] == [3]
+    assert m["data_sha256"] == expected_sha256(source, 4, 2, 8, tokenizer)
+    saved = yaml.safe_load((run / "spiking_pc" / "checkpoints" / "step_0000006" /
+                            "progress.yaml").read_text())
+    assert saved["epoch"] == 1 and saved["stream"]["world_size"] == 2  # in its second pass
