@@ -304,7 +304,7 @@ def test_two_ranks_stream_unequal_shards_killed_and_resumed(tmp_path, tokenizer,
     assert rc == 2
     assert "streamed its shards over 2 rank(s), and this launch has 1" in capsys.readouterr().err
     done = subprocess.run(launch + train_args(run, source, "train.batch_size=4", "--resume"),
-                          cwd=ROOT, env=env, capture_output=True, text=True)
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     m = json.loads((run / "spiking_pc" / "metrics.json").read_text())
     assert m["optimizer_steps"] == 8 and m["ranks_identical"] is True
