@@ -99,10 +99,11 @@ def texts(ds: datasets.IterableDataset, dom: DomainConfig) -> Iterator[str]:
         for i, rec in enumerate(ds):
             value = rec.get(dom.text_field)
             if not isinstance(value, str):
-                what = "has none" if value is None else f"is {type(value).__name__}"
-                raise DataError(f"domain '{dom.name}', record {i} of its stream: "
-                                f"'{dom.text_field}' {what}, not a string: fix the record, or "
-                                "name the text's field in text_field")
+                what = f"has no '{dom.text_field}'" if value is None else \
+                    f"has a value of type {type(value).__name__} in '{dom.text_field}'"
+                raise DataError(f"domain '{dom.name}': record {i} of its stream {what}, not a "
+                                "string: fix the record, or name the text's field in "
+                                "text_field")
             yield value
     except (ValueError, OSError) as e:  # unreadable JSON, a shard gone since it was listed
         if isinstance(e, DataError):

@@ -20,6 +20,7 @@ from hybridlm.streaming import (
     check_world_size,
     held_out_domain,
     in_step,
+    open_stream,
     passage_split,
     texts,
 )
@@ -164,6 +165,19 @@ def test_ranks_with_unequal_text_yield_the_same_number_of_batches(tmp_path, toke
     for t in threads:
         t.join(timeout=60)
     assert counts == [alone[0], alone[0]]
+
+
+@pytest.mark.parametrize("lines, message", [
+    (['{"text": "ok"}', '{"text": 5}'], "record 1 of its stream has a value of type int in 'text'"),
+    (['{"text": "ok"}', '{broken'], "its stream cannot be read (ArrowInvalid: JSON parse"),
+    (['{"body": "ok"}'], "record 0 of its stream has no 'text'"),
+])
+def test_bad_records_are_named(tmp_path, lines, message):
+    (tmp_path / "shard.jsonl").write_text("\n".join(lines) + "\n")
+    dom = DomainConfig(name="x", source=f"files:{tmp_path}/*.jsonl", streaming=True)
+    with pytest.raises(DataError, match=re.escape("domain 'x'")) as e:
+        list(texts(open_stream(dom), dom))
+    assert message in str(e.value)
 
 
 def test_resume_with_another_world_size_is_refused():
