@@ -285,6 +285,26 @@ def in_step(batches: Iterator[dict], all_reduce_sum, world: int) -> Iterator[dic
         yield batch
 
 
+def sum_over_ranks(accelerator) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """The all-reduce (sum) `all_have` takes, or None with one process."""
+    if accelerator.num_processes == 1:
+        return None
+    return lambda t: accelerator.reduce(t, "sum")
+
+
+def check_first_batch(stream: TrainStream, accelerator) -> None:
+    """Refuse, on every rank at once and before training, a stream that gives some rank no
+    full batch (its passes would train on nothing)."""
+    has = next(stream.batches(), None) is not None
+    stream.restart()
+    if not all_have(has, sum_over_ranks(accelerator), accelerator.num_processes):
+        who = "some rank" if accelerator.num_processes > 1 else "the run"
+        raise DataError(
+            f"the streamed training text gives {who} no full batch of {stream.batch_size} "
+            f"blocks of {stream.cfg.block_size} tokens: "
+            "give each shard more text, or lower train.batch_size or data.block_size")
+
+
 def gather_positions(stream: TrainStream, accelerator) -> dict:
     """Every rank's stream position, for the checkpoint (a collective: call on all ranks)."""
     from accelerate.utils import gather_object

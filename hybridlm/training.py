@@ -34,7 +34,13 @@ from hybridlm.io import folder_atomic, write_json_atomic
 from hybridlm.modeling import HybridForCausalLM, model_kwargs
 from hybridlm.report import Run, log_plots
 from hybridlm.rundir import History, RunDir
-from hybridlm.streaming import TrainStream, check_world_size, gather_positions, in_step
+from hybridlm.streaming import (
+    TrainStream,
+    check_world_size,
+    gather_positions,
+    in_step,
+    sum_over_ranks,
+)
 from hybridlm.tracking import Tracker
 
 
@@ -204,9 +210,8 @@ def train_head(head: str, cfg: RunConfig, splits: dict, caches: dict, tokenizer,
             stream.restart()
             if progress["batches_done"]:  # resumed mid-pass: this rank's saved position
                 stream.load_position(progress["stream"]["ranks"][accelerator.process_index])
-            reduce = (lambda x: accelerator.reduce(x, "sum")) \
-                if accelerator.num_processes > 1 else None
-            loader = in_step(stream.batches(), reduce, accelerator.num_processes)
+            loader = in_step(stream.batches(), sum_over_ranks(accelerator),
+                             accelerator.num_processes)
         start = time.perf_counter()
         eval_seconds = 0.0
         bar = tqdm(loader, desc=f"{head} epoch {epoch + 1}" + (f"/{t.epochs}" if stream is None
@@ -277,11 +282,8 @@ def train_head(head: str, cfg: RunConfig, splits: dict, caches: dict, tokenizer,
                                  local, identity, t.keep_checkpoints)
             if stream is not None and step == total_steps:
                 break
-        if stream is not None and progress["batches_done"] == 0:
-            raise ConfigError(
-                f"[{head}] the streamed training text gives some rank no full batch of "
-                f"{t.batch_size} blocks of {cfg.data.block_size} tokens: give each shard more "
-                "text, or lower train.batch_size or data.block_size")
+        if stream is not None and progress["batches_done"] == 0:  # (checked before training)
+            raise ConfigError(f"[{head}] a pass of the streamed training text held no batch")
         progress["epoch_seconds"].append(time.perf_counter() - start - eval_seconds)
         progress["epoch"], progress["batches_done"] = epoch + 1, 0
     if progress["step"] == 0:  # nothing learned: no model, card or metrics as if finished

@@ -327,3 +327,15 @@ def test_two_ranks_stream_unequal_shards_killed_and_resumed(tmp_path, tokenizer,
     saved = yaml.safe_load((run / "spiking_pc" / "checkpoints" / "step_0000006" /
                             "progress.yaml").read_text())
     assert saved["epoch"] == 1 and saved["stream"]["world_size"] == 2  # in its second pass
+
+
+def test_a_stream_without_one_full_batch_is_refused_before_training(tmp_path, capsys):
+    """In-process, before anything is written: 2 records cannot fill a batch of 64 blocks."""
+    from tests.conftest import command
+
+    source = write_shards(tmp_path / "shards", [2], chars=800)
+    out = tmp_path / "run"
+    rc = command("train/train.py").main(train_args(out, source, "train.batch_size=64"))
+    assert rc == 2
+    assert "gives the run no full batch of 64 blocks of 16 tokens" in capsys.readouterr().err
+    assert not out.exists()
