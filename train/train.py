@@ -33,7 +33,7 @@ from hybridlm.io import write_json_atomic, write_text_atomic
 from hybridlm.modeling import HybridForCausalLM, model_kwargs
 from hybridlm.results import results_figure, results_table, worse_than_trunk
 from hybridlm.rundir import RunDir, config_differences
-from hybridlm.streaming import TrainStream
+from hybridlm.streaming import TrainStream, check_first_batch
 from hybridlm.training import (
     IndexedBlocks,
     feature_caches,
@@ -146,6 +146,7 @@ def run_training(args, held: contextlib.ExitStack) -> int:
             splits = {"train": TrainStream(d.domains, d, tokenizer, cfg.train.batch_size,
                                            accelerator.process_index, accelerator.num_processes),
                       "train_tokens": None}
+            check_first_batch(splits["train"], accelerator)
         else:
             train_parts = [Blocks(subsample(dom.splits["train"], d.max_train_tokens_per_domain,
                                             d.block_size, d.subsample_seed)) for dom in domains]
