@@ -125,6 +125,10 @@ def main(argv=None) -> int:
         cfg = load_config(args.config, args.overrides)
         c = cfg.continual
         order = c.order or [d.name for d in cfg.data.domains]
+        streamed = [d.name for d in cfg.data.domains if d.streaming]
+        if streamed:  # a stage trains on a fixed slice of its domain's cached blocks
+            raise ConfigError(f"config key 'data.domains': the continual evaluation reads "
+                              f"cached domains; {streamed} stream: set streaming: false")
         if not c.methods and args.checkpoint is None:
             raise ConfigError("config key 'continual.methods': list at least one method")
         chosen = select_methods(c, args.methods)

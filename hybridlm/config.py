@@ -143,6 +143,8 @@ class DomainConfig:
                              "datasets")
     hf_config: str | None = _field(None, "hf: the dataset's config name (null: its default)")
     hf_split: str = _field("train", "hf: the dataset split to read")
+    streaming: bool = _field(False, "read the training text as a stream, sharded by rank, never "
+                             "cached (hf:, or files: of .jsonl shards; hybridlm/streaming.py)")
 
     def check(self, key: str) -> None:
         """`key`: where this domain sits in the config, e.g. `data.domains[0]`."""
@@ -152,6 +154,12 @@ class DomainConfig:
                 or "\0" in self.source:
             _fail(f"{key}.source", "must look like builtin:<name>, files:<glob> or hf:<dataset>, "
                   f"got {_show(self.source)}")
+        if self.streaming:  # the shards of a stream: a Hub dataset's, or one .jsonl file each
+            globs = self.source.partition(":")[2].split(",")
+            _check(scheme == "hf" or scheme == "files" and all(
+                g.strip().endswith(".jsonl") for g in globs), f"{key}.streaming",
+                "streams hf:<dataset> or files:<glob of .jsonl shards>, got "
+                f"{_show(self.source)}: use one of those, or streaming: false")
 
 
 @dataclass
@@ -197,6 +205,14 @@ class DataConfig:
                           " (at least data.block_size)")
         _in_range(self.subsample_seed, 0, SEED_MAX, f"{key}.subsample_seed")
         _path(self.cache_dir, f"{key}.cache_dir")
+        # one training set is either map-style blocks or a stream (hybridlm/streaming.py)
+        streamed = [dom.name for dom in self.domains if dom.streaming]
+        if streamed and len(streamed) < len(self.domains):
+            _fail(f"{key}.domains", f"stream every domain or none: {_show(streamed)} stream, "
+                  f"{_show([d.name for d in self.domains if not d.streaming])} do not")
+        _check(not streamed or self.max_train_tokens_per_domain is None,
+               f"{key}.max_train_tokens_per_domain", "does not apply to streamed domains "
+               "(train.max_steps decides how far they are read): set it to null")
 
 
 def _one_of(values: tuple[str, ...]) -> str:
@@ -310,6 +326,9 @@ class TrainConfig:
                                   "reused")
     save_model: bool = _field(True, "write <head>/model (with the whole trunk: ~0.5 GB for "
                               "SmolLM2)")
+    max_steps: int = _field(0, "optimizer steps of a run whose domains stream (its schedule's "
+                            "length; the stream starts again when it ends first); 0: not "
+                            "streamed, epochs decide")
 
     def check(self, key: str = "train") -> None:
         _check(len(self.heads) > 0, f"{key}.heads", "list at least one head")
@@ -331,6 +350,7 @@ class TrainConfig:
         _in_range(self.eval_every, 0, MAX_COUNT, f"{key}.eval_every")
         _in_range(self.save_every, 0, MAX_COUNT, f"{key}.save_every")
         _in_range(self.keep_checkpoints, 1, MAX_COUNT, f"{key}.keep_checkpoints")
+        _in_range(self.max_steps, 0, MAX_COUNT, f"{key}.max_steps")
 
 
 @dataclass
@@ -487,6 +507,11 @@ def validate(cfg: RunConfig) -> None:
                   "the retention text must be in none")
     _check(c.tokens_per_stage >= cfg.data.block_size, "continual.tokens_per_stage",
            f"must be >= data.block_size ({cfg.data.block_size}), got {c.tokens_per_stage}")
+    streamed = any(dom.streaming for dom in cfg.data.domains)
+    _check(streamed == (cfg.train.max_steps > 0), "train.max_steps",
+           "give the optimizer steps of a streamed run (a stream has no length to count epochs "
+           "by)" if streamed else "is for streamed domains only (data.domains[*].streaming); "
+           "set it to 0, epochs decide")
     # the energy-based layers' kernels take float32/float64 only: refuse before any work
     spiking = [h for h in cfg.train.heads + [m.head for m in c.methods] if h in SPIKING_HEADS]
     _check(cfg.train.mixed_precision == "no" or not spiking, "train.mixed_precision",

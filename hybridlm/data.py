@@ -167,9 +167,18 @@ def build_domain(dom: DomainConfig, cfg: DataConfig, tokenizer, cache_root: Path
             f"domain '{dom.name}' has {len(passages)} passage(s); train, validation and test "
             "need at least 3: give it more text or lower data.passage_chars"
         )
+    by_split = assign_splits(passages, cfg.val_fraction, cfg.test_fraction)
+    return cached_domain(dom, cfg, tokenizer, cache_root, "\0".join(passages), by_split,
+                         len(docs))
+
+
+def cached_domain(dom: DomainConfig, cfg: DataConfig, tokenizer, cache_root: Path,
+                  content: str, by_split: dict[str, list[str]], n_docs: int) -> DomainData:
+    """The packed splits `by_split` ({split: passages}) of one domain, from the cache entry
+    keyed by the settings and `content` (the text that decides them), or built into it."""
     settings = [FORMAT_VERSION, cfg.block_size, cfg.val_fraction, cfg.test_fraction,
                 cfg.passage_chars, tokenizer_fingerprint(tokenizer)]
-    key = _hash(json.dumps(settings) + "\0".join(passages))[:16]
+    key = _hash(json.dumps(settings) + content)[:16]
     folder = cache_root / f"{dom.name}-{key}"
     with _locked(folder):
         _remove_stale_builds(folder)  # ours to remove: their builder held this lock
@@ -177,26 +186,33 @@ def build_domain(dom: DomainConfig, cfg: DataConfig, tokenizer, cache_root: Path
             problem = _check_entry(folder)
             if problem is None:
                 stats = json.loads((folder / "stats.json").read_text())
-                splits = {s: datasets.load_from_disk(str(folder / s)) for s in SPLITS}
+                splits = {s: datasets.load_from_disk(str(folder / s)) for s in by_split}
                 return DomainData(dom.name, splits, stats | {"cached": True})
             print(f"data cache entry {folder}: {problem}; building it again")
             shutil.rmtree(folder)
-        stats = _build_entry(folder, dom, cfg, tokenizer, passages, len(docs))
-        splits = {s: datasets.load_from_disk(str(folder / s)) for s in SPLITS}
+        stats = _build_entry(folder, dom, cfg, tokenizer, by_split, n_docs)
+        splits = {s: datasets.load_from_disk(str(folder / s)) for s in by_split}
     return DomainData(dom.name, splits, stats | {"cached": False})
 
 
-def _build_entry(folder: Path, dom: DomainConfig, cfg: DataConfig, tokenizer,
-                 passages: list[str], n_docs: int) -> dict:
-    """Tokenize and pack `passages` into the cache entry `folder`; returns its stats."""
+def passage_tokens(tokenizer) -> tuple[int, int]:
+    """(sep, pad): the token that ends every passage and the one that pads the last block;
+    DataError if the tokenizer has neither a sep nor an eos token, or is not a fast one."""
     sep = tokenizer.sep_token_id if tokenizer.sep_token_id is not None else tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else sep
     if sep is None:
         raise DataError("the tokenizer has neither a sep nor an eos token to end passages with")
-
     if not getattr(tokenizer, "is_fast", False):
         raise DataError(f"the tokenizer {type(tokenizer).__name__} is not a fast tokenizer: "
                         "character offsets (for bits per character) need one")
+    return sep, pad
+
+
+def _build_entry(folder: Path, dom: DomainConfig, cfg: DataConfig, tokenizer,
+                 by_split: dict[str, list[str]], n_docs: int) -> dict:
+    """Tokenize and pack the passages of each split into the cache entry `folder`; returns
+    its stats."""
+    sep, pad = passage_tokens(tokenizer)
 
     def tokenize(batch):
         enc = tokenizer(batch["text"], add_special_tokens=False, verbose=False,
@@ -208,7 +224,7 @@ def _build_entry(folder: Path, dom: DomainConfig, cfg: DataConfig, tokenizer,
 
     stats = {"documents": n_docs, "passages": {}, "tokens": {}, "blocks": {}, "chars": {}}
     splits = {}
-    for split, texts in assign_splits(passages, cfg.val_fraction, cfg.test_fraction).items():
+    for split, texts in by_split.items():
         # a fingerprint of our own: datasets would otherwise hash `tokenize`, pickling the
         # whole tokenizer (most of a small domain's build time)
         tokenized = datasets.Dataset.from_dict({"text": texts}).map(
@@ -318,7 +334,11 @@ def build_corpora(cfg: DataConfig, tokenizer, progress: bool = True) -> list[Dom
                     _remove_stale_builds(cache_root / match[1])
     if not progress:
         datasets.disable_progress_bars()
-    return [build_domain(dom, cfg, tokenizer, cache_root) for dom in cfg.domains]
+    from hybridlm.streaming import held_out_domain  # (it builds on this module)
+
+    # a streamed domain: only its held-out splits are built here (hybridlm/streaming.py)
+    return [held_out_domain(dom, cfg, tokenizer, cache_root) if dom.streaming
+            else build_domain(dom, cfg, tokenizer, cache_root) for dom in cfg.domains]
 
 
 def subsample(ds: datasets.Dataset, max_tokens: int | None, block_size: int, seed: int):
@@ -335,10 +355,12 @@ def format_report(domains: list[DomainData]) -> str:
     rows = ["| domain | documents | train tokens | val tokens | test tokens | train blocks |"
             " val blocks | test blocks | cache |", "|---" * 9 + "|"]
     for d in domains:
-        t, b = d.stats["tokens"], d.stats["blocks"]
+        # a streamed domain's training text is not counted before training reads it
+        t = {"train": "stream"} | {k: f"{v:,}" for k, v in d.stats["tokens"].items()}
+        b = {"train": "stream"} | {k: f"{v:,}" for k, v in d.stats["blocks"].items()}
         rows.append(
-            f"| {d.name} | {d.stats['documents']} | {t['train']:,} | {t['validation']:,} | "
-            f"{t['test']:,} | {b['train']:,} | {b['validation']:,} | {b['test']:,} | "
+            f"| {d.name} | {d.stats['documents']} | {t['train']} | {t['validation']} | "
+            f"{t['test']} | {b['train']} | {b['validation']} | {b['test']} | "
             f"{'reused' if d.stats['cached'] else 'built'} |"
         )
     return "\n".join(rows)

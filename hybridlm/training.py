@@ -10,6 +10,7 @@ the folder layout is `hybridlm.rundir`'s; the checkpoint schema is `hybridlm.che
 from __future__ import annotations
 
 import hashlib
+import itertools
 import math
 import sys
 import time
@@ -24,7 +25,7 @@ from transformers import get_cosine_schedule_with_warmup
 
 from hybridlm import checkpoints
 from hybridlm.checkpoints import drop_keys, frozen_trunk_keys, latest_intact
-from hybridlm.config import RunConfig
+from hybridlm.config import ConfigError, RunConfig
 from hybridlm.engine import Engine, NonFiniteLoss, check_local_learning, make_optimizer
 from hybridlm.evaluation import Blocks, evaluate, ranks_agree
 from hybridlm.features import FeatureCache, sample_states
@@ -35,6 +36,13 @@ from hybridlm.launch import new_accelerator
 from hybridlm.modeling import HybridForCausalLM, model_kwargs
 from hybridlm.report import Run, log_plots
 from hybridlm.rundir import History, RunDir
+from hybridlm.streaming import (
+    TrainStream,
+    check_world_size,
+    gather_positions,
+    in_step,
+    sum_over_ranks,
+)
 from hybridlm.tracking import Tracker
 
 
@@ -124,18 +132,26 @@ def train_head(head: str, cfg: RunConfig, splits: dict, caches: dict, tokenizer,
     # -- setup: seed, model (the pretrained trunk + a head that starts as the identity) --------
     set_seed(cfg.seed)
     accelerator = make_accelerator(cfg)
+    # streamed domains (hybridlm/streaming.py): this rank's shards, read as training goes
+    stream = splits["train"] if isinstance(splits["train"], TrainStream) else None
     model = HybridForCausalLM.from_encoder(cfg.model.encoder, cfg.data.cache_dir,
                                            **model_kwargs(cfg.model) | {"head": head})
     if head in SPIKING_HEADS and cfg.model.dictionary_init == "data":
-        model.head.init_from_data(sample_states(model, splits["train"], caches.get("train"),
-                                                8 * cfg.model.n_neurons, cfg.seed))
+        n_tokens = 8 * cfg.model.n_neurons
+        train = splits["train"] if stream is None else stream.first_blocks(n_tokens // 16)
+        model.head.init_from_data(sample_states(model, train, caches.get("train"), n_tokens,
+                                                cfg.seed))
     # -- optimizer, data, schedule; prepared together, as `save_state` / `load_state` expect --
     optimizer = make_optimizer(model, t.lr, t.weight_decay)
-    train_loader = DataLoader(splits["train"], batch_size=t.batch_size, shuffle=True)
-    model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
+    if stream is None:
+        train_loader = DataLoader(splits["train"], batch_size=t.batch_size, shuffle=True)
+        model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
+        steps_per_epoch = math.ceil(len(train_loader) / t.grad_accum_steps)
+        total_steps = t.epochs * steps_per_epoch
+    else:  # not prepared: Accelerate would read the whole stream on every rank
+        model, optimizer = accelerator.prepare(model, optimizer)
+        steps_per_epoch = total_steps = t.max_steps  # "once per epoch": at the end
     base = accelerator.unwrap_model(model)
-    steps_per_epoch = math.ceil(len(train_loader) / t.grad_accum_steps)
-    total_steps = t.epochs * steps_per_epoch
     scheduler = get_cosine_schedule_with_warmup(
         optimizer, int(t.warmup_fraction * total_steps), total_steps
     )
@@ -153,6 +169,8 @@ def train_head(head: str, cfg: RunConfig, splits: dict, caches: dict, tokenizer,
                 "skipped_steps": 0, "data_sha256": "", "resumes": []}
     if resume_from is not None:
         progress = checkpoints.restore(accelerator, resume_from, base, frozen, scheduler, local)
+        if stream is not None:
+            check_world_size(progress["stream"], accelerator.num_processes, resume_from)
         accelerator.print(f"[{head}] resumed from {resume_from} (step {progress['step']})")
     history = History(run.history(head), progress["step"] if resume_from else None,
                       enabled=accelerator.is_main_process)
@@ -191,19 +209,33 @@ def train_head(head: str, cfg: RunConfig, splits: dict, caches: dict, tokenizer,
     model.train()
     resuming = resume_from is not None
     last_validation = None  # reused as the final validation when training ends on one
-    for epoch in range(progress["epoch"], t.epochs):
-        train_loader.set_epoch(epoch)
-        loader = train_loader
-        if progress["batches_done"]:  # resumed mid-epoch: the same order, minus what was done
-            loader = accelerator.skip_first_batches(train_loader, progress["batches_done"])
+    # a stream is read in passes until max_steps: epoch = pass, ended together on all ranks
+    epochs = range(progress["epoch"], t.epochs) if stream is None else \
+        itertools.count(progress["epoch"])
+    for epoch in epochs:
+        if stream is not None and progress["step"] == total_steps:
+            break  # (also when resumed from the final checkpoint)
+        if stream is None:
+            train_loader.set_epoch(epoch)
+            loader = train_loader
+            if progress["batches_done"]:  # resumed mid-epoch: the same order, minus what was done
+                loader = accelerator.skip_first_batches(train_loader, progress["batches_done"])
+        else:
+            stream.restart()
+            if progress["batches_done"]:  # resumed mid-pass: this rank's saved position
+                stream.load_position(progress["stream"]["ranks"][accelerator.process_index])
+            loader = in_step(stream.batches(), sum_over_ranks(accelerator),
+                             accelerator.num_processes)
         start = time.perf_counter()
         eval_seconds = 0.0
-        bar = tqdm(loader, desc=f"{head} epoch {epoch + 1}/{t.epochs}",
+        bar = tqdm(loader, desc=f"{head} epoch {epoch + 1}" + (f"/{t.epochs}" if stream is None
+                                                              else " (stream)"),
                    disable=not accelerator.is_local_main_process, leave=False,
-                   initial=progress["batches_done"], total=len(train_loader),
+                   initial=progress["batches_done"],
+                   total=len(train_loader) if stream is None else None,
                    mininterval=0.1 if sys.stderr.isatty() else 30)  # logs: a line per 30 s
         for batch in bar:
-            index = batch["index"]
+            index = batch["index"]  # the blocks' indices, or a streamed batch's token digest
             if accelerator.num_processes > 1:
                 index = accelerator.gather(index)
             progress["data_sha256"] = hashlib.sha256(
@@ -256,10 +288,16 @@ def train_head(head: str, cfg: RunConfig, splits: dict, caches: dict, tokenizer,
                 ppl = ", ".join(f"{d} {r['perplexity']:.1f}" for d, r in res.items())
                 accelerator.print(f"[{head}] step {step}/{total_steps} val ppl: {ppl}")
             if step % save_every == 0 or step == total_steps:
-                if progress["batches_done"] == len(train_loader):
+                if stream is not None:  # every rank's position (a collective)
+                    progress["stream"] = gather_positions(stream, accelerator)
+                elif progress["batches_done"] == len(train_loader):
                     progress["epoch"], progress["batches_done"] = epoch + 1, 0
                 checkpoints.save(accelerator, run.checkpoint(head, step), progress, scheduler,
                                  local, identity, t.keep_checkpoints)
+            if stream is not None and step == total_steps:
+                break
+        if stream is not None and progress["batches_done"] == 0:  # (checked before training)
+            raise ConfigError(f"[{head}] a pass of the streamed training text held no batch")
         progress["epoch_seconds"].append(time.perf_counter() - start - eval_seconds)
         progress["epoch"], progress["batches_done"] = epoch + 1, 0
     if progress["step"] == 0:  # nothing learned: no model, card or metrics as if finished
@@ -339,10 +377,11 @@ def feature_caches(model, splits: dict, cfg: RunConfig, accelerator) -> dict:
     caches = {}
     with accelerator.main_process_first():
         show = accelerator.is_local_main_process
-        train = splits["train"].data.datasets
-        caches["train"] = FeatureCache.on_disk(
-            model, torch.cat([p.ids for p in train]), torch.cat([p.mask for p in train]),
-            cfg.data.cache_dir, "train", cfg.train.batch_size, show)
+        if not isinstance(splits["train"], TrainStream):  # streamed: features per batch
+            train = splits["train"].data.datasets
+            caches["train"] = FeatureCache.on_disk(
+                model, torch.cat([p.ids for p in train]), torch.cat([p.mask for p in train]),
+                cfg.data.cache_dir, "train", cfg.train.batch_size, show)
         for s in ("validation", "test"):
             for n, b in splits[s].items():
                 caches[(s, n)] = FeatureCache.on_disk(model, b.ids, b.mask, cfg.data.cache_dir,

@@ -34,6 +34,7 @@ from hybridlm.launch import launch_identity
 from hybridlm.modeling import HybridForCausalLM, model_kwargs
 from hybridlm.results import results_figure, results_table, worse_than_trunk
 from hybridlm.rundir import RunDir, config_differences
+from hybridlm.streaming import TrainStream, check_first_batch
 from hybridlm.training import (
     IndexedBlocks,
     feature_caches,
@@ -140,17 +141,27 @@ def run_training(args, held: contextlib.ExitStack) -> int:
             domains = build_corpora(cfg.data, tokenizer, accelerator.is_local_main_process)
         accelerator.print(format_report(domains))
         d = cfg.data
-        train_parts = [Blocks(subsample(dom.splits["train"], d.max_train_tokens_per_domain,
-                                        d.block_size, d.subsample_seed)) for dom in domains]
-        splits = {"train": IndexedBlocks(train_parts),
-                  "train_tokens": sum(p.tokens() for p in train_parts)}
+        streamed = any(dom.streaming for dom in d.domains)  # all or none (config.py)
+        if streamed:  # this rank's shards (hybridlm/streaming.py), checked here
+            train_parts = []
+            splits = {"train": TrainStream(d.domains, d, tokenizer, cfg.train.batch_size,
+                                           accelerator.process_index, accelerator.num_processes),
+                      "train_tokens": None}
+            check_first_batch(splits["train"], accelerator)
+        else:
+            train_parts = [Blocks(subsample(dom.splits["train"], d.max_train_tokens_per_domain,
+                                            d.block_size, d.subsample_seed)) for dom in domains]
+            splits = {"train": IndexedBlocks(train_parts),
+                      "train_tokens": sum(p.tokens() for p in train_parts)}
         for split in ("validation", "test"):
             splits[split] = {dom.name: Blocks(subsample(
                 dom.splits[split], d.max_eval_tokens_per_domain, d.block_size, d.subsample_seed))
                 for dom in domains}
-        data_id = {dom.name: blocks_sha256([part, splits["validation"][dom.name],
-                                            splits["test"][dom.name]])
-                   for dom, part in zip(domains, train_parts, strict=True)}
+        # a stream is identified by a SHA-256 of its whole text (its held-out pass reads it)
+        data_id = {dom.name: blocks_sha256(
+            ([] if streamed else [train_parts[i]])
+            + [splits["validation"][dom.name], splits["test"][dom.name]])
+            + dom.stats.get("stream_sha256", "") for i, dom in enumerate(domains)}
         tokenizer_id = tokenizer_identity(tokenizer)
         identities = {h: run_identity(HybridForCausalLM.config_class.model_type, h,
                                       asdict(cfg.model), tokenizer_id,
@@ -183,7 +194,7 @@ def run_training(args, held: contextlib.ExitStack) -> int:
     if accelerator.is_main_process:
         write_text_atomic(run.config, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     results = {}
-    if accelerator.is_main_process:
+    if accelerator.is_main_process and not streamed:  # n-grams count the whole training set
         results |= ngram_baselines(splits, trunk_model.config.encoder_config.vocab_size)
     for head in cfg.train.heads:
         done = run.metrics(head)
@@ -250,8 +261,10 @@ def run_training(args, held: contextlib.ExitStack) -> int:
         worse = ("Heads that ended worse than the trunk they started from (validation mean "
                  f"bits/char): {', '.join(summary['worse_than_trunk'])}."
                  if summary["worse_than_trunk"] else "")
-        text = (f"Trunk: {trunk.note}. Training tokens: {splits['train_tokens']:,} (one pass "
-                f"per epoch, {cfg.train.epochs} epoch(s)), seed {cfg.seed}.\n\n"
+        tokens = f"Training tokens: {splits['train_tokens']:,} (one pass per epoch, " \
+            f"{cfg.train.epochs} epoch(s))" if not streamed else \
+            f"Training text streamed: {cfg.train.max_steps} optimizer steps"
+        text = (f"Trunk: {trunk.note}. {tokens}, seed {cfg.seed}.\n\n"
                 f"## Validation\n\n{tables['validation']}\n\n## Test\n\n{tables['test']}\n\n"
                 f"{note}\n\n{worse}\n")
         write_text_atomic(run.results_md, text)
