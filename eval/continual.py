@@ -21,7 +21,6 @@ import sys
 import time
 from pathlib import Path
 
-from accelerate import Accelerator
 from accelerate.utils import set_seed
 from transformers import AutoTokenizer
 
@@ -44,6 +43,7 @@ from hybridlm.features import sample_states
 from hybridlm.heads import SPIKING_HEADS
 from hybridlm.io import write_json_atomic
 from hybridlm.modeling import HybridForCausalLM, model_kwargs
+from hybridlm.precision import make_accelerator
 from hybridlm.tracking import Tracker
 from hybridlm.trunks import resolve_trunk
 
@@ -137,7 +137,7 @@ def main(argv=None) -> int:
             return report_only(cfg, argv, order, encoder_path)
         check_replay_sizes(c, order, cfg.data.block_size)
         tokenizer = AutoTokenizer.from_pretrained(encoder_path)
-        accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision)
+        accelerator = make_accelerator(cfg.train.mixed_precision)
         data_cfg = dataclasses.replace(
             cfg.data, domains=[d for d in cfg.data.domains if d.name in order]
             + ([c.retention] if c.retention is not None else []))

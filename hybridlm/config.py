@@ -34,7 +34,7 @@ from typing import Any
 import yaml
 
 from hybridlm.energy import PRESETS_PJ
-from hybridlm.heads import HEADS, SPIKING_HEADS
+from hybridlm.heads import HEADS
 from hybridlm.kernels import BACKENDS as KERNEL_BACKENDS
 from hybridlm.kernels.reference import SURROGATES
 from hybridlm.plasticity import GATES, LEARNING_MODES
@@ -487,11 +487,6 @@ def validate(cfg: RunConfig) -> None:
                   "the retention text must be in none")
     _check(c.tokens_per_stage >= cfg.data.block_size, "continual.tokens_per_stage",
            f"must be >= data.block_size ({cfg.data.block_size}), got {c.tokens_per_stage}")
-    # the energy-based layers' kernels take float32/float64 only: refuse before any work
-    spiking = [h for h in cfg.train.heads + [m.head for m in c.methods] if h in SPIKING_HEADS]
-    _check(cfg.train.mixed_precision == "no" or not spiking, "train.mixed_precision",
-           f"'{cfg.train.mixed_precision}' is not supported by the {spiking[0] if spiking else ''}"
-           " head yet (its kernels run in float32); use 'no', or only non-spiking heads")
 
 
 # ---- help --------------------------------------------------------------------------------

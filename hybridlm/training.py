@@ -22,7 +22,7 @@ from torch.utils.data import ConcatDataset, DataLoader
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
-from hybridlm import checkpoints
+from hybridlm import checkpoints, precision
 from hybridlm.checkpoints import drop_keys, frozen_trunk_keys, latest_intact
 from hybridlm.config import RunConfig
 from hybridlm.engine import Engine, NonFiniteLoss, check_local_learning, make_optimizer
@@ -53,9 +53,10 @@ def make_accelerator(cfg: RunConfig) -> Accelerator:
     """A fresh Accelerator: it tracks the objects it prepared, and `save_state` writes all of
     them, so each head gets its own. The seedable sampler makes each epoch's order a function
     of (seed, epoch) alone, which a resumed run must reproduce. A launch under which the
-    local rule would be silently wrong is refused here, before any work."""
-    accelerator = Accelerator(
-        mixed_precision=cfg.train.mixed_precision,
+    local rule would be silently wrong, or a precision the device cannot compute in
+    (`hybridlm.precision`), is refused here, before any work."""
+    accelerator = precision.make_accelerator(
+        cfg.train.mixed_precision,
         gradient_accumulation_steps=cfg.train.grad_accum_steps,
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
     )
@@ -325,13 +326,14 @@ def feature_caches(model, splits: dict, cfg: RunConfig, accelerator) -> dict:
     with accelerator.main_process_first():
         show = accelerator.is_local_main_process
         train = splits["train"].data.datasets
+        mp = cfg.train.mixed_precision  # bf16/fp16: encoded under it, stored in it
         caches["train"] = FeatureCache.on_disk(
             model, torch.cat([p.ids for p in train]), torch.cat([p.mask for p in train]),
-            cfg.data.cache_dir, "train", cfg.train.batch_size, show)
+            cfg.data.cache_dir, "train", cfg.train.batch_size, show, mp)
         for s in ("validation", "test"):
             for n, b in splits[s].items():
                 caches[(s, n)] = FeatureCache.on_disk(model, b.ids, b.mask, cfg.data.cache_dir,
-                                                      f"{s}-{n}", cfg.train.batch_size, show)
+                                                      f"{s}-{n}", cfg.train.batch_size, show, mp)
     return caches
 
 
