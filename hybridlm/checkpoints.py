@@ -138,13 +138,17 @@ def blocks_sha256(blocks: list) -> str:
 
 
 def run_identity(model_type: str, head: str, model_config: dict, tokenizer: dict,
-                 trunk: str = "", data: dict | None = None) -> dict:
+                 trunk: str = "", data: dict | None = None, mixed_precision: str = "no") -> dict:
     """What a checkpoint must have been trained as for a run to resume it: model type, head,
     model config, tokenizer (`tokenizer_identity`), the frozen trunk's fingerprint (its
-    weights are not in the checkpoint) and the data ({domain: `blocks_sha256` of its
-    splits}: a `files:` corpus edited after the kill is other data)."""
+    weights are not in the checkpoint), the data ({domain: `blocks_sha256` of its
+    splits}: a `files:` corpus edited after the kill is other data) and the mixed precision
+    (`train.mixed_precision`: the weights are float32 in every mode, but a run resumed in
+    another precision would not continue the same computation, and an fp16 checkpoint holds
+    the loss scaler's state that the other modes lack)."""
     return {"model_type": model_type, "head": head, "model": dict(model_config),
-            "tokenizer": tokenizer, "trunk_sha256": trunk, "data": dict(data or {})}
+            "tokenizer": tokenizer, "trunk_sha256": trunk, "data": dict(data or {}),
+            "mixed_precision": mixed_precision}
 
 
 def resume_point(ckpt_dir: Path, identity: dict) -> Path | None:
@@ -154,6 +158,8 @@ def resume_point(ckpt_dir: Path, identity: dict) -> Path | None:
     if folder is None:
         return None
     saved = read_progress(folder).get("identity")
+    if isinstance(saved, dict):  # saved before the precision was recorded: a float32 run
+        saved = {"mixed_precision": "no"} | saved
     if saved == identity:
         return folder
     if not isinstance(saved, dict):

@@ -153,7 +153,8 @@ def run_training(args, held: contextlib.ExitStack) -> int:
         tokenizer_id = tokenizer_identity(tokenizer)
         identities = {h: run_identity(HybridForCausalLM.config_class.model_type, h,
                                       asdict(cfg.model), tokenizer_id,
-                                      trunk_fingerprint(trunk_model), data_id)
+                                      trunk_fingerprint(trunk_model), data_id,
+                                      cfg.train.mixed_precision)
                       for h in cfg.train.heads}
         lock_output_dir(run, cfg, args.resume, accelerator, held)  # the first write
         resume_from = {h: resume_point(run.checkpoints(h), identities[h])
