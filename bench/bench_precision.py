@@ -131,20 +131,23 @@ def main() -> None:
     p.add_argument("--processes", type=int, default=3)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--skip-quality", action="store_true", help="the step times only")
+    p.add_argument("--skip-speed", action="store_true", help="the quality runs only")
     p.add_argument("--child", choices=MODES, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
         print(json.dumps(one_process(args.child, args.steps)))
         return
     out = Path(args.out)
-    result = {"speed": speed(args.processes, args.steps)}
-    s = result["speed"]
-    print(f"features: {s['features']}, {s['threads']} threads")
-    print("| precision | median step (s) | speed-up over float32 |\n|---|---|---|")
-    for m in MODES:
-        print(f"| {m} | {s['median_step_seconds'][m]:.3f} | {s['speedup_over_float32'][m]:.2f}x |")
-    print(f"bf16 {s['bf16_speedup']:.2f}x float32 (median of the rounds' ratios), target >= "
-          f"{SPEED_TARGET}x: {'met' if s['speed_target_met'] else 'NOT met'}")
+    result = {}
+    if not args.skip_speed:
+        result["speed"] = s = speed(args.processes, args.steps)
+        print(f"features: {s['features']}, {s['threads']} threads")
+        print("| precision | median step (s) | speed-up over float32 |\n|---|---|---|")
+        for m in MODES:
+            print(f"| {m} | {s['median_step_seconds'][m]:.3f} | "
+                  f"{s['speedup_over_float32'][m]:.2f}x |")
+        print(f"bf16 {s['bf16_speedup']:.2f}x float32 (median of the rounds' ratios), target >= "
+              f"{SPEED_TARGET}x: {'met' if s['speed_target_met'] else 'NOT met'}")
     if not args.skip_quality:
         result["quality"] = q = quality(out.parent / "precision_runs")
         print("| precision | validation perplexity (geometric mean) | vs float32 |\n|---|---|---|")

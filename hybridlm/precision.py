@@ -32,8 +32,8 @@ DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def autocast_works(device_type: str, dtype: torch.dtype) -> bool:
-    """True when torch's autocast on `device_type` really computes a matmul in `dtype` (torch
-    builds that cannot turn autocast off with a warning and compute in float32)."""
+    """True when torch's autocast on `device_type` really computes a matmul in `dtype` (a
+    torch without that autocast warns, turns it off and computes in float32)."""
     if not torch.amp.autocast_mode.is_autocast_available(device_type):
         return False
     a = torch.ones(2, 2, device=device_type)
@@ -50,7 +50,8 @@ def check_supported(mode: str, device: torch.device) -> None:
     key = "train.mixed_precision"
     dtype = DTYPES[mode]
     if device.type == "cuda":
-        if mode == "bf16" and not torch.cuda.is_bf16_supported():
+        # before Ampere torch only emulates bfloat16 (it runs, slower than float32)
+        if mode == "bf16" and not torch.cuda.is_bf16_supported(including_emulation=False):
             name = torch.cuda.get_device_name(device)
             raise ConfigError(
                 f"{key}: 'bf16' is not supported by this GPU ({name}: bfloat16 needs compute "
