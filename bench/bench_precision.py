@@ -105,7 +105,7 @@ def quality(folder: Path) -> dict:
         start = time.perf_counter()
         subprocess.run([sys.executable, "train/train.py", "--config", "configs/default.yaml",
                         "--no-wandb", "--resume", f"output_dir={out}", "train.heads=[spiking_pc]",
-                        f"train.mixed_precision={m}", "train.save_model=false"],
+                        f"train.mixed_precision='{m}'", "train.save_model=false"],
                        cwd=ROOT, check=True)
         metrics = json.loads((out / "spiking_pc" / "metrics.json").read_text())
         summary = json.loads((out / "summary.json").read_text())
