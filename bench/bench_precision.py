@@ -13,6 +13,9 @@ its median step time after two warm-up steps; the result is the median over proc
 the ratios float32 / bf16 are taken per round (adjacent processes), then their median.
 Target (issue 18): bf16 at least 1.4x faster than float32.
 
+Membrane: the spiking layer's spikes and settled energy with half-precision inputs, with a
+float32 and with a half-precision membrane (docs/precision.md).
+
 Quality: `train/train.py --config configs/default.yaml train.heads=[spiking_pc]` once per
 precision (a few minutes each; the bf16 and fp16 runs first encode their own feature-cache
 entries), scored by the validation perplexity of every domain; target: bf16 within 1% of
@@ -125,6 +128,44 @@ def quality(folder: Path) -> dict:
             "quality_target_met": abs(scores["bf16"]["relative_to_float32"]) <= QUALITY_TARGET}
 
 
+def membrane() -> dict:
+    """The spiking layer's inference on 2,048 trunk states (the default layer, data
+    initialised) in float32, against bf16/fp16 inputs V_1 and G with a float32 membrane (what
+    the layer does under autocast) and with the whole inference in bf16/fp16: spikes that
+    differ (over step, token, neuron; a share of float32's spikes), tokens with any
+    difference, and the mean settled energy F_T relative to float32's."""
+    from hybridlm.kernels.reference import sc_inference_reference
+    from hybridlm.spiking import SpikingPCLayer
+
+    feats, source = features(64, 128)
+    z = feats.reshape(-1, 576)
+    torch.manual_seed(0)
+    layer = SpikingPCLayer(576, 512, time_steps=8, rate_cost=0.1)
+    layer.init_from_data(z[4096:], torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        x = layer.centred(z[:2048])
+        atoms = layer.atoms()
+        v1, g = x @ atoms, atoms.t() @ atoms
+
+        def run(v, w):
+            return sc_inference_reference(v, w, layer.thresholds(), layer.delta, 8)
+
+        r0, s0, _ = run(v1, g)
+        f0 = layer.energy(x, r0, atoms).mean()
+        out = {"features": source, "spikes_per_token": float(s0.sum((0, 2)).float().mean()),
+               "settled_energy": float(f0)}
+        for name, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16)):
+            for membrane_dtype, (r, s, _) in (
+                    ("float32", run(v1.to(dtype).float(), g.to(dtype).float())),
+                    (name, run(v1.to(dtype), g.to(dtype)))):
+                out[f"{name} inputs, {membrane_dtype} membrane"] = {
+                    "spikes_differing": float((s != s0).sum() / s0.sum()),
+                    "tokens_differing": float((s != s0).any(0).any(1).float().mean()),
+                    "settled_energy_change": float(layer.energy(x, r.float(), atoms).mean()
+                                                   / f0 - 1)}
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--out", default="bench/results/bench_precision.json")
@@ -138,7 +179,8 @@ def main() -> None:
         print(json.dumps(one_process(args.child, args.steps)))
         return
     out = Path(args.out)
-    result = {}
+    result = {"membrane": membrane()}
+    print(json.dumps(result["membrane"], indent=1))
     if not args.skip_speed:
         result["speed"] = s = speed(args.processes, args.steps)
         print(f"features: {s['features']}, {s['threads']} threads")
