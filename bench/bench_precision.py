@@ -19,8 +19,8 @@ float32 and with a half-precision membrane (docs/precision.md).
 Quality: `train/train.py --config configs/default.yaml train.heads=[spiking_pc]` once per
 precision (a few minutes each; the bf16 and fp16 runs first encode their own feature-cache
 entries), scored by the validation perplexity of every domain; target: bf16 within 1% of
-float32. The runs live in `<out folder>/precision_runs/<mode>` and are resumed, not redone,
-by a second call.
+float32. The runs live in `<out folder>/precision_runs_<config>/<mode>` and are resumed, not
+redone, by a second call; `--config configs/quick.yaml` is the short version.
 """
 
 from __future__ import annotations
@@ -100,13 +100,13 @@ def speed(processes: int, steps: int) -> dict:
             "per_process": runs}
 
 
-def quality(folder: Path) -> dict:
-    """Validation perplexity per domain of the default spiking_pc run in each precision."""
+def quality(folder: Path, config: str) -> dict:
+    """Validation perplexity per domain of `config`'s spiking_pc run in each precision."""
     scores = {}
     for m in MODES:
         out = folder / m
         start = time.perf_counter()
-        subprocess.run([sys.executable, "train/train.py", "--config", "configs/default.yaml",
+        subprocess.run([sys.executable, "train/train.py", "--config", config,
                         "--no-wandb", "--resume", f"output_dir={out}", "train.heads=[spiking_pc]",
                         f"train.mixed_precision='{m}'", "train.save_model=false"],
                        cwd=ROOT, check=True)
@@ -124,7 +124,7 @@ def quality(folder: Path) -> dict:
     base = scores["no"]["geometric_mean"]
     for m in MODES:
         scores[m]["relative_to_float32"] = scores[m]["geometric_mean"] / base - 1
-    return {"runs": scores, "target_bf16_within": QUALITY_TARGET,
+    return {"config": config, "runs": scores, "target_bf16_within": QUALITY_TARGET,
             "quality_target_met": abs(scores["bf16"]["relative_to_float32"]) <= QUALITY_TARGET}
 
 
@@ -173,6 +173,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--skip-quality", action="store_true", help="the step times only")
     p.add_argument("--skip-speed", action="store_true", help="the quality runs only")
+    p.add_argument("--config", default="configs/default.yaml", help="the quality runs' config")
     p.add_argument("--child", choices=MODES, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
@@ -191,7 +192,8 @@ def main() -> None:
         print(f"bf16 {s['bf16_speedup']:.2f}x float32 (median of the rounds' ratios), target >= "
               f"{SPEED_TARGET}x: {'met' if s['speed_target_met'] else 'NOT met'}")
     if not args.skip_quality:
-        result["quality"] = q = quality(out.parent / "precision_runs")
+        folder = out.parent / f"precision_runs_{Path(args.config).stem}"
+        result["quality"] = q = quality(folder, args.config)
         print("| precision | validation perplexity (geometric mean) | vs float32 |\n|---|---|---|")
         for m, r in q["runs"].items():
             print(f"| {m} | {r['geometric_mean']:.3f} | {100 * r['relative_to_float32']:+.2f}% |")
