@@ -38,6 +38,8 @@ import torch
 from bench_heads import SMOLLM2_GEOMETRY, features  # the same batch as the per-head bench
 from transformers import LlamaConfig, get_constant_schedule
 
+from hybridlm.rundir import RunDir
+
 ROOT = Path(__file__).resolve().parent.parent
 MODES = ("no", "bf16", "fp16")
 SPEED_TARGET = 1.4  # float32 step / bf16 step
@@ -110,8 +112,8 @@ def quality(folder: Path, config: str) -> dict:
                         "--no-wandb", "--resume", f"output_dir={out}", "train.heads=[spiking_pc]",
                         f"train.mixed_precision='{m}'", "train.save_model=false"],
                        cwd=ROOT, check=True)
-        metrics = json.loads((out / "spiking_pc" / "metrics.json").read_text())
-        summary = json.loads((out / "summary.json").read_text())
+        metrics = json.loads(RunDir(out).metrics("spiking_pc").read_text())
+        summary = json.loads(RunDir(out).summary.read_text())
         ppl = {d: r["perplexity"] for d, r in metrics["validation"].items()}
         scores[m] = {"validation_perplexity": ppl,
                      "geometric_mean": math.exp(statistics.mean(math.log(p) for p in ppl.values())),

@@ -13,7 +13,7 @@ from accelerate import Accelerator, debug_launcher
 from accelerate.utils import DistributedType
 from transformers import get_constant_schedule
 
-from hybridlm import training
+from hybridlm import precision
 from hybridlm.config import ConfigError
 from hybridlm.engine import Engine, check_local_learning, make_optimizer
 from hybridlm.plasticity import column_norms, writable_part
@@ -177,7 +177,7 @@ def test_make_train_refuses_deepspeed_with_local_learning_at_start(
         zero.main_process_first = lambda: (_ for _ in ()).throw(Reached())
         return zero
 
-    monkeypatch.setattr(training, "Accelerator", deepspeed)
+    monkeypatch.setattr(precision, "Accelerator", deepspeed)  # make_accelerator builds it
     argv = ["--no-wandb", "--config", str(Path(__file__).parent.parent / "configs/quick.yaml"),
             f"output_dir={tmp_path / 'run'}", "train.heads=[spiking_pc]",
             f"model.learning={learning}"]
