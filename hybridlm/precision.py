@@ -22,7 +22,7 @@ of 2,047 already reads 2,048.
 from __future__ import annotations
 
 import torch
-from accelerate import Accelerator, PartialState
+from accelerate import Accelerator
 from accelerate.utils import DistributedType
 
 from hybridlm.config import MIXED_PRECISION, ConfigError
@@ -65,14 +65,17 @@ def check_supported(mode: str, device: torch.device) -> None:
 
 
 def make_accelerator(mode: str, cpu: bool = False, **kwargs) -> Accelerator:
-    """`Accelerator(mixed_precision=mode, cpu=cpu, **kwargs)`, after checking that its device
-    can compute in `mode`; on a CPU in fp16, with the autocast and the loss scaler that
-    accelerate leaves off there (set before `prepare`, which hands the scaler to the
-    optimizer and wraps the model's forward in the autocast)."""
-    check_supported(mode, PartialState(cpu=cpu).device)  # before accelerate fixes the mode
+    """`Accelerator(mixed_precision=mode, cpu=cpu, **kwargs)`, refused (ConfigError) when its
+    device cannot compute in `mode`; on a CPU in fp16, with the autocast and the loss scaler
+    that accelerate leaves off there (set before `prepare`, which hands the scaler to the
+    optimizer and wraps the model's forward in the autocast). The device is known once the
+    Accelerator exists (a PartialState made first would lose a CPU launch's processes)."""
     accelerator = Accelerator(mixed_precision=mode, cpu=cpu, **kwargs)
+    if mode == "no":
+        return accelerator
+    check_supported(mode, accelerator.device)
     if mode == "fp16" and accelerator.device.type == "cpu" and accelerator.scaler is None:
-        if accelerator.distributed_type == DistributedType.FSDP:
+        if accelerator.distributed_type == DistributedType.FSDP and not accelerator.is_fsdp2:
             raise ConfigError(
                 "train.mixed_precision: 'fp16' on CPUs under FSDP version 1 is not supported "
                 "(its sharded gradient scaler is untested here); use 'bf16', or DDP or FSDP2")
