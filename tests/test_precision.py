@@ -17,10 +17,14 @@ from hybridlm.engine import Engine, make_optimizer
 from hybridlm.features import FeatureCache
 from tests.conftest import tiny_model
 from tests.test_checkpoints import _checkpoint
-from tests.test_run_lifecycle import Reached, _finished_head, stop_after_checks, train_main
+from tests.test_run_lifecycle import (
+    Reached,
+    _finished_head,
+    stop_after_checks,  # noqa: F401 (a fixture, used by name)
+    train_main,
+)
 
 IDS = torch.randint(5, 120, (4, 12), generator=torch.Generator().manual_seed(7))
-__all__ = ["stop_after_checks"]  # a fixture, used by name
 
 
 def engine_for(model, mode: str, lr: float = 1e-2, **kw) -> Engine:
@@ -141,7 +145,8 @@ def test_a_precision_torch_cannot_autocast_on_this_cpu_is_refused(monkeypatch):
         precision.make_accelerator("fp16", cpu=True)
 
 
-def test_resume_in_another_precision_is_refused(tmp_path, capsys, stop_after_checks):
+@pytest.mark.usefixtures("stop_after_checks")
+def test_resume_in_another_precision_is_refused(tmp_path, capsys):
     # the run folder's config: train.mixed_precision is one of the keys compared
     out = tmp_path / "run"
     _finished_head(out, ["train.mixed_precision=bf16"])
