@@ -93,12 +93,13 @@ test: install  ## ruff + the whole test suite (CPU only; a short soak: make soak
 soak: install  ## kill a training run at random moments SOAK_KILLS times (default 25), resume each time
 	HYBRIDLM_SOAK_KILLS=$(SOAK_KILLS) $(PY) -m pytest -q -s tests/test_soak.py
 
-bench: install  ## benchmarks (kernels, a training step per head, checkpoints, resume): JSON + tables in $(OUT)
+bench: install  ## benchmarks (kernels, a training step per head and per precision, checkpoints, resume): JSON + tables in $(OUT)
 	$(PY) bench/bench_kernels.py --out $(OUT)/bench_kernels.json
 	$(PY) bench/bench_heads.py --out $(OUT)/bench_heads.json
 	$(PY) bench/bench_checkpoint.py --out $(OUT)/bench_checkpoint.json
 	$(PY) bench/bench_resume.py --out $(OUT)/bench_resume.json
 	$(PY) bench/bench_scaling.py --out $(OUT)/bench_scaling.json && $(PY) bench/scaling_model.py --measured $(OUT)/bench_scaling.json
+	$(PY) bench/bench_precision.py --out $(OUT)/bench_precision.json  # step + 3 default runs
 
 bench-quick: install  ## a smaller benchmark set (about 2 minutes)
 	$(PY) bench/bench_kernels.py --quick --threads 1 --out $(OUT)/bench_kernels_quick.json

@@ -45,7 +45,8 @@ def features(batch: int, length: int) -> tuple[torch.Tensor, str]:
     """(batch, length, 576) trunk states: real ones from the feature cache, else synthetic."""
     for path in sorted(glob.glob(str(ROOT / ".cache/hybridlm/features/train-*.npy"))):
         arr = np.load(path, mmap_mode="r")
-        if arr.shape[-1] == 576 and arr.shape[0] >= batch and arr.shape[1] >= length:
+        if arr.dtype == np.float32 and arr.shape[-1] == 576 and arr.shape[0] >= batch \
+                and arr.shape[1] >= length:  # float32 entries (bf16 ones lie as raw uint16)
             return torch.from_numpy(np.array(arr[:batch, :length])), "SmolLM2 (feature cache)"
     g = torch.Generator().manual_seed(0)
     basis = torch.randn(32, 576, generator=g)

@@ -42,8 +42,8 @@ from hybridlm.data import build_corpora, format_report, subsample
 from hybridlm.features import sample_states
 from hybridlm.heads import SPIKING_HEADS
 from hybridlm.io import write_json_atomic
-from hybridlm.launch import new_accelerator
 from hybridlm.modeling import HybridForCausalLM, model_kwargs
+from hybridlm.precision import make_accelerator
 from hybridlm.tracking import Tracker
 from hybridlm.trunks import resolve_trunk
 
@@ -141,7 +141,7 @@ def main(argv=None) -> int:
             return report_only(cfg, argv, order, encoder_path)
         check_replay_sizes(c, order, cfg.data.block_size)
         tokenizer = AutoTokenizer.from_pretrained(encoder_path)
-        accelerator = new_accelerator(mixed_precision=cfg.train.mixed_precision)
+        accelerator = make_accelerator(cfg.train.mixed_precision)
         data_cfg = dataclasses.replace(
             cfg.data, domains=[d for d in cfg.data.domains if d.name in order]
             + ([c.retention] if c.retention is not None else []))

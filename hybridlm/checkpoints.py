@@ -139,17 +139,21 @@ def blocks_sha256(blocks: list) -> str:
 
 
 def run_identity(model_type: str, head: str, model_config: dict, tokenizer: dict,
-                 trunk: str = "", data: dict | None = None, launch: dict | None = None
-                 ) -> dict:
+                 trunk: str = "", data: dict | None = None, launch: dict | None = None,
+                 mixed_precision: str = "no") -> dict:
     """What a checkpoint must have been trained as for a run to resume it: model type, head,
     model config, tokenizer (`tokenizer_identity`), the frozen trunk's fingerprint (its
     weights are not in the checkpoint), the data ({domain: `blocks_sha256` of its
-    splits}: a `files:` corpus edited after the kill is other data) and the launch
+    splits}: a `files:` corpus edited after the kill is other data), the launch
     (`hybridlm.launch.launch_identity`: processes and engine; each rank's batches and the
-    state's sharding depend on them)."""
+    state's sharding depend on them) and the mixed precision (`train.mixed_precision`: the
+    weights are float32 in every mode, but a run resumed in another precision would not
+    continue the same computation, and an fp16 checkpoint holds the loss scaler's state that
+    the other modes lack)."""
     return {"model_type": model_type, "head": head, "model": dict(model_config),
             "tokenizer": tokenizer, "trunk_sha256": trunk, "data": dict(data or {}),
-            "launch": dict(launch or {"processes": 1, "engine": "one process"})}
+            "launch": dict(launch or {"processes": 1, "engine": "one process"}),
+            "mixed_precision": mixed_precision}
 
 
 def resume_point(ckpt_dir: Path, identity: dict) -> Path | None:
@@ -159,6 +163,8 @@ def resume_point(ckpt_dir: Path, identity: dict) -> Path | None:
     if folder is None:
         return None
     saved = read_progress(folder).get("identity")
+    if isinstance(saved, dict):  # saved before the precision was recorded: a float32 run
+        saved = {"mixed_precision": "no"} | saved
     if saved == identity:
         return folder
     launch = saved.get("launch") if isinstance(saved, dict) else None

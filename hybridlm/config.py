@@ -34,7 +34,7 @@ from typing import Any
 import yaml
 
 from hybridlm.energy import PRESETS_PJ
-from hybridlm.heads import HEADS, SPIKING_HEADS
+from hybridlm.heads import HEADS
 from hybridlm.kernels import BACKENDS as KERNEL_BACKENDS
 from hybridlm.kernels.reference import SURROGATES
 from hybridlm.plasticity import GATES, LEARNING_MODES
@@ -512,11 +512,6 @@ def validate(cfg: RunConfig) -> None:
            "give the optimizer steps of a streamed run (a stream has no length to count epochs "
            "by)" if streamed else "is for streamed domains only (data.domains[*].streaming); "
            "set it to 0, epochs decide")
-    # the energy-based layers' kernels take float32/float64 only: refuse before any work
-    spiking = [h for h in cfg.train.heads + [m.head for m in c.methods] if h in SPIKING_HEADS]
-    _check(cfg.train.mixed_precision == "no" or not spiking, "train.mixed_precision",
-           f"'{cfg.train.mixed_precision}' is not supported by the {spiking[0] if spiking else ''}"
-           " head yet (its kernels run in float32); use 'no', or only non-spiking heads")
 
 
 # ---- help --------------------------------------------------------------------------------

@@ -6,8 +6,9 @@ One call of `Engine.step` takes one micro-batch's loss through
     agree across ranks that the loss is finite (else every rank skips it, or the gradient
       all-reduce would hang with some ranks waiting)
     -> hand the forward's local statistic to the Hebbian learner (summed over micro-batches)
-    -> backward (DDP all-reduces the gradients when they sync)
-    -> when gradients sync: clip, optimizer step, the local rule's step (its statistic and
+    -> backward of the (in fp16, scaled) loss (DDP all-reduces the gradients when they sync)
+    -> when gradients sync: clip, optimizer step (in fp16 the loss scaler's: skipped when the
+       scaled gradients overflowed), the local rule's step (its statistic and
        gate inputs averaged across ranks, since DDP does not see updates made outside
        autograd), learning-rate schedule, zero the gradients.
 
@@ -166,6 +167,9 @@ class Engine:
         norm = acc.clip_grad_norm_(self.params, self.max_grad_norm)
         row = {"train/grad_norm": float("nan") if norm is None else float(norm)}
         self.optimizer.step()
+        if acc.scaler is not None:  # fp16: the optimizer step was skipped (and the scale
+            # halved) if the scaled gradients overflowed; the local rule needs no gradient
+            row["train/loss_scale"] = float(acc.scaler.get_scale())
         if self.local is not None:  # the gate reads the whole step's mean loss
             gate = torch.stack(self.gate_losses).mean()
             self.gate_losses = []

@@ -2,10 +2,15 @@
 head, seed, run and the continual evaluation.
 
 An entry is `<label>-<trunk hash>-<data hash>.npy` (n_blocks, block_size, D) float32 under
-`<cache_dir>/features/`, with a `.json` beside it written last (shape, SHA-256 of the .npy,
-seconds it took to encode). A missing, truncated, corrupt or mismatched entry is detected
-and rebuilt; a build in progress lives in a temporary file, so a killed build leaves nothing
-that a later run would trust.
+`<cache_dir>/features/`, with a `.json` beside it written last (shape, dtype, SHA-256 of the
+.npy, seconds it took to encode). Under mixed precision (`train.mixed_precision` bf16 or fp16)
+the trunk runs under that autocast and the entry, `<...>-bf16.npy` or `<...>-fp16.npy`, holds
+bfloat16 (as its raw 16 bits: numpy has no bfloat16) or float16: half the bytes. The mode is
+in the name and the dtype in the metadata, so an entry is never read in another precision;
+features are always handed out as float32 (the residual stream y = z + delta stays float32).
+A missing, truncated, corrupt or mismatched entry is detected and rebuilt; a build in
+progress lives in a temporary file, so a killed build leaves nothing that a later run would
+trust.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from hybridlm.precision import DTYPES
 from hybridlm.trunks import sha256_file
 
 _FINGERPRINTS: dict[int, str] = {}
@@ -82,25 +88,31 @@ class FeatureCache:
             self.encode_seconds += time.perf_counter() - start
         self.misses += int(missing.sum())
         self.hits += int((~missing).sum())
-        return self.store[index].to(input_ids.device)
+        return self.store[index].to(input_ids.device, torch.float32)
 
     @classmethod
     def on_disk(cls, model, ids: torch.Tensor, mask: torch.Tensor, cache_dir: str | Path,
-                label: str, batch_size: int = 16, progress: bool = True) -> FeatureCache:
+                label: str, batch_size: int = 16, progress: bool = True,
+                mixed_precision: str = "no") -> FeatureCache:
         """The features of blocks `ids`/`mask` (n, L) under `model`'s frozen trunk: loaded
-        from `cache_dir/features` when an intact entry exists, else encoded and saved."""
+        from `cache_dir/features` when an intact entry exists, else encoded and saved.
+        `mixed_precision` (no | bf16 | fp16): the autocast the trunk runs under and the
+        dtype the entry holds (`hybridlm.precision.DTYPES`)."""
         safe = re.sub(r"[^A-Za-z0-9_.-]", "_", label)
         root = Path(cache_dir) / "features"
         root.mkdir(parents=True, exist_ok=True)
         stem = f"{safe}-{trunk_fingerprint(model)[:16]}-{data_fingerprint(ids, mask)[:16]}"
+        if mixed_precision != "no":  # float32 entries keep the names they always had
+            stem += f"-{mixed_precision}"
+        dtype = DTYPES[mixed_precision]
         npy, meta_file = root / f"{stem}.npy", root / f"{stem}.json"
         d = model.encoder.config.hidden_size
         shape = [len(ids), ids.shape[1], d]
         cache = cls(len(ids))
-        problem = _check_entry(npy, meta_file, shape)
+        problem = _check_entry(npy, meta_file, shape, dtype)
         if problem is None:
             meta = json.loads(meta_file.read_text())
-            cache.store = torch.from_numpy(np.load(npy, mmap_mode="c"))
+            cache.store = _load(npy, dtype)
             cache.entry = {"file": npy.name, "reused": True, "bytes": npy.stat().st_size,
                            "encode_seconds": meta["seconds"]}
         else:
@@ -109,21 +121,25 @@ class FeatureCache:
                 meta_file.unlink(missing_ok=True)
             start = time.perf_counter()
             tmp = root / f".{stem}.{os.getpid()}.tmp.npy"
-            out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=tuple(shape))
+            out = np.lib.format.open_memmap(tmp, mode="w+", dtype=_NUMPY[dtype],
+                                            shape=tuple(shape))
             bar = tqdm(range(0, len(ids), batch_size), desc=f"encode {label}", unit="batch",
                        disable=not progress, leave=False,
                        mininterval=0.1 if sys.stderr.isatty() else 30)  # logs: a line per 30 s
+            device = model.device.type
             for i in bar:
-                out[i : i + batch_size] = model.encoder_features(ids[i : i + batch_size]).float()\
-                    .cpu().numpy()
+                with torch.autocast(device, dtype, enabled=mixed_precision != "no"):
+                    z = model.encoder_features(ids[i : i + batch_size])
+                out[i : i + batch_size] = _to_numpy(z.to("cpu", dtype))
             out.flush()
             del out
             os.replace(tmp, npy)
             seconds = time.perf_counter() - start
-            meta = {"shape": shape, "dtype": "float32", "sha256": sha256_file(npy),
-                    "seconds": round(seconds, 3), "tokens": int(mask.sum())}
+            meta = {"shape": shape, "dtype": str(dtype).removeprefix("torch."),
+                    "sha256": sha256_file(npy), "seconds": round(seconds, 3),
+                    "tokens": int(mask.sum())}
             meta_file.write_text(json.dumps(meta, indent=2))  # last: marks the entry complete
-            cache.store = torch.from_numpy(np.load(npy, mmap_mode="c"))
+            cache.store = _load(npy, dtype)
             cache.encode_seconds = seconds
             cache.misses = len(ids)
             cache.entry = {"file": npy.name, "reused": False, "bytes": npy.stat().st_size,
@@ -135,7 +151,22 @@ class FeatureCache:
         return {"hits": self.hits, "misses": self.misses, "encode_seconds": self.encode_seconds}
 
 
-def _check_entry(npy: Path, meta_file: Path, shape: list[int]) -> str | None:
+# How each dtype lies in a .npy file: bfloat16 as its raw 16 bits (numpy has no bfloat16).
+_NUMPY = {torch.float32: np.float32, torch.float16: np.float16, torch.bfloat16: np.uint16}
+
+
+def _to_numpy(t: torch.Tensor) -> np.ndarray:
+    return (t.view(torch.uint16) if t.dtype == torch.bfloat16 else t).numpy()
+
+
+def _load(npy: Path, dtype: torch.dtype) -> torch.Tensor:
+    """An entry's features, memory-mapped (copy on write), as a `dtype` tensor."""
+    store = torch.from_numpy(np.load(npy, mmap_mode="c"))
+    return store.view(torch.bfloat16) if dtype == torch.bfloat16 else store
+
+
+def _check_entry(npy: Path, meta_file: Path, shape: list[int], dtype: torch.dtype
+                 ) -> str | None:
     """None if the entry is complete and intact, else what is wrong with it."""
     if not meta_file.is_file():
         return "missing" if not npy.exists() else "incomplete (no metadata)"
@@ -143,6 +174,8 @@ def _check_entry(npy: Path, meta_file: Path, shape: list[int]) -> str | None:
         meta = json.loads(meta_file.read_text())
         if meta["shape"] != shape:
             return f"shape {meta['shape']} does not match the data's {shape}"
+        if meta["dtype"] != str(dtype).removeprefix("torch."):
+            return f"dtype {meta['dtype']} is not the {str(dtype).removeprefix('torch.')} asked for"
         if not npy.is_file():
             return "the .npy file is missing"
         if sha256_file(npy) != meta["sha256"]:

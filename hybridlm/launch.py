@@ -51,7 +51,8 @@ def new_accelerator(**kwargs) -> Accelerator:
     """`Accelerator(**kwargs)` for this launch, checked (`check_launch`). Without an accelerator
     device, cpu=True: Accelerate then runs the launched processes as CPU ranks (gloo);
     without it, each process of a torchrun launch runs alone, on all the data."""
-    accelerator = Accelerator(cpu=not has_accelerator(), **kwargs)
+    kwargs.setdefault("cpu", not has_accelerator())
+    accelerator = Accelerator(**kwargs)
     check_launch(accelerator)
     return accelerator
 

@@ -138,8 +138,17 @@ class SpikingPCLayer(nn.Module):
         lateral = atoms.t() @ atoms + self.mu * torch.eye(atoms.shape[1], dtype=atoms.dtype,
                                                           device=atoms.device)  # (N, N)
         v1 = x_c @ atoms  # (M, N): V_1 = D^T x_c, as r_0 = 0
-        return kernels.sc_inference(v1, lateral, self.thresholds(), self.delta, t,
-                                    self.surrogate, self.surrogate_alpha, backend=self.backend)
+        # Mixed precision: under autocast the two products above ran in bf16/fp16, and that is
+        # what the layer hands the ops; the ops accumulate the membrane, the code and the
+        # surrogate derivatives in float32 (a bf16 membrane near 16 would resolve only 0.125,
+        # a fifth of the default threshold), never under the ambient autocast.
+        with torch.autocast(v1.device.type, enabled=False):
+            # The kernels take float32/float64 only for now: this cast (to the weights'
+            # dtype) is the one boundary; remove it once they accept bf16/fp16 inputs.
+            v1, lateral = v1.to(atoms.dtype), lateral.to(atoms.dtype)
+            return kernels.sc_inference(v1, lateral, self.thresholds(), self.delta, t,
+                                        self.surrogate, self.surrogate_alpha,
+                                        backend=self.backend)
 
     def forward(self, z: torch.Tensor, mask: torch.Tensor | None = None,
                 time_steps: int | None = None, local_statistic: bool = False) -> HeadOutput:
@@ -160,15 +169,18 @@ class SpikingPCLayer(nn.Module):
     def local_statistic(self, x_c: torch.Tensor, r: torch.Tensor, valid: torch.Tensor) -> dict:
         """Sums over real tokens of what the local rule needs at the settled state: e_T r_T^T
         (D x N, = -dF/dD per token with r fixed; zero in the columns of silent neurons), e_T
-        (D, = -dF/dm), F_T e_T r_T^T (for the energy-gated rule), F_T, and the token count."""
-        x_c, r = x_c[valid].detach(), r[valid].detach()
-        atoms = self.atoms().detach()
-        e = x_c - r @ atoms.t()  # (M, D) the settled prediction error
-        f = self.energy(x_c, r, atoms)  # (M,)
-        return {"error_code": e.t() @ r, "error": e.sum(0),
-                "weighted_error_code": (e * f[:, None]).t() @ r, "weighted_error":
-                (e * f[:, None]).sum(0), "energy": f.sum(), "tokens": torch.tensor(
-                    float(len(r)), dtype=r.dtype, device=r.device)}
+        (D, = -dF/dm), F_T e_T r_T^T (for the energy-gated rule), F_T, and the token count.
+        Computed in the weights' dtype (float32), outside any autocast: they sum over every
+        token of a step's micro-batches, which bf16 would round (2,047 tokens read 2,048)."""
+        with torch.autocast(x_c.device.type, enabled=False):
+            atoms = self.atoms().detach()
+            x_c, r = x_c[valid].detach().to(atoms.dtype), r[valid].detach().to(atoms.dtype)
+            e = x_c - r @ atoms.t()  # (M, D) the settled prediction error
+            f = self.energy(x_c, r, atoms)  # (M,)
+            return {"error_code": e.t() @ r, "error": e.sum(0),
+                    "weighted_error_code": (e * f[:, None]).t() @ r, "weighted_error":
+                    (e * f[:, None]).sum(0), "energy": f.sum(), "tokens": torch.tensor(
+                        float(len(r)), dtype=r.dtype, device=r.device)}
 
     def _diagnostics(self, x_c, r, spikes, d_energy, valid) -> dict:
         n_valid = valid.sum().clamp_min(1)
@@ -233,15 +245,20 @@ class ISTALayer(SpikingPCLayer):
         atoms = self.atoms()
         lateral = atoms.t() @ atoms + self.mu * torch.eye(atoms.shape[1], dtype=atoms.dtype,
                                                           device=atoms.device)
-        with torch.no_grad():  # the largest eigenvalue, by power iteration (step size only)
-            v = torch.ones(lateral.shape[0], dtype=lateral.dtype, device=lateral.device)
+        # the largest eigenvalue, by power iteration (step size only), in the weights' dtype:
+        # the 1% margin must not be eaten by bf16's rounding
+        with torch.no_grad(), torch.autocast(lateral.device.type, enabled=False):
+            g = lateral.to(atoms.dtype)
+            v = torch.ones(g.shape[0], dtype=g.dtype, device=g.device)
             for _ in range(30):
-                v = lateral @ v
+                v = g @ v
                 v = v / v.norm()
-            lipschitz = float(v @ lateral @ v) * 1.01  # a little margin over the estimate
+            lipschitz = float(v @ g @ v) * 1.01  # a little margin over the estimate
         eta = 1.0 / lipschitz
         drive = x_c @ atoms  # D^T x_c
-        r = torch.zeros_like(drive)
+        # the iterate stays in the weights' dtype (float32) under autocast, as the spiking
+        # layer's membrane; only its products run in bf16/fp16
+        r = torch.zeros_like(drive, dtype=atoms.dtype)
         active, d_energy = [], []
         f_prev = self.energy(x_c.detach(), r.detach(), atoms.detach())
         for _ in range(t):

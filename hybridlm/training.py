@@ -23,7 +23,7 @@ from torch.utils.data import ConcatDataset, DataLoader
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
-from hybridlm import checkpoints
+from hybridlm import checkpoints, precision
 from hybridlm.checkpoints import drop_keys, frozen_trunk_keys, latest_intact
 from hybridlm.config import ConfigError, RunConfig
 from hybridlm.engine import Engine, NonFiniteLoss, check_local_learning, make_optimizer
@@ -32,7 +32,6 @@ from hybridlm.features import FeatureCache, sample_states
 from hybridlm.heads import SPIKING_HEADS
 from hybridlm.hub.folder import full_state_dict
 from hybridlm.io import folder_atomic, write_json_atomic
-from hybridlm.launch import new_accelerator
 from hybridlm.modeling import HybridForCausalLM, model_kwargs
 from hybridlm.report import Run, log_plots
 from hybridlm.rundir import History, RunDir
@@ -63,10 +62,11 @@ def make_accelerator(cfg: RunConfig) -> Accelerator:
     """A fresh Accelerator: it tracks the objects it prepared, and `save_state` writes all of
     them, so each head gets its own. The seedable sampler makes each epoch's order a function
     of (seed, epoch) alone, which a resumed run must reproduce. A launch under which the
-    local rule would be silently wrong, or that Accelerate runs as something else than the
-    launcher asked for (`hybridlm.launch.check_launch`), is refused here, before any work."""
-    accelerator = new_accelerator(
-        mixed_precision=cfg.train.mixed_precision,
+    local rule would be silently wrong, that Accelerate runs as something else than the
+    launcher asked for (`hybridlm.launch.check_launch`), or a precision the device cannot
+    compute in (`hybridlm.precision`), is refused here, before any work."""
+    accelerator = precision.make_accelerator(
+        cfg.train.mixed_precision,
         gradient_accumulation_steps=cfg.train.grad_accum_steps,
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
     )
@@ -379,13 +379,14 @@ def feature_caches(model, splits: dict, cfg: RunConfig, accelerator) -> dict:
         show = accelerator.is_local_main_process
         if not isinstance(splits["train"], TrainStream):  # streamed: features per batch
             train = splits["train"].data.datasets
+            mp = cfg.train.mixed_precision  # bf16/fp16: encoded under it, stored in it
             caches["train"] = FeatureCache.on_disk(
                 model, torch.cat([p.ids for p in train]), torch.cat([p.mask for p in train]),
-                cfg.data.cache_dir, "train", cfg.train.batch_size, show)
+                cfg.data.cache_dir, "train", cfg.train.batch_size, show, mp)
         for s in ("validation", "test"):
             for n, b in splits[s].items():
                 caches[(s, n)] = FeatureCache.on_disk(model, b.ids, b.mask, cfg.data.cache_dir,
-                                                      f"{s}-{n}", cfg.train.batch_size, show)
+                                                      f"{s}-{n}", cfg.train.batch_size, show, mp)
     return caches
 
 

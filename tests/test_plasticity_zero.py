@@ -22,7 +22,7 @@ from accelerate import Accelerator, debug_launcher
 from accelerate.utils import DistributedType
 from transformers import get_constant_schedule
 
-from hybridlm import plasticity, training
+from hybridlm import plasticity, precision, training
 from hybridlm.config import ConfigError
 from hybridlm.engine import Engine, check_local_learning, make_optimizer
 from hybridlm.hub.folder import check_model_folder, load_model
@@ -285,7 +285,7 @@ def test_make_train_refuses_fp16_deepspeed_with_local_learning_at_start(
         zero.main_process_first = lambda: (_ for _ in ()).throw(Reached())
         return zero
 
-    monkeypatch.setattr(training, "new_accelerator", deepspeed)
+    monkeypatch.setattr(precision, "new_accelerator", deepspeed)  # make_accelerator builds it
     argv = ["--no-wandb", "--config", str(Path(__file__).parent.parent / "configs/quick.yaml"),
             f"output_dir={tmp_path / 'run'}", "train.heads=[spiking_pc]",
             f"model.learning={learning}"]

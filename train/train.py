@@ -166,7 +166,7 @@ def run_training(args, held: contextlib.ExitStack) -> int:
         identities = {h: run_identity(HybridForCausalLM.config_class.model_type, h,
                                       asdict(cfg.model), tokenizer_id,
                                       trunk_fingerprint(trunk_model), data_id,
-                                      launch_identity(accelerator))
+                                      launch_identity(accelerator), cfg.train.mixed_precision)
                       for h in cfg.train.heads}
         lock_output_dir(run, cfg, args.resume, accelerator, held)  # the first write
         resume_from = {h: resume_point(run.checkpoints(h), identities[h])
