@@ -199,6 +199,7 @@ def kill_tree(proc: subprocess.Popen) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.scale  # make test-scale (CI runs it after make test)
 def test_two_nodes_killed_and_relaunched_finish_like_an_uninterrupted_run(tmp_path):
     cache = f"data.cache_dir={ROOT / '.cache' / 'hybridlm'}"
     env = os.environ | {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}

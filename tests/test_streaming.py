@@ -284,6 +284,7 @@ def test_one_process_resume_of_a_stream_is_bit_exact(tmp_path, tokenizer, capsys
 
 
 @pytest.mark.slow
+@pytest.mark.scale  # make test-scale (CI runs it after make test)
 def test_two_ranks_stream_unequal_shards_killed_and_resumed(tmp_path, tokenizer, capsys):
     """accelerate launch, 2 CPU ranks: killed after its step-3 checkpoint, refused a resume on
     one process, resumed on two; the batches trained on are those of an uninterrupted run."""
