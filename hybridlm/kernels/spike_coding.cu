@@ -239,6 +239,7 @@ struct sc_pairs_cpu {
   typedef F mask_t;  // 0 or 1 as F: a vector multiply masks (GCC 12 does not vectorise a
                      // uint8 -> F conversion)
   typedef F lanes __attribute__((vector_size(HL_SC_LANES * sizeof(F))));
+  static_assert(sizeof(lanes) == HL_SC_LANES * sizeof(F), "one vector of lanes");
 
   static inline lanes lanes_of(const F* p) {
     lanes x;
@@ -300,6 +301,11 @@ struct sc_pairs_cpu {
 // (element i of token m at m * N + i), the O(N) passes written to vectorise, and the update
 // in vector-wide chunks of i with the members inside (per element the same sum, in the same
 // order, as the GPU kernel). Launch with block = 1, grid = M.
+template <typename F>
+struct hl_vec64 {
+  typedef F type __attribute__((vector_size(64)));
+};
+
 // sc_vec<F, V>::of(g): the 64-byte vector V of the VL values at g, in the accumulation type F.
 template <typename F, typename V>
 struct sc_vec {
@@ -380,7 +386,9 @@ __global__ void sc_fwd_rows(const S* __restrict__ v1, const S* __restrict__ G,
     for (int b = 0; b < n; ++b) rr[p[b]] += delta;
     // Four 64-byte vectors of lanes at a time: four independent add chains per member.
     // (Written with vector types: GCC interchanged the plain-loop version into scalar code.)
-    typedef F vec __attribute__((vector_size(64)));
+    // (through a struct: GCC drops vector_size on a local typedef of a dependent type)
+    typedef typename hl_vec64<F>::type vec;
+    static_assert(sizeof(vec) == 64, "one 64-byte vector");
     constexpr int W = 4 * VL;
     int i0 = 0;
     for (; i0 + W <= N; i0 += W) {
