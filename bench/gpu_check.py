@@ -446,8 +446,13 @@ def _sj_shape_bench(dev: str, Ts, shape) -> list[dict]:
                 if neuron is None:
                     break
                 try:
-                    net = neuron.LIFNode(backend=backend, step_mode="m").to(device=dev,
-                                                                             dtype=dtype)
+                    try:
+                        net = neuron.LIFNode(backend=backend, step_mode="m")
+                    except TypeError:  # SpikingJelly 2.0: no backend argument, its own op
+                        if backend != "torch":
+                            raise
+                        net = neuron.LIFNode(step_mode="m")
+                    net = net.to(device=dev, dtype=dtype)
                 except Exception as e:  # noqa: BLE001 - a backend that is not importable
                     rows.append({"peer": f"sj_{backend}", "dtype": str(dtype), "T": T,
                                  "error": repr(e)[:300]})
