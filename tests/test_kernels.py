@@ -512,7 +512,7 @@ def test_shim_under_address_sanitizer(asan_kernel_cache):
            "large_multithreaded or spike_matmul_event or float64 or "
            "recompute or half or one_byte"]
     res = subprocess.run(cmd, env=_asan_env(asan_kernel_cache), capture_output=True, text=True,
-                         timeout=300)
+                         timeout=600)
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
     passed = re.search(r"(\d+) passed", res.stdout)
     assert passed and int(passed.group(1)) >= 40, res.stdout[-2000:]
