@@ -537,7 +537,7 @@ def test_address_sanitizer_catches_overflow(asan_kernel_cache):
         "import numpy as np, torch\n"
         "from hybridlm.kernels import _build\n"
         "x = torch.zeros(2, 100); s = torch.empty_like(x)\n"
-        "_build.load_shim().launch('hl::lif_fwd<float,0,0>', 1, 128,\n"
+        "_build.load_shim().launch('hl::lif_fwd<float,float,0,0>', 1, 128,\n"
         "    (x, s, np.int32(2), np.int64(128), np.float32(0.9), np.float32(0.7)))\n"),
         "neuron.cu")
 

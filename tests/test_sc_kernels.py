@@ -378,8 +378,8 @@ def test_address_sanitizer_catches_overflow_in_the_kernel(asan_kernel_cache):
         "P = torch.empty(M, N, dtype=torch.int32); r = torch.empty(M, N)\n"
         "s = torch.empty(T, M, N, dtype=torch.uint8); d = torch.empty(T, M)\n"
         "f = np.float32\n"
-        "_build.load_shim().launch('hl::sc_fwd_rows<float,0>', M, 1, (v1, G, V, P, r, s, d,\n"
-        "    torch.empty(T, M, N), np.int32(M), np.int32(N + 3), np.int32(T), f(0.6), f(1.0),\n"
+        "_build.load_shim().launch('hl::sc_fwd_rows<float,0>', M, 1, (v1, G, V, P, r, r, s,\n"
+        "    d, torch.empty(T, M, N), np.int32(M), np.int32(N + 3), np.int32(T), f(0.6), f(1.0),\n"
         "    f(-1.0), f(0.5), f(1.0), f(3.14), np.int32(1)))\n"), "spike_coding.cu")
 
 

@@ -314,14 +314,25 @@ def load_shim() -> ShimModule:
 # ----------------------------------------------------------------------------------------
 
 NVRTC_OPTIONS = ("--std=c++17",)
+# Results of nvrtc_compile / nvcc_resource_usage in this process, by (source, arch, options):
+# the kernel and PC-step tests check the same compile (each is 10-30 s of CPU).
+_compiled_once: dict[tuple, object] = {}
 
 
 def nvrtc_compile(arch: str = "sm_90", extra_options: tuple[str, ...] = ()) -> dict:
-    """Compile every GPU kernel with NVRTC; return {"cubin", "log", "lowered"}.
+    """Compile every GPU kernel with NVRTC; return {"cubin", "log", "lowered"} (remembered
+    for this process: the same source, arch and options compile once).
 
     Raises :class:`KernelCompileError` with NVRTC's log (file and line) on failure and
     ``ImportError`` when ``cuda.bindings`` is missing.
     """
+    key = ("nvrtc", combined_source(), arch, tuple(extra_options))
+    if key not in _compiled_once:
+        _compiled_once[key] = _nvrtc_compile(arch, extra_options)
+    return _compiled_once[key]
+
+
+def _nvrtc_compile(arch: str, extra_options: tuple[str, ...]) -> dict:
     from cuda.bindings import nvrtc
 
     def check(res, what):
@@ -361,10 +372,18 @@ def nvrtc_compile(arch: str = "sm_90", extra_options: tuple[str, ...] = ()) -> d
 
 def nvcc_resource_usage(arch: str = "sm_90", nvcc: str | None = None) -> str:
     """Compile every GPU kernel with ``nvcc -cubin -Xptxas -v,-warn-spills``; return ptxas'
-    report (registers, spills per kernel). Raises FileNotFoundError without nvcc."""
+    report (registers, spills per kernel; remembered for this process). Raises
+    FileNotFoundError without nvcc."""
     nvcc = nvcc or shutil.which("nvcc")
     if nvcc is None:
         raise FileNotFoundError("nvcc not on PATH")
+    key = ("nvcc", combined_source(), arch, nvcc)
+    if key not in _compiled_once:
+        _compiled_once[key] = _nvcc_resource_usage(arch, nvcc)
+    return _compiled_once[key]
+
+
+def _nvcc_resource_usage(arch: str, nvcc: str) -> str:
     # Taking each instantiation's address in host code makes nvcc emit its device code.
     force = ",\n".join(f"  (void*)&{n}" for n in gpu_kernel_names())
     src = combined_source() + f"\nvoid* hl_force_instantiation[] = {{\n{force}\n}};\n"
