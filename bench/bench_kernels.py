@@ -579,12 +579,13 @@ def markdown(result: dict) -> str:
     return "\n".join(out)
 
 
-def run_precision(repeats: int, rounds: int, sc_size: str) -> dict:
+def run_precision(repeats: int, rounds: int, sc_size: str,
+                  peers: tuple[str, ...] = PRECISION_PEERS) -> dict:
     """LIF (T = 16, N = 1.57M) and sc_inference per precision (module docstring); every
     case in `rounds` fresh processes, the median process's row."""
     lif = []
     for dtype in PRECISIONS:
-        lif += run_rounds(list(PRECISION_PEERS), 16, N_LARGE, repeats, rounds, dtype=dtype)
+        lif += run_rounds(list(peers), 16, N_LARGE, repeats, rounds, dtype=dtype)
     sc = []
     for dtype in PRECISIONS:
         runs = [_sub(["--sc", "ours", "data", sc_size, "--repeats", str(repeats),
@@ -697,6 +698,8 @@ def main() -> None:
     ap.add_argument("--precision", action="store_true",
                     help="only the per-precision rows (float32, bf16, fp16) and the copy "
                          "bandwidth")
+    ap.add_argument("--precision-peers", default=",".join(PRECISION_PEERS),
+                    help="peers of the per-precision LIF rows")
     ap.add_argument("--dtype", default="float32", choices=PRECISIONS, help=argparse.SUPPRESS)
     a = ap.parse_args()
     repeats = a.repeats or (3 if a.quick else 5)
@@ -730,7 +733,8 @@ def main() -> None:
     sc_size = "quick" if a.quick else "full"
     if a.precision:
         result = {"machine": machine, "copy": run_copy_rounds(a.rounds),
-                  "precision": run_precision(repeats, a.rounds, sc_size)}
+                  "precision": run_precision(repeats, a.rounds, sc_size,
+                                             tuple(a.precision_peers.split(",")))}
         result["loadavg_start_end"] = [load0[0], os.getloadavg()[0]]
         md = "\n".join([f"Load average start/end: {result['loadavg_start_end']}; copy "
                         f"bandwidth {result['copy']['gbps']:.1f} GB/s", "",

@@ -326,13 +326,30 @@ inline void store_lanes(unsigned char* __restrict__ p, const A* __restrict__ v) 
 #pragma omp simd
   for (int l = 0; l < hl_chunk<A>::VL; ++l) p[l] = v[l] != A(0);
 }
+// bf16 with AVX-512 integer ops: the same bit operations as load / store (the plain loops
+// compiled to scalar code: bf16 ran at half float32's speed).
 inline void load_lanes(const bf16* __restrict__ p, float* __restrict__ out) {
-#pragma omp simd
+#if defined(__AVX512F__)
+  const __m512i u = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p));
+  _mm512_storeu_ps(out, _mm512_castsi512_ps(_mm512_slli_epi32(u, 16)));
+#else
   for (int l = 0; l < 16; ++l) out[l] = load(p + l);
+#endif
 }
 inline void store_lanes(bf16* __restrict__ p, const float* __restrict__ v) {
-#pragma omp simd
+#if defined(__AVX512F__)
+  const __m512 x = _mm512_loadu_ps(v);
+  const __m512i u = _mm512_castps_si512(x);
+  const __m512i hi = _mm512_srli_epi32(u, 16);
+  const __m512i odd = _mm512_and_si512(hi, _mm512_set1_epi32(1));
+  const __m512i rne =
+      _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), odd)), 16);
+  const __m512i qnan = _mm512_or_si512(hi, _mm512_set1_epi32(0x40));
+  const __mmask16 nan = _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
+  _mm256_storeu_si256((__m256i*)p, _mm512_cvtepi32_epi16(_mm512_mask_blend_epi32(nan, rne, qnan)));
+#else
   for (int l = 0; l < 16; ++l) store(p + l, v[l]);
+#endif
 }
 inline void load_lanes(const f16* __restrict__ p, float* __restrict__ out) {
 #if defined(__AVX512F__)
