@@ -246,10 +246,10 @@ struct sc_pairs_cpu {
     __builtin_memcpy(&x, p, sizeof x);
     return x;
   }
-  template <typename T>  // a half type: converted lane by lane
+  template <typename T>  // a half type: 16 floats, converted as the LIF chunks do
   static inline lanes lanes_of(const T* p) {
     F t[HL_SC_LANES];
-    for (int l = 0; l < HL_SC_LANES; ++l) t[l] = hl::load(p + l);
+    load_lanes(p, t);
     return lanes_of(t);
   }
 
@@ -315,10 +315,9 @@ struct sc_vec {
     return x;
   }
   template <typename S>
-  static inline V of(const S* g) {  // a half type: converted lane by lane
+  static inline V of(const S* g) {  // a half type: 16 floats, converted as the LIF chunks do
     F t[hl_chunk<F>::VL];
-#pragma omp simd
-    for (int l = 0; l < hl_chunk<F>::VL; ++l) t[l] = load(g + l);
+    load_lanes(g, t);
     return of(t);
   }
 };
