@@ -41,6 +41,14 @@ nu = 0.1, tokens with ||x||^2 = 300; "random" atoms (isotropic), and "data-like"
 columns are normalised samples of x, drawn from an anisotropic distribution (spectrum k^-1/2
 in a random basis), which makes correlated atoms, rejected proposals and spike rates of about
 2%. torch.compile is not a peer: it skips the reference's frames (sc_inference's docstring).
+
+Precisions (--precision, and part of the full run): LIF forward+backward at T = 16,
+N = 1,572,864 with x, grad_s and the spikes in float32, bfloat16 and float16: our op, its two
+kernel launches alone (spikes in x's dtype, and in one byte), the torch.compile'd loop and
+SpikingJelly, each with tensors of that dtype; and sc_inference (fwd+bwd) per precision.
+Byte model per precision (b bytes per value): 5 b T N (forward reads x, writes s; backward
+reads x and grad_s, writes grad_x), 4 b + 1 with one-byte spikes: float32 20, bf16/fp16 10,
+bf16/fp16 with one-byte spikes 9 bytes per neuron-step.
 """
 
 from __future__ import annotations
@@ -57,6 +65,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PEERS = ("ours", "ours_kernels", "snntorch", "spikingjelly", "torch_loop", "compiled")
+PRECISIONS = ("float32", "bfloat16", "float16")
+PRECISION_PEERS = ("ours", "ours_kernels", "ours_kernels_u8", "compiled", "spikingjelly")
 BYTES_PER_NEURON_STEP = 20  # the byte model (module docstring)
 N_SMALL, N_LARGE = 98_304, 1_572_864
 REUSE_ENV = {"MALLOC_MMAP_THRESHOLD_": str(1 << 40), "MALLOC_TRIM_THRESHOLD_": str(1 << 40)}
@@ -73,13 +83,19 @@ def _rss_kib(field: str) -> int:
     return 0
 
 
-def _make_step(peer: str, T: int, N: int):
+def bytes_per_neuron_step(dtype: str = "float32", one_byte_spikes: bool = False) -> int:
+    """The byte model (module docstring): 5 b, or 4 b + 1 with one-byte spikes."""
+    b = 8 if dtype == "float64" else 4 if dtype == "float32" else 2
+    return 4 * b + 1 if one_byte_spikes else 5 * b
+
+
+def _make_step(peer: str, T: int, N: int, dtype: str = "float32"):
     """Return (step, x): step() runs one forward+backward (x.grad = None first)."""
     import torch
 
     torch.manual_seed(0)
-    x = torch.randn(T, N).requires_grad_()
-    g = torch.randn(T, N)
+    x = torch.randn(T, N).to(getattr(torch, dtype)).requires_grad_()
+    g = torch.randn(T, N).to(x.dtype)
     if peer in ("ours", "torch_loop", "compiled"):
         from hybridlm.kernels import lif_multistep
 
@@ -87,25 +103,29 @@ def _make_step(peer: str, T: int, N: int):
 
         def fn():
             lif_multistep(x, 0.9, 1.0, backend=backend).backward(g)
-    elif peer == "ours_kernels":
+    elif peer in ("ours_kernels", "ours_kernels_u8"):
         # The two kernel launches alone, into preallocated buffers (no page faults, no
-        # autograd): the kernels' own bandwidth.
+        # autograd): the kernels' own bandwidth; _u8: the forward writes one-byte spikes.
         import numpy as np
 
         from hybridlm.kernels import _build
 
         shim = _build.load_shim()
-        s, gx = torch.empty_like(x), torch.empty_like(x)
+        c = _build.CTYPES[dtype]
+        u8 = peer.endswith("_u8")
+        s = torch.empty_like(x, dtype=torch.uint8 if u8 else x.dtype)
+        gx = torch.empty_like(x)
+        ck = torch.empty(max(1, (T - 1) // 16), N, dtype=torch.float32)  # checkpoints
         xd = x.detach()
         grid = -(-N // _build.SHIM_TILE)
         f32 = np.float32
+        fwd = f"hl::lif_fwd_tile<{c},{_build.SPIKE_BYTE if u8 else c},0,0>"
 
         def fn():
-            shim.launch("hl::lif_fwd_tile<float,0,0>", grid, 1,
-                        (xd, s, np.int32(T), np.int64(N), f32(0.9), f32(1.0)))
-            shim.launch("hl::lif_bwd_tile<float,0,0,0,0>", grid, 1,
-                        (xd, g, gx, np.int32(T), np.int64(N), f32(0.9), f32(1.0), f32(1.0),
-                         f32(np.pi)))
+            shim.launch(fwd, grid, 1, (xd, s, np.int32(T), np.int64(N), f32(0.9), f32(1.0)))
+            shim.launch(f"hl::lif_bwd_tile<{c},0,0,0,0>", grid, 1,
+                        (xd, g, gx, ck, np.int32(T), np.int64(N), f32(0.9), f32(1.0),
+                         f32(1.0), f32(np.pi)))
     elif peer == "snntorch":
         import snntorch as snn
 
@@ -166,13 +186,15 @@ def _peak_live_mib(step, x) -> float:
     return (max(a["Total Allocated"] for a in mem) - base + pooled) / 2**20
 
 
-def run_case(peer: str, T: int, N: int, repeats: int) -> dict:
+def run_case(peer: str, T: int, N: int, repeats: int, dtype: str = "float32") -> dict:
     import torch  # honours OMP_NUM_THREADS (--threads) by itself
 
     try:
-        step, x = _make_step(peer, T, N)
-    except ImportError as e:
-        return {"peer": peer, "T": T, "N": N, "skipped": f"{type(e).__name__}: {e}"}
+        step, x = _make_step(peer, T, N, dtype)
+        step()  # a peer that cannot run this dtype says so here
+    except (ImportError, RuntimeError, TypeError, NotImplementedError) as e:
+        return {"peer": peer, "T": T, "N": N, "dtype": dtype,
+                "skipped": f"{type(e).__name__}: {str(e)[:200]}"}
     t0 = time.perf_counter()
     step()  # warm-up (compiles for torch.compile and the shim)
     first = time.perf_counter() - t0
@@ -205,11 +227,13 @@ def run_case(peer: str, T: int, N: int, repeats: int) -> dict:
         rss = None
     peak = _peak_live_mib(step, x)
     med = statistics.median(times)
-    return {"peer": peer, "T": T, "N": N, "median_ms": med * 1e3,
+    model = bytes_per_neuron_step(dtype, peer.endswith("_u8"))
+    return {"peer": peer, "T": T, "N": N, "dtype": dtype, "median_ms": med * 1e3,
+            "bytes_per_neuron_step": model,
             "times_ms": [t * 1e3 for t in times], "first_ms": first * 1e3,
             "cpu_median_ms": statistics.median(cpu) * 1e3,
             "warmup_ms": [t * 1e3 for t in warm],
-            "min_ms": min(times) * 1e3, "gbps": BYTES_PER_NEURON_STEP * T * N / med / 1e9,
+            "min_ms": min(times) * 1e3, "gbps": model * T * N / med / 1e9,
             "peak_extra_mib": peak, "rss_growth_mib": rss,
             "floor_mib": 8 * T * N / 2**20, "loadavg": os.getloadavg()[0],
             "threads": torch.get_num_threads()}
@@ -307,9 +331,9 @@ def sc_problem(kind: str, M: int, N: int, D: int, seed: int = 0, device: str = "
     return v1.contiguous().to(device), G.contiguous().to(device), SC_DELTA / 2 + SC_NU
 
 
-def run_sc(impl: str, kind: str, size: str, repeats: int) -> dict:
+def run_sc(impl: str, kind: str, size: str, repeats: int, dtype: str = "float32") -> dict:
     """sc_inference forward, and forward+backward, on one problem: impl "ours" (auto
-    backend: the fused kernel) or "torch" (the reference)."""
+    backend: the fused kernel) or "torch" (the reference); v1 and G in ``dtype``."""
     import torch
 
     from hybridlm.kernels import sc_inference
@@ -317,6 +341,7 @@ def run_sc(impl: str, kind: str, size: str, repeats: int) -> dict:
     p = SC[size]
     M, N, T = p["M"], p["N"], p["T"]
     v1, G, theta = sc_problem(kind, M, N, p["D"])
+    v1, G = v1.to(getattr(torch, dtype)), G.to(getattr(torch, dtype))
     w = torch.randn(M, N, generator=torch.Generator().manual_seed(1))
     backend = None if impl == "ours" else "torch"
     v1.requires_grad_()
@@ -329,7 +354,7 @@ def run_sc(impl: str, kind: str, size: str, repeats: int) -> dict:
     def fwd_bwd():
         v1.grad = G.grad = None
         r = sc_inference(v1, G, theta, SC_DELTA, T, backend=backend)[0]
-        (r * w).sum().backward()
+        (r.float() * w).sum().backward()
 
     out = {}
     for name, fn in (("fwd", fwd), ("fwd_bwd", fwd_bwd)):
@@ -347,7 +372,8 @@ def run_sc(impl: str, kind: str, size: str, repeats: int) -> dict:
                     f"{name}_cpu_ms": statistics.median(cpu) * 1e3,
                     f"{name}_tokens_per_s": M / med})
     spikes = fwd()[1]
-    return {"impl": impl, "kind": kind, "size": size, **p, "delta": SC_DELTA, "nu": SC_NU,
+    return {"impl": impl, "kind": kind, "size": size, "dtype": dtype, **p, "delta": SC_DELTA,
+            "nu": SC_NU,
             "spike_rate": spikes.float().mean().item(),
             "spike_rate_per_step": spikes.float().mean((1, 2)).tolist(),
             "threads": torch.get_num_threads(), "loadavg": os.getloadavg()[0], **out}
@@ -459,7 +485,8 @@ def _sub(args: list[str], env_extra: dict | None = None, timeout: int = 900) -> 
 
 
 def run_rounds(peers: list[str], T: int, N: int, repeats: int, rounds: int,
-               env: dict | None = None, variant: str | None = None) -> list[dict]:
+               env: dict | None = None, variant: str | None = None,
+               dtype: str = "float32") -> list[dict]:
     """One row per peer, each run `rounds` times in fresh processes, the peers interleaved.
     On these VMs a process's memory is fast or slow for its whole life (the same op: 11 or
     15 ms, consistent within a process), so one process per peer can decide a ratio. The row
@@ -467,10 +494,11 @@ def run_rounds(peers: list[str], T: int, N: int, repeats: int, rounds: int,
     runs: dict[str, list[dict]] = {p: [] for p in peers}
     for _ in range(rounds):
         for peer in peers:
-            r = _sub(["--case", peer, str(T), str(N), "--repeats", str(repeats)], env)
-            r.update(peer=peer, T=T, N=N)
+            r = _sub(["--case", peer, str(T), str(N), "--repeats", str(repeats),
+                      "--dtype", dtype], env)
+            r.update(peer=peer, T=T, N=N, dtype=dtype)
             runs[peer].append(r)
-            label = peer + (f" ({variant})" if variant else "")
+            label = peer + (f" ({variant})" if variant else "") + f" {dtype}"
             print(f"T={T} N={N} {label}: {r.get('median_ms', r.get('skipped', 'error'))}",
                   file=sys.stderr)
     rows = [_median_run(rs, "median_ms", "rounds_ms") for rs in runs.values()]
@@ -540,6 +568,8 @@ def markdown(result: dict) -> str:
     if result.get("sc"):
         out += ["", "Spike-coding inference (kernels.sc_inference), float32:", ""]
         out += sc_markdown(result["sc"])
+    if result.get("precision"):
+        out += ["", *precision_markdown(result["precision"], result["copy"]["gbps"])]
     if result.get("targets"):
         out += ["", f"Targets at T = 16, N = {N_LARGE:,} (issue 3; the same run):", "",
                 "| allocator | target | measured | met? |", "|---|---|---|---|"]
@@ -547,6 +577,73 @@ def markdown(result: dict) -> str:
             out.append(f"| {t['allocator']} | {t['target']} | {t['measured']} | "
                        f"{'yes' if t['met'] else 'no'} |")
     return "\n".join(out)
+
+
+def run_precision(repeats: int, rounds: int, sc_size: str,
+                  peers: tuple[str, ...] = PRECISION_PEERS) -> dict:
+    """LIF (T = 16, N = 1.57M) and sc_inference per precision (module docstring); every
+    case in `rounds` fresh processes, the median process's row."""
+    lif = []
+    for dtype in PRECISIONS:
+        lif += run_rounds(list(peers), 16, N_LARGE, repeats, rounds, dtype=dtype)
+    sc = []
+    for dtype in PRECISIONS:
+        runs = [_sub(["--sc", "ours", "data", sc_size, "--repeats", str(repeats),
+                      "--dtype", dtype]) for _ in range(rounds)]
+        row = _median_run(runs, "fwd_bwd_ms", "rounds_fwd_bwd_ms")
+        row.update(impl="ours", kind="data", size=sc_size, dtype=dtype)
+        print(f"sc {dtype}: {row.get('fwd_bwd_ms', 'error')}", file=sys.stderr)
+        sc.append(row)
+    return {"lif": lif, "sc": sc, "targets": precision_targets(lif)}
+
+
+def precision_targets(lif: list[dict]) -> list[dict]:
+    """Issue 18's CPU targets: bf16 with one-byte spikes >= 1.5x the compiled loop in bf16
+    and >= 1.8x our float32 op. Our op's backward needs its spikes as bf16 (autograd cannot
+    carry a gradient through uint8), so the one-byte figure is the two kernel launches
+    (ours_kernels_u8); the op's own bf16 rows are listed beside them."""
+    ms = {(r["peer"], r["dtype"]): r["median_ms"] for r in lif if "median_ms" in r}
+    rows = []
+    for ours, what in (("ours_kernels_u8", "bf16 kernels, one-byte spikes"),
+                       ("ours", "bf16 op (bf16 spikes)")):
+        for peer, ref_dtype, need in (("compiled", "bfloat16", 1.5), ("ours", "float32", 1.8)):
+            a, b = ms.get((ours, "bfloat16")), ms.get((peer, ref_dtype))
+            if a and b:
+                rows.append({"target": f"{what} >= {need:g}x {peer} {ref_dtype}",
+                             "measured": f"{b / a:.2f}x ({b:.1f} / {a:.1f} ms)",
+                             "met": b / a >= need})
+    return rows
+
+
+def precision_markdown(res: dict, copy_gbps: float | None) -> list[str]:
+    out = ["LIF forward+backward per precision, T = 16, N = 1,572,864:", "",
+           "| dtype | peer | median ms | CPU ms | bytes/neuron-step | effective GB/s | "
+           "% of copy | vs our float32 op |", "|---|---|---|---|---|---|---|---|"]
+    f32 = next((r["median_ms"] for r in res["lif"] if r.get("peer") == "ours"
+                and r.get("dtype") == "float32" and "median_ms" in r), None)
+    for r in res["lif"]:
+        if "median_ms" not in r:
+            why = (r.get("skipped") or r.get("error", ""))[:80].replace("\n", " ")
+            out.append(f"| {r.get('dtype')} | {r.get('peer')} | skipped: {why} | | | | | |")
+            continue
+        pct = f"{100 * r['gbps'] / copy_gbps:.0f}%" if copy_gbps else ""
+        vs = f"{f32 / r['median_ms']:.2f}x" if f32 else ""
+        out.append(f"| {r['dtype']} | {r['peer']} | {r['median_ms']:.1f} | "
+                   f"{r['cpu_median_ms']:.1f} | {r['bytes_per_neuron_step']} | "
+                   f"{r['gbps']:.1f} | {pct} | {vs} |")
+    out += ["", "sc_inference per precision (data-like atoms):", "",
+            "| dtype | M | N | T | fwd ms | fwd+bwd ms | spike rate |",
+            "|---|---|---|---|---|---|---|"]
+    for r in res["sc"]:
+        if "fwd_bwd_ms" in r:
+            out.append(f"| {r['dtype']} | {r['M']} | {r['N']} | {r['T']} | {r['fwd_ms']:.1f} | "
+                       f"{r['fwd_bwd_ms']:.1f} | {100 * r['spike_rate']:.2f}% |")
+        else:
+            out.append(f"| {r['dtype']} | failed: {r.get('error', '')[-80:]} | | | | | |")
+    out += ["", "| target | measured | met? |", "|---|---|---|"]
+    out += [f"| {t['target']} | {t['measured']} | {'yes' if t['met'] else 'no'} |"
+            for t in res["targets"]]
+    return out
 
 
 def targets(result: dict) -> list[dict]:
@@ -598,13 +695,20 @@ def main() -> None:
     ap.add_argument("--sc", nargs=3, metavar=("IMPL", "KIND", "SIZE"), help=argparse.SUPPRESS)
     ap.add_argument("--sc-only", action="store_true",
                     help="only the spike-coding inference rows (and the copy bandwidth)")
+    ap.add_argument("--precision", action="store_true",
+                    help="only the per-precision rows (float32, bf16, fp16) and the copy "
+                         "bandwidth")
+    ap.add_argument("--precision-peers", default=",".join(PRECISION_PEERS),
+                    help="peers of the per-precision LIF rows")
+    ap.add_argument("--dtype", default="float32", choices=PRECISIONS, help=argparse.SUPPRESS)
     a = ap.parse_args()
     repeats = a.repeats or (3 if a.quick else 5)
     if a.threads:
         os.environ["OMP_NUM_THREADS"] = str(a.threads)  # inherited by the case subprocesses
 
     if a.case:
-        print(json.dumps(run_case(a.case[0], int(a.case[1]), int(a.case[2]), repeats)))
+        print(json.dumps(run_case(a.case[0], int(a.case[1]), int(a.case[2]), repeats,
+                                  a.dtype)))
         return
     if a.copy:
         print(json.dumps(run_copy()))
@@ -613,7 +717,7 @@ def main() -> None:
         print(json.dumps(run_layer(a.layer, repeats)))
         return
     if a.sc:
-        print(json.dumps(run_sc(*a.sc, repeats)))
+        print(json.dumps(run_sc(*a.sc, repeats, a.dtype)))
         return
     rates = [0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2]
     if a.propagation:
@@ -627,6 +731,20 @@ def main() -> None:
     machine = {"platform": platform.platform(), "cpus": os.cpu_count(),
                "torch": torch.__version__, "threads": torch.get_num_threads()}
     sc_size = "quick" if a.quick else "full"
+    if a.precision:
+        result = {"machine": machine, "copy": run_copy_rounds(a.rounds),
+                  "precision": run_precision(repeats, a.rounds, sc_size,
+                                             tuple(a.precision_peers.split(",")))}
+        result["loadavg_start_end"] = [load0[0], os.getloadavg()[0]]
+        md = "\n".join([f"Load average start/end: {result['loadavg_start_end']}; copy "
+                        f"bandwidth {result['copy']['gbps']:.1f} GB/s", "",
+                        *precision_markdown(result["precision"], result["copy"]["gbps"])])
+        result["markdown"] = md
+        print(md)
+        if a.out:
+            a.out.parent.mkdir(parents=True, exist_ok=True)
+            a.out.write_text(json.dumps(result, indent=2))
+        return
     if a.sc_only:
         result = {"machine": machine, "sc": run_sc_rounds(sc_size, repeats, a.rounds)}
         result["loadavg_start_end"] = [load0[0], os.getloadavg()[0]]
@@ -662,6 +780,7 @@ def main() -> None:
     result["layer"] = [_sub(["--layer", impl, "--repeats", str(repeats)])
                        for impl in ("ours", "torch", "compiled")]
     result["sc"] = run_sc_rounds(sc_size, repeats, a.rounds)
+    result["precision"] = run_precision(repeats, a.rounds, sc_size)
     faster = [r["rate"] for r in result["propagation"] if r["event_ms"] < r["dense_ms"]]
     result["crossover"] = max(faster) if faster else None
     result["targets"] = targets(result)

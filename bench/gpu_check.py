@@ -24,6 +24,14 @@ Steps (each one's outcome is recorded even when an earlier one failed):
    sc_inference forward and forward+backward (T = 8, N = 512, M = 2048 and 16384, random
    and data-like atoms as in bench/bench_kernels.py) fused kernel vs the plain-torch
    reference on the GPU, in tokens per second.
+6. precision: bf16/fp16 parity (every LIF variant, sc_inference, spike_matmul with one-byte
+   spikes: GPU vs CPU shim on the same rounded inputs) and timings at SpikingJelly's own
+   LIF benchmark shape (its Triton-backend tutorial: x [T, 64, 64*32*32], fp16, T = 4..32,
+   forward + sum().backward(); 41.87 / 5.19 / 3.37 ms torch / CuPy / Triton at T = 32 on an
+   RTX 4090): ours against SpikingJelly's torch, CuPy and Triton backends where importable,
+   with the device copy bandwidth and ours' share of it (byte model 5 b T N, b = 2).
+   ``--precision-only --cpu`` runs this step's code on the CPU (cpu_shim_grid standing in
+   for the GPU, a small shape, SpikingJelly's torch backend), to check it before a GPU run.
 """
 
 from __future__ import annotations
@@ -350,6 +358,155 @@ def _bench_sc(quick: bool) -> list[dict]:
     return rows
 
 
+SJ_SHAPE = (64, 64 * 32 * 32)  # SpikingJelly's benchmark: x [T, 64, 65536]
+SJ_T = tuple(range(4, 33, 4))
+
+
+def _precision_parity(dev: str) -> dict:
+    """bf16/fp16 on ``dev`` ("cuda", or "cpu": cpu_shim_grid, the GPU kernels run on the CPU)
+    against the CPU shim on the same rounded inputs: LIF spikes (flipped fraction; 0 expected,
+    beta * v is mul_rn) and grad_x (max difference in ulps of the type: at most 1 expected,
+    the float32 results rounded once), sc_inference bit for bit, spike_matmul with uint8
+    spikes within one rounding."""
+    import torch
+
+    from hybridlm.kernels import lif_multistep, sc_inference, spike_matmul
+    from hybridlm.kernels import reference as ref
+
+    backend = "cuda" if dev == "cuda" else "cpu_shim_grid"
+    n = 1 << 18 if dev == "cuda" else 1 << 12
+    g = torch.Generator().manual_seed(0)
+    rows, ok = [], True
+    for dtype in (torch.bfloat16, torch.float16):
+        eps = torch.finfo(dtype).eps
+        x = (torch.randn(20, n, generator=g) * 0.8 + 0.4).to(dtype)
+        gs = torch.randn(x.shape, generator=g).to(dtype)
+        for dyn in ref.DYNAMICS:
+            for reset in ref.RESETS:
+                for detach in (False, True):
+                    if dyn == "snntorch" and detach:
+                        continue
+                    kw = dict(reset=reset, detach_reset=detach, dynamics=dyn)
+                    xc = x.clone().requires_grad_()
+                    xd = x.clone().to(dev).requires_grad_()
+                    s = lif_multistep(xc, 0.9, 0.7, backend="cpu_shim", **kw)
+                    sd = lif_multistep(xd, 0.9, 0.7, backend=backend, **kw)
+                    s.backward(gs)
+                    sd.backward(gs.to(dev))
+                    flips = (sd.cpu() != s).float().mean().item()
+                    a, b = xd.grad.cpu().float(), xc.grad.float()
+                    ulps = ((a - b).abs() / (b.abs().clamp_min(1e-30) * eps)).max().item()
+                    rows.append({"op": "lif", "dtype": str(dtype), **kw,
+                                 "flipped_fraction": flips, "grad_max_ulps": ulps})
+                    ok &= flips <= 1e-4 and ulps <= 1.0
+        from bench_kernels import SC_DELTA, sc_problem
+
+        v1, G, theta = sc_problem("data", 512 if dev == "cuda" else 64, 128, 96)
+        v1, G = v1.to(dtype), G.to(dtype)
+        a = sc_inference(v1, G, theta, SC_DELTA, 8, backend="cpu_shim")
+        b = sc_inference(v1.to(dev), G.to(dev), theta, SC_DELTA, 8, backend=backend)
+        exact = all(torch.equal(p, q.cpu()) for p, q in zip(a, b))
+        rows.append({"op": "sc_inference", "dtype": str(dtype), "bit_exact": exact})
+        S = (torch.rand(256, 1024, generator=g) < 0.05).to(torch.uint8)
+        W = torch.randn(1024, 512, generator=g).to(dtype)
+        out = spike_matmul(S.to(dev), W.to(dev), backend=backend, method="event").cpu()
+        want = (S.float() @ W.float()).to(dtype)
+        err = ((out.float() - want.float()).abs() / (want.float().abs() * eps + 1e-6)).max()
+        rows.append({"op": "spike_matmul_uint8", "dtype": str(dtype), "max_ulps": err.item()})
+        ok &= exact and err.item() <= 1.0
+    return {"rows": rows, "ok": ok}
+
+
+def _sj_shape_bench(dev: str, Ts, shape) -> list[dict]:
+    """LIF forward + s.sum().backward() at SpikingJelly's benchmark shape, fp16 and bf16:
+    ours vs SpikingJelly's torch / cupy / triton backends (LIFNode defaults, as its
+    benchmark: tau = 2, hard reset; ours: beta = 0.5, reset "zero", the same bytes). On the
+    CPU: cpu times, SpikingJelly's torch backend only."""
+    import torch
+
+    from hybridlm.kernels import lif_multistep
+
+    timer = _cuda_time if dev == "cuda" else _cpu_time
+    rows = []
+    try:
+        from spikingjelly.activation_based import functional, neuron
+    except ImportError as e:
+        neuron = None
+        rows.append({"peer": "spikingjelly", "error": repr(e)})
+    for dtype in (torch.float16, torch.bfloat16):
+        for T in Ts:
+            x = torch.rand(T, *shape, device=dev, dtype=dtype, requires_grad=True)
+
+            def ours(x=x):
+                x.grad = None
+                lif_multistep(x, 0.5, 1.0, reset="zero").sum().backward()
+
+            peers = {"ours": ours}
+            for backend in (("torch", "cupy", "triton") if dev == "cuda" else ("torch",)):
+                if neuron is None:
+                    break
+                try:
+                    try:
+                        net = neuron.LIFNode(backend=backend, step_mode="m")
+                    except TypeError:  # SpikingJelly 2.0: no backend argument, its own op
+                        if backend != "torch":
+                            raise
+                        net = neuron.LIFNode(step_mode="m")
+                    net = net.to(device=dev, dtype=dtype)
+                except Exception as e:  # noqa: BLE001 - a backend that is not importable
+                    rows.append({"peer": f"sj_{backend}", "dtype": str(dtype), "T": T,
+                                 "error": repr(e)[:300]})
+                    continue
+
+                def sj(net=net, x=x):
+                    x.grad = None
+                    net(x).sum().backward()
+                    functional.reset_net(net)
+                peers[f"sj_{backend}"] = sj
+            for name, fn in peers.items():
+                try:
+                    ms = timer(fn, 5)
+                    gbps = 5 * x.element_size() * x.numel() / ms / 1e6
+                    rows.append({"peer": name, "dtype": str(dtype), "T": T,
+                                 "shape": [T, *shape], "median_ms": ms, "gbps": gbps})
+                except Exception as e:  # noqa: BLE001
+                    rows.append({"peer": name, "dtype": str(dtype), "T": T,
+                                 "error": repr(e)[:300]})
+    return rows
+
+
+def _cpu_time(fn, repeats: int = 5) -> float:
+    fn()
+    ts = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        ts.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(ts)
+
+
+def step_precision(cpu: bool = False) -> dict:
+    """Step 6 (module docstring); ``cpu``: the same code on the CPU, a small shape."""
+    dev = "cpu" if cpu else "cuda"
+    out = {"device": dev, "parity": _precision_parity(dev)}
+    if cpu:
+        out["sj_shape"] = _sj_shape_bench(dev, (4, 8), (4, 4096))
+    else:
+        out["copy_gbps"] = _copy_gbps()
+        out["sj_shape"] = _sj_shape_bench(dev, SJ_T, SJ_SHAPE)
+        for r in out["sj_shape"]:
+            if "gbps" in r:
+                r["pct_copy"] = 100 * r["gbps"] / out["copy_gbps"]
+    rows = {(r["peer"], r["dtype"], r["T"]): r for r in out["sj_shape"] if "median_ms" in r}
+    out["ratios_T32_fp16"] = {
+        peer: rows[(peer, "torch.float16", 32)]["median_ms"]
+        / rows[("ours", "torch.float16", 32)]["median_ms"]
+        for peer in ("sj_torch", "sj_cupy", "sj_triton")
+        if (peer, "torch.float16", 32) in rows and ("ours", "torch.float16", 32) in rows}
+    out["ok"] = out["parity"]["ok"]
+    return out
+
+
 def step_bench(quick: bool) -> dict:
     copy_gbps = _copy_gbps()
     out = {"copy_gbps": copy_gbps, "byte_model": "20*T*N bytes (LIF fwd+bwd, fp32)", "lif": []}
@@ -368,6 +525,10 @@ def main() -> None:
     ap.add_argument("--skip-sanitizer", action="store_true")
     ap.add_argument("--quick", action="store_true", help="smaller benchmark")
     ap.add_argument("--sanitizer-subset", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--precision-only", action="store_true",
+                    help="only step 6 (bf16/fp16 parity and SpikingJelly-shape timings)")
+    ap.add_argument("--cpu", action="store_true",
+                    help="with --precision-only: run that step's code on the CPU (no GPU)")
     a = ap.parse_args()
     sys.path.insert(0, str(ROOT / "bench"))  # bench_kernels.sc_problem
     if a.sanitizer_subset:
@@ -382,6 +543,9 @@ def main() -> None:
     if not a.skip_sanitizer:
         steps.append(("sanitizer", step_sanitizer))
     steps.append(("bench", lambda: step_bench(a.quick)))
+    steps.append(("precision", lambda: step_precision(a.cpu)))
+    if a.precision_only:
+        steps = steps[-1:]
     for name, fn in steps:
         t = time.time()
         try:

@@ -61,7 +61,7 @@ def test_nvcc_no_register_spills(arch):
 
 @pytest.mark.skipif(not HAVE_NVRTC, reason="cuda-bindings / nvidia-cuda-nvrtc not installed")
 def test_nvrtc_error_names_file_and_line(monkeypatch):
-    src = _build.combined_source().replace("F v = F(0), sp = F(0);", "F v = F(0), sp = oops;", 1)
+    src = _build.combined_source().replace("A v = A(0), sp = A(0);", "A v = A(0), sp = oops;", 1)
     monkeypatch.setattr(_build, "combined_source", lambda: src)
     with pytest.raises(_build.KernelCompileError, match=r"neuron\.cu\(\d+\).*oops"):
         _build.nvrtc_compile("sm_90")
@@ -83,7 +83,7 @@ def test_shim_insists_on_exact_scalar_types():
     shim = _build.load_shim()
     x = torch.zeros(2, 5)
     s = torch.empty_like(x)
-    name = "hl::lif_fwd<float,0,0>"
+    name = "hl::lif_fwd<float,float,0,0>"
     good = (x, s, np.int32(2), np.int64(5), np.float32(0.9), np.float32(0.7))
     shim.launch(name, 1, 32, good)
     assert torch.equal(s, torch.zeros_like(x))
@@ -109,8 +109,8 @@ def test_shim_build_failure_is_clear(tmp_path, monkeypatch):
     for f in (*_build.CU_FILES, _build.SHIM_HEADER):
         shutil.copy(_build.KERNEL_DIR / f, kdir / f)
     text = (kdir / "neuron.cu").read_text()
-    (kdir / "neuron.cu").write_text(text.replace("  F gv = F(0);\n",
-                                                 "  F gv = F(0);\n  __syncthreads();\n", 1))
+    (kdir / "neuron.cu").write_text(text.replace("  A gv = A(0);\n",
+                                                 "  A gv = A(0);\n  __syncthreads();\n", 1))
     monkeypatch.setattr(_build, "KERNEL_DIR", kdir)
     with pytest.raises(_build.KernelCompileError,
                        match=r"(?s)neuron\.cu:\d+.*HL_SHIM_UNSUPPORTED_syncthreads"):
@@ -212,6 +212,104 @@ def test_lif_no_grad_and_shapes():
     assert torch.equal(s, ref.lif_multistep_reference(x, 0.9, THETA))
     e = lif_multistep(torch.zeros(3, 0), 0.9, backend="cpu_shim")
     assert e.shape == (3, 0)
+
+
+# ---------------------------------------------------------------------------------------
+# half precisions (bfloat16, float16) and one-byte spikes
+# ---------------------------------------------------------------------------------------
+
+HALF = [torch.bfloat16, torch.float16]
+# One rounding of a float32 result to the storage type: half an ulp, relative.
+HALF_RTOL = {torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11}
+
+
+@needs_cxx
+@pytest.mark.parametrize("kind", ["bf16", "f16"])
+def test_half_conversions_exact(kind):
+    # Every bit pattern of the type loads exactly (W through an identity S comes back as it
+    # went in), and float32 sums round to the nearest even (two spikes per row: w_a + w_b
+    # is exact in float32, then rounded once), subnormals, overflow and NaN included.
+    dtype = torch.bfloat16 if kind == "bf16" else torch.float16
+    bits = torch.arange(-2 ** 15, 2 ** 15, dtype=torch.int32).to(torch.int16)
+    W = bits.view(dtype).reshape(256, 256).contiguous()
+    eye = torch.eye(256, dtype=torch.uint8)
+    for backend in SHIM_BACKENDS:
+        out = spike_matmul(eye, W, backend=backend, method="event")
+        nan = W.isnan()
+        assert torch.equal(out[~nan], W[~nan])  # values: the sum turns -0 into +0
+        assert out[nan].isnan().all()
+    g = torch.Generator().manual_seed(4)
+    W = torch.randint(-2 ** 15, 2 ** 15, (512, 64), generator=g).to(torch.int16).view(dtype)
+    S = torch.zeros(256, 512, dtype=torch.uint8)
+    S[torch.arange(256), torch.arange(256)] = 1
+    S[torch.arange(256), torch.arange(256, 512)] = 1
+    want = (W[:256].float() + W[256:].float()).to(dtype)
+    for backend in SHIM_BACKENDS:
+        out = spike_matmul(S, W, backend=backend, method="event")
+        ok = ~want.isnan()
+        assert torch.equal(out[ok], want[ok])
+        assert out[~ok].isnan().all()
+
+
+@needs_cxx
+@pytest.mark.parametrize("dtype", HALF, ids=["bf16", "fp16"])
+@pytest.mark.parametrize("backend", SHIM_BACKENDS)
+@pytest.mark.parametrize("dynamics,reset,detach,surrogate", LIF_CASES)
+def test_lif_half_matches_float32(dtype, backend, dynamics, reset, detach, surrogate):
+    # The kernels keep the membrane in float32: the spikes of a half x are those of the
+    # float32 reference on x.float(), exactly; grad_x is the float32 kernel's, rounded once
+    # (so within half an ulp of the float32 reference, plus float32's own 1e-5).
+    alpha = 2.0 if surrogate == "atan" else 25.0
+    x = _x((37, 131), seed=5).detach().to(dtype).requires_grad_()  # 3 segments, 131 = 8*16+3
+    kw = dict(reset=reset, detach_reset=detach, surrogate=surrogate, alpha=alpha,
+              dynamics=dynamics)
+    x32 = x.detach().float().requires_grad_()
+    s_ref = ref.lif_multistep_reference(x32, 0.9, THETA, **kw)
+    s = lif_multistep(x, 0.9, THETA, backend=backend, **kw)
+    assert s.dtype == dtype and torch.equal(s.float(), s_ref)
+    g = torch.randn(s.shape, generator=torch.Generator().manual_seed(6)).to(dtype)
+    (gx,) = torch.autograd.grad(s, x, g)
+    (gx_ref,) = torch.autograd.grad(s_ref, x32, g.float())
+    s32 = lif_multistep(x32, 0.9, THETA, backend=backend, **kw)
+    (gx32,) = torch.autograd.grad(s32, x32, g.float())
+    assert gx.dtype == dtype and torch.equal(gx, gx32.to(dtype))
+    torch.testing.assert_close(gx.float(), gx_ref, rtol=HALF_RTOL[dtype], atol=1e-5)
+
+
+@needs_cxx
+@pytest.mark.parametrize("dtype", [torch.float32, *HALF], ids=["f32", "bf16", "fp16"])
+@pytest.mark.parametrize("backend", SHIM_BACKENDS)
+def test_lif_one_byte_spikes(dtype, backend):
+    x = _x((20, 3, 77), seed=9).detach().to(dtype)
+    s8 = lif_multistep(x, 0.9, THETA, backend=backend, spike_dtype=torch.uint8)
+    assert s8.dtype == torch.uint8 and s8.shape == x.shape
+    assert torch.equal(s8, lif_multistep(x, 0.9, THETA, backend=backend).to(torch.uint8))
+    with torch.no_grad():  # allowed without grad even when x requires it
+        assert torch.equal(lif_multistep(x.requires_grad_(), 0.9, THETA, backend=backend,
+                                         spike_dtype=torch.uint8), s8)
+
+
+@needs_cxx
+@pytest.mark.parametrize("dtype", HALF, ids=["bf16", "fp16"])
+@pytest.mark.parametrize("backend", SHIM_BACKENDS)
+def test_spike_matmul_half_and_one_byte_spikes(dtype, backend):
+    # Summed in float32, rounded once: the float32 product of the same values, rounded.
+    g = torch.Generator().manual_seed(10)
+    S8 = (torch.rand(37, 300, generator=g) < 0.1).to(torch.uint8)
+    W = torch.randn(300, 91, generator=g).to(dtype).requires_grad_()
+    want = (S8.float() @ W.detach().float()).to(dtype)
+    for S in (S8, S8.bool(), S8.to(dtype)):
+        out = spike_matmul(S, W, backend=backend, method="event")
+        assert out.dtype == dtype
+        torch.testing.assert_close(out, want, rtol=HALF_RTOL[dtype], atol=1e-6)
+    gout = torch.randn(out.shape, generator=g).to(dtype)
+    (gW,) = torch.autograd.grad(spike_matmul(S8, W, backend=backend, method="event"), W, gout)
+    torch.testing.assert_close(gW, (S8.float().t() @ gout.float()).to(dtype),
+                               rtol=HALF_RTOL[dtype], atol=1e-6)
+    # uint8 S float32 W: bit for bit the float S result
+    W32 = W.detach().float()
+    assert torch.equal(spike_matmul(S8, W32, backend=backend, method="event"),
+                       spike_matmul(S8.float(), W32, backend=backend, method="event"))
 
 
 # ---------------------------------------------------------------------------------------
@@ -350,8 +448,9 @@ def test_bad_inputs_name_the_tensor():
     x = torch.zeros(4, 6)
     with pytest.raises(ValueError, match="x must be contiguous"):
         lif_multistep(x.t(), 0.9)
-    with pytest.raises(TypeError, match="x must be float32 or float64, got torch.float16"):
-        lif_multistep(x.half(), 0.9)
+    with pytest.raises(TypeError, match="x must be float32, float64, bfloat16 or float16, "
+                                        "got torch.int32"):
+        lif_multistep(x.int(), 0.9)
     with pytest.raises(TypeError, match="x must be a torch.Tensor"):
         lif_multistep(np.zeros((4, 6)), 0.9)
     with pytest.raises(ValueError, match="T >= 1"):
@@ -362,6 +461,15 @@ def test_bad_inputs_name_the_tensor():
         lif_multistep(x, float("nan"))
     with pytest.raises(ValueError, match="W is torch.float64"):
         spike_matmul(torch.zeros(2, 3), torch.zeros(3, 4, dtype=torch.float64))
+    # mixed precisions are refused, never converted silently
+    with pytest.raises(ValueError, match="W is torch.float32 on cpu but S is torch.bfloat16"):
+        spike_matmul(torch.zeros(2, 3, dtype=torch.bfloat16), torch.zeros(3, 4))
+    with pytest.raises(TypeError, match="W must be float32, float64, bfloat16 or float16"):
+        spike_matmul(torch.zeros(2, 3, dtype=torch.uint8), torch.zeros(3, 4, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="spike_dtype must be None"):
+        lif_multistep(x, 0.9, spike_dtype=torch.int8)
+    with pytest.raises(ValueError, match="spikes without a gradient, but x requires grad"):
+        lif_multistep(x.clone().requires_grad_(), 0.9, spike_dtype=torch.uint8)
     with pytest.raises(ValueError, match=r"S.shape\[1\] must equal W.shape\[0\]"):
         spike_matmul(torch.zeros(2, 3), torch.zeros(4, 5))
     with pytest.raises(ValueError, match="W must be 2-D"):
@@ -402,9 +510,9 @@ def test_shim_under_address_sanitizer(asan_kernel_cache):
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--capture=sys",
            __file__, "-k", "shim_matches_reference or "
            "large_multithreaded or spike_matmul_event or float64 or "
-           "recompute"]
+           "recompute or half or one_byte"]
     res = subprocess.run(cmd, env=_asan_env(asan_kernel_cache), capture_output=True, text=True,
-                         timeout=300)
+                         timeout=600)
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
     passed = re.search(r"(\d+) passed", res.stdout)
     assert passed and int(passed.group(1)) >= 40, res.stdout[-2000:]
@@ -429,7 +537,7 @@ def test_address_sanitizer_catches_overflow(asan_kernel_cache):
         "import numpy as np, torch\n"
         "from hybridlm.kernels import _build\n"
         "x = torch.zeros(2, 100); s = torch.empty_like(x)\n"
-        "_build.load_shim().launch('hl::lif_fwd<float,0,0>', 1, 128,\n"
+        "_build.load_shim().launch('hl::lif_fwd<float,float,0,0>', 1, 128,\n"
         "    (x, s, np.int32(2), np.int64(128), np.float32(0.9), np.float32(0.7)))\n"),
         "neuron.cu")
 

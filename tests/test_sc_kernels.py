@@ -166,6 +166,38 @@ def test_grid_kernel_and_cpu_twin_agree_bit_for_bit(dtype):
 
 
 @needs_cxx
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("backend", FUSED)
+def test_half_precisions_run_the_float32_kernel(dtype, backend):
+    # Half inputs are storage: the membrane and every sum stay in float32, so spikes equal
+    # the float32 call on the same rounded inputs and r, dF are its results rounded once.
+    # The gradients are summed in float32 from three roundings to the storage type (the
+    # incoming dL/dr, which autograd hands over in r's dtype; the saved surrogate factor
+    # dsdu; the result): within 3 u of the float32 ones, relative to the gradient's scale
+    # (u = 2^-8 for bf16, 2^-11 for fp16).
+    M, N, D, T, delta, mu, nu, dup, silent = CASES[0]
+    v1, G, theta, *_ = problem(M, N, D, delta, mu, nu, dtype=torch.float32, dup=dup,
+                               silent=silent, seed=1)
+    v1, G = v1.to(dtype), G.to(dtype)
+    w = torch.randn(M, N, generator=torch.Generator().manual_seed(3))
+    outs = []
+    for a, b in ((v1, G), (v1.float(), G.float())):
+        v, g = a.clone().requires_grad_(), b.clone().requires_grad_()
+        r, s, d = sc_inference(v, g, theta, delta, T, backend=backend)
+        outs.append((r, s, d, *torch.autograd.grad((r.float() * w).sum(), (v, g))))
+    (r, s, d, gv, gg), (r32, s32, d32, gv32, gg32) = outs
+    assert r.dtype == d.dtype == gv.dtype == gg.dtype == dtype and s.dtype == torch.bool
+    assert torch.equal(s, s32) and s.any()
+    assert torch.equal(r, r32.to(dtype)) and torch.equal(d, d32.to(dtype))
+    tol = 3 * (2.0 ** -8 if dtype == torch.bfloat16 else 2.0 ** -11)
+    for a, b in ((gv, gv32), (gg, gg32)):
+        torch.testing.assert_close(a.float(), b, rtol=0, atol=tol * b.abs().max().item())
+    # mixed precisions are refused, not converted
+    with pytest.raises(ValueError, match="lateral is torch.float32 on cpu but v1 is"):
+        sc_inference(v1, G.float(), theta, delta, T, backend=backend)
+
+
+@needs_cxx
 def test_no_candidates_and_empty_batch():
     v1, G, theta, *_ = problem(6, 20, 10, silent=6)
     r, s, d = sc_inference(v1, G, theta, 1.0, 4, backend="cpu_shim")
@@ -295,9 +327,9 @@ SC_GPU = [n for n in _build.gpu_kernel_names() if n.startswith("hl::sc_fwd<")]
 
 
 def test_every_variant_is_registered():
-    assert len(SC_GPU) == 4  # float/double x atan/fast_sigmoid
+    assert len(SC_GPU) == 8  # float/double/bf16/fp16 x atan/fast_sigmoid
     cpu = [n for n in _build.cpu_kernel_names() if n.startswith("hl::sc_fwd_rows<")]
-    assert len(cpu) == 4 and "spike_coding.cu" in _build.CU_FILES
+    assert len(cpu) == 8 and "spike_coding.cu" in _build.CU_FILES
 
 
 @pytest.mark.skipif(not HAVE_NVRTC, reason="cuda-bindings / nvidia-cuda-nvrtc not installed")
@@ -325,7 +357,7 @@ def test_nvcc_no_spills_no_stack(arch):
 def test_kernel_under_address_sanitizer(asan_kernel_cache):
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--capture=sys",
            __file__, "-k", "equals_reference or matches_reference or bit_for_bit or "
-           "no_candidates or (gradients_equal and float64)"]
+           "no_candidates or (gradients_equal and float64) or half"]
     res = subprocess.run(cmd, env=_asan_env(asan_kernel_cache), capture_output=True, text=True,
                          timeout=600)
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
@@ -346,8 +378,8 @@ def test_address_sanitizer_catches_overflow_in_the_kernel(asan_kernel_cache):
         "P = torch.empty(M, N, dtype=torch.int32); r = torch.empty(M, N)\n"
         "s = torch.empty(T, M, N, dtype=torch.uint8); d = torch.empty(T, M)\n"
         "f = np.float32\n"
-        "_build.load_shim().launch('hl::sc_fwd_rows<float,0>', M, 1, (v1, G, V, P, r, s, d,\n"
-        "    torch.empty(T, M, N), np.int32(M), np.int32(N + 3), np.int32(T), f(0.6), f(1.0),\n"
+        "_build.load_shim().launch('hl::sc_fwd_rows<float,0>', M, 1, (v1, G, V, P, r, r, s,\n"
+        "    d, torch.empty(T, M, N), np.int32(M), np.int32(N + 3), np.int32(T), f(0.6), f(1.0),\n"
         "    f(-1.0), f(0.5), f(1.0), f(3.14), np.int32(1)))\n"), "spike_coding.cu")
 
 

@@ -1,7 +1,8 @@
 """Fused spiking-neuron kernels: one CUDA source, run on GPUs through CuPy and on CPUs
 through a small CUDA-to-C++ shim, with a plain-torch reference as the source of truth.
 
-Public API (time-first tensors, float32):
+Public API (time-first tensors; float32, bfloat16, float16 or float64, half precisions
+computed in float32; spikes optionally one byte: see :mod:`hybridlm.kernels.ops`):
 
 - :func:`lif_multistep` (x [T, *]) -> spikes [T, *]
 - :func:`spike_matmul` (S [M, K], W [K, N]) -> [M, N]

@@ -27,7 +27,12 @@ KERNEL_DIR = Path(__file__).resolve().parent
 # One translation unit, in this order: spike_coding.cu uses neuron.cu's helpers.
 CU_FILES = ("neuron.cu", "propagate.cu", "spike_coding.cu")
 SHIM_HEADER = "cuda_shim.h"
-CTYPES = {"float32": "float", "float64": "double"}
+# Storage types: torch dtype name -> the kernels' C type. Half precisions compute in float
+# (ACC), double in double; spikes may also be stored as one byte (SPIKE_BYTE).
+CTYPES = {"float32": "float", "float64": "double", "bfloat16": "hl::bf16", "float16": "hl::f16"}
+ACC = {"float32": "float32", "float64": "float64", "bfloat16": "float32", "float16": "float32"}
+SPIKE_BYTE = "unsigned char"
+_DTYPE_OF_C = {**{c: d for d, c in CTYPES.items()}, SPIKE_BYTE: "uint8"}
 
 # Compiler flags for the CPU build. -ffp-contract=off keeps a * b + c as two roundings, as in
 # torch's eager CPU kernels, so spikes match a torch loop bit for bit.
@@ -58,9 +63,10 @@ def gpu_kernel_names() -> list[str]:
     """Name expressions of every GPU kernel instantiation (as NVRTC/CuPy spell them)."""
     names = []
     for c in CTYPES.values():
-        names += [f"hl::lif_fwd<{c},{d},{r}>" for d, r in _bits(2)]
+        names += [f"hl::lif_fwd<{c},{o},{d},{r}>" for o in (c, SPIKE_BYTE) for d, r in _bits(2)]
         names += [f"hl::lif_bwd<{c},{d},{r},{dt},{sg}>" for d, r, dt, sg in _lif_bwd_bits()]
-        names += [f"hl::spike_matmul_fwd<{c}>", f"hl::spike_matmul_grad_w<{c}>"]
+        names += [f"hl::spike_matmul_{k}<{c},{p}>" for k in ("fwd", "grad_w")
+                  for p in (c, SPIKE_BYTE)]
         names += [f"hl::sc_fwd<{c},{sg}>" for (sg,) in _bits(1)]
     return names
 
@@ -69,24 +75,29 @@ def cpu_kernel_names() -> list[str]:
     """Name expressions of the CPU-only tile kernels (compiled only by the shim)."""
     names = []
     for c in CTYPES.values():
-        names += [f"hl::lif_fwd_tile<{c},{d},{r}>" for d, r in _bits(2)]
+        names += [f"hl::lif_fwd_tile<{c},{o},{d},{r}>" for o in (c, SPIKE_BYTE)
+                  for d, r in _bits(2)]
         names += [f"hl::lif_bwd_tile<{c},{d},{r},{dt},{sg}>"
                   for d, r, dt, sg in _lif_bwd_bits()]
-        names += [f"hl::spike_matmul_fwd_rows<{c}>", f"hl::spike_matmul_grad_w_rows<{c}>"]
+        names += [f"hl::spike_matmul_{k}_rows<{c},{p}>" for k in ("fwd", "grad_w")
+                  for p in (c, SPIKE_BYTE)]
         names += [f"hl::sc_fwd_rows<{c},{sg}>" for (sg,) in _bits(1)]
     return names
 
 
-# Parameters of each kernel (F = the template's float type), mirrored from the .cu files. The
-# launchers check scalars against this table on every backend; a test checks it against the
-# signatures the C++ compiler derives from the sources, so the two cannot drift apart.
+# Parameters of each kernel, mirrored from the .cu files: F = the storage type (the first
+# template argument), A = its accumulation type (float32 for the half types), O = the second
+# template argument (the spike storage of lif_fwd and spike_matmul). The launchers check
+# scalars against this table on every backend; a test checks it against the signatures the
+# C++ compiler derives from the sources, so the two cannot drift apart.
 _PARAMS = {
-    "lif_fwd": "F*,F*,int32,int64,F,F",  # x, s, T, N, beta, theta
-    "lif_bwd": "F*,F*,F*,int32,int64,F,F,F,F",  # x, gs, gx, T, N, beta, theta, sa, sb
-    "spike_matmul_fwd": "F*,F*,F*,int32,int32,int32",
-    "spike_matmul_grad_w": "F*,F*,F*,int32,int32,int32",
-    # v1, G, V, P, r, spk, dF, dsdu, M, N, T, theta, delta, -delta, delta^2/2, sa, sb, save
-    "sc_fwd": "F*,F*,F*,int32*,F*,uint8*,F*,F*,int32,int32,int32,F,F,F,F,F,F,int32",
+    "lif_fwd": "F*,O*,int32,int64,A,A",  # x, s, T, N, beta, theta
+    # x, gs, gx, checkpoints ((T - 1) // 16 rows of N, in A), T, N, beta, theta, sa, sb
+    "lif_bwd": "F*,F*,F*,A*,int32,int64,A,A,A,A",
+    "spike_matmul_fwd": "O*,F*,F*,int32,int32,int32",  # S, W, out, M, K, N
+    "spike_matmul_grad_w": "O*,F*,F*,int32,int32,int32",  # S, grad_out, grad_W, M, K, N
+    # v1, G, V, P, R, r, spk, dF, dsdu, M, N, T, theta, delta, -delta, delta^2/2, sa, sb, save
+    "sc_fwd": "F*,F*,A*,int32*,A*,F*,uint8*,F*,F*,int32,int32,int32,A,A,A,A,A,A,int32",
 }
 _PARAMS["lif_fwd_tile"] = _PARAMS["lif_fwd"]
 _PARAMS["lif_bwd_tile"] = _PARAMS["lif_bwd"]
@@ -98,8 +109,12 @@ _PARAMS["sc_fwd_rows"] = _PARAMS["sc_fwd"]
 def kernel_signature(name: str) -> tuple[str, ...]:
     """Parameter types of kernel ``name``, e.g. ('float32*', ..., 'int32', 'int64', ...)."""
     base = name.split("<")[0].removeprefix("hl::")
-    f = "float64" if name.split("<")[1].startswith("double") else "float32"
-    return tuple(p.replace("F", f) for p in _PARAMS[base].split(","))
+    targs = name[name.index("<") + 1:-1].split(",")
+    f = _DTYPE_OF_C[targs[0]]
+    o = _DTYPE_OF_C.get(targs[1], "") if len(targs) > 1 else ""
+    types = {"F": f, "A": ACC[f], "O": o}
+    return tuple(types.get(p.rstrip("*"), p.rstrip("*")) + "*" * p.endswith("*")
+                 for p in _PARAMS[base].split(","))
 
 
 def check_scalar_args(name: str, args: tuple) -> None:
@@ -135,8 +150,9 @@ _SCALARS = {
     "uint32": (np.uint32, ctypes.c_uint32),
     "int64": (np.int64, ctypes.c_int64),
 }
-_POINTEE = {"float32": torch.float32, "float64": torch.float64, "int32": torch.int32,
-            "uint8": torch.uint8, "int64": torch.int64}
+_POINTEE = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
+            "float16": torch.float16, "int32": torch.int32, "uint8": torch.uint8,
+            "int64": torch.int64}
 
 
 def find_cxx() -> str | None:
@@ -298,14 +314,25 @@ def load_shim() -> ShimModule:
 # ----------------------------------------------------------------------------------------
 
 NVRTC_OPTIONS = ("--std=c++17",)
+# Results of nvrtc_compile / nvcc_resource_usage in this process, by (source, arch, options):
+# the kernel and PC-step tests check the same compile (each is 10-30 s of CPU).
+_compiled_once: dict[tuple, object] = {}
 
 
 def nvrtc_compile(arch: str = "sm_90", extra_options: tuple[str, ...] = ()) -> dict:
-    """Compile every GPU kernel with NVRTC; return {"cubin", "log", "lowered"}.
+    """Compile every GPU kernel with NVRTC; return {"cubin", "log", "lowered"} (remembered
+    for this process: the same source, arch and options compile once).
 
     Raises :class:`KernelCompileError` with NVRTC's log (file and line) on failure and
     ``ImportError`` when ``cuda.bindings`` is missing.
     """
+    key = ("nvrtc", combined_source(), arch, tuple(extra_options))
+    if key not in _compiled_once:
+        _compiled_once[key] = _nvrtc_compile(arch, extra_options)
+    return _compiled_once[key]
+
+
+def _nvrtc_compile(arch: str, extra_options: tuple[str, ...]) -> dict:
     from cuda.bindings import nvrtc
 
     def check(res, what):
@@ -345,10 +372,18 @@ def nvrtc_compile(arch: str = "sm_90", extra_options: tuple[str, ...] = ()) -> d
 
 def nvcc_resource_usage(arch: str = "sm_90", nvcc: str | None = None) -> str:
     """Compile every GPU kernel with ``nvcc -cubin -Xptxas -v,-warn-spills``; return ptxas'
-    report (registers, spills per kernel). Raises FileNotFoundError without nvcc."""
+    report (registers, spills per kernel; remembered for this process). Raises
+    FileNotFoundError without nvcc."""
     nvcc = nvcc or shutil.which("nvcc")
     if nvcc is None:
         raise FileNotFoundError("nvcc not on PATH")
+    key = ("nvcc", combined_source(), arch, nvcc)
+    if key not in _compiled_once:
+        _compiled_once[key] = _nvcc_resource_usage(arch, nvcc)
+    return _compiled_once[key]
+
+
+def _nvcc_resource_usage(arch: str, nvcc: str) -> str:
     # Taking each instantiation's address in host code makes nvcc emit its device code.
     force = ",\n".join(f"  (void*)&{n}" for n in gpu_kernel_names())
     src = combined_source() + f"\nvoid* hl_force_instantiation[] = {{\n{force}\n}};\n"

@@ -50,6 +50,13 @@ def module(device_index: int):
         return mod
 
 
+def _raw(t: torch.Tensor) -> torch.Tensor:
+    """t detached (DLPack refuses tensors that require grad); bfloat16 as int16 of the same
+    bits (CuPy has no bfloat16 dtype; the kernel reads the bits as hl::bf16 anyway)."""
+    t = t.detach()
+    return t.view(torch.int16) if t.dtype == torch.bfloat16 else t
+
+
 def launch(name: str, grid, block, args: tuple, device: torch.device) -> None:
     """Launch kernel ``name`` like ``cupy.RawKernel``: tensors are passed as CuPy views
     (DLPack, detached), scalars must already be numpy scalars of the exact C type."""
@@ -58,7 +65,7 @@ def launch(name: str, grid, block, args: tuple, device: torch.device) -> None:
     kern = module(idx).get_function(name)
     stream = torch.cuda.current_stream(device)
     with cupy.cuda.Device(idx), cupy.cuda.ExternalStream(stream.cuda_stream):
-        cargs = tuple(cupy.from_dlpack(a.detach()) if isinstance(a, torch.Tensor) else a
+        cargs = tuple(cupy.from_dlpack(_raw(a)) if isinstance(a, torch.Tensor) else a
                       for a in args)
         kern(tuple(grid) if not isinstance(grid, int) else (grid,),
              tuple(block) if not isinstance(block, int) else (block,), cargs)

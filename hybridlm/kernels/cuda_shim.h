@@ -11,6 +11,8 @@
 
 #define HL_CPU_SHIM 1
 
+#include <immintrin.h>  // F16C conversions of the CPU-only fp16 paths
+
 #include <cmath>
 #include <cstddef>
 #include <string>

@@ -15,6 +15,15 @@ Backends (argument ``backend=`` or env ``HYBRIDLM_BACKEND``; the argument wins):
 - ``torch``: the plain-torch reference loop over ``x.unbind(0)`` (any device).
 - ``compiled``: that loop under ``torch.compile`` (3-20 s to compile per distinct shape);
   sc_inference runs its reference eagerly (torch.compile cannot trace its selection).
+
+Precisions (every op, every backend): float32, float64, bfloat16 and float16 tensors. The
+inputs and weights of one call share one dtype (a mix is a ``ValueError`` naming both; cast
+first, nothing is converted silently). Half precisions are storage only: the kernels load
+them, compute and accumulate in float32 (float64 for float64), and round once what they
+store, so a bf16/fp16 call computes what the float32 call computes from the same rounded
+inputs. Outputs and gradients come back in the inputs' dtype; the exceptions, spikes stored
+as one byte, are said where they occur (``lif_multistep(spike_dtype=torch.uint8)``,
+``sc_inference``'s spikes, ``spike_matmul``'s uint8/bool S).
 """
 
 from __future__ import annotations
@@ -31,6 +40,8 @@ from hybridlm.kernels import reference as ref
 from hybridlm.kernels.pool import empty_output
 
 BACKENDS = ("auto", "torch", "compiled", "cpu_shim", "cpu_shim_grid", "cuda")
+FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+SPIKE_DTYPES = (torch.uint8, torch.bool)  # one-byte spikes (bool is read as uint8)
 _BLOCK = 256  # CUDA threads per block for the grid kernels
 
 # Spike rate at or below which spike_matmul takes the event-driven kernel instead of the dense
@@ -60,8 +71,9 @@ class _Neuron:
 def _check_tensor(op: str, name: str, t, ndim: int | None = None) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dtype not in (torch.float32, torch.float64):
-        raise TypeError(f"{op}: {name} must be float32 or float64, got {t.dtype}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{op}: {name} must be float32, float64, bfloat16 or float16, got "
+                        f"{t.dtype}")
     if not t.is_contiguous():
         raise ValueError(f"{op}: {name} must be contiguous (shape {tuple(t.shape)}, strides "
                          f"{t.stride()}); call .contiguous() first")
@@ -137,7 +149,9 @@ def _launch(backend: str, name: str, grid, block, args: tuple, device: torch.dev
 
 
 def _ctype(t: torch.Tensor) -> tuple[str, type]:
-    return ("float", np.float32) if t.dtype == torch.float32 else ("double", np.float64)
+    """The kernels' storage type of ``t`` and the numpy type of its accumulation scalars."""
+    name = str(t.dtype).removeprefix("torch.")
+    return _build.CTYPES[name], np.float64 if t.dtype == torch.float64 else np.float32
 
 
 def _grid(n: int, backend: str) -> tuple[int, int, bool]:
@@ -160,16 +174,17 @@ def _compiled(fn):
 # LIF multi-step
 # ------------------------------------------------------------------------------------------
 
-def _lif_fwd(x: torch.Tensor, cfg: _Neuron, backend: str) -> torch.Tensor:
+def _lif_fwd(x: torch.Tensor, cfg: _Neuron, backend: str, one_byte: bool) -> torch.Tensor:
     T = x.shape[0]
     N = x.numel() // T
     c, F = _ctype(x)
-    s = empty_output(x.shape, x)
+    s = empty_output(x.shape, x.new_empty(0, dtype=torch.uint8) if one_byte else x)
     if N == 0:
         return s
     grid, block, tile = _grid(N, backend)
     dyn = int(cfg.dynamics == "snntorch")
-    name = f"hl::lif_fwd{'_tile' if tile else ''}<{c},{dyn},{int(cfg.reset == 'zero')}>"
+    o = _build.SPIKE_BYTE if one_byte else c
+    name = f"hl::lif_fwd{'_tile' if tile else ''}<{c},{o},{dyn},{int(cfg.reset == 'zero')}>"
     _launch(backend, name, grid, block,
             (x, s, np.int32(T), np.int64(N), F(cfg.beta), F(cfg.threshold)), x.device, T * N)
     return s
@@ -183,6 +198,9 @@ def _lif_bwd(x: torch.Tensor, gs: torch.Tensor, cfg: _Neuron, backend: str) -> t
     gx = empty_output(x.shape, x)
     if N == 0:
         return gx
+    # the state entering each 16-step segment after the first, in the accumulation type
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    ck = empty_output((max(1, (T - 1) // 16), N), x.new_empty(0, dtype=acc))
     grid, block, tile = _grid(N, backend)
     dyn = int(cfg.dynamics == "snntorch")
     # snntorch dynamics: the backward of the standard dynamics with a detached reset.
@@ -191,7 +209,8 @@ def _lif_bwd(x: torch.Tensor, gs: torch.Tensor, cfg: _Neuron, backend: str) -> t
     name = (f"hl::lif_bwd{'_tile' if tile else ''}<{c},{dyn},{int(cfg.reset == 'zero')},"
             f"{detach},{int(cfg.surrogate == 'fast_sigmoid')}>")
     _launch(backend, name, grid, block,
-            (x, gs, gx, np.int32(T), np.int64(N), F(cfg.beta), F(cfg.threshold), F(sa), F(sb)),
+            (x, gs, gx, ck, np.int32(T), np.int64(N), F(cfg.beta), F(cfg.threshold), F(sa),
+             F(sb)),
             x.device, T * N)
     return gx
 
@@ -202,7 +221,7 @@ class _LIFMultistep(torch.autograd.Function):
     # version check.
     @staticmethod
     def forward(ctx, x, cfg: _Neuron, backend: str):
-        s = _lif_fwd(x, cfg, backend)
+        s = _lif_fwd(x, cfg, backend, one_byte=False)
         if ctx.needs_input_grad[0]:
             ctx.save_for_backward(x)
         ctx.cfg, ctx.backend = cfg, backend
@@ -218,11 +237,14 @@ class _LIFMultistep(torch.autograd.Function):
 def lif_multistep(x: torch.Tensor, beta: float, threshold: float = 1.0,
                   reset: str = "subtract", detach_reset: bool = False,
                   surrogate: str = "atan", alpha: float = 2.0, dynamics: str = "standard",
-                  backend: str | None = None) -> torch.Tensor:
+                  backend: str | None = None,
+                  spike_dtype: torch.dtype | None = None) -> torch.Tensor:
     """Multi-step leaky integrate-and-fire neurons, fused over time.
 
     Args:
-        x: input current, time first, shape (T, *), float32 (or float64), contiguous.
+        x: input current, time first, shape (T, *), float32, float64, bfloat16 or float16,
+            contiguous. The membrane is kept and computed in float32 (float64 for float64):
+            a half-precision x gives exactly the spikes of x.float().
         beta: membrane decay. threshold: firing threshold theta.
         reset: "subtract" (v = h - theta s) or "zero" (v = h (1 - s)).
         detach_reset: the spike in the reset term carries no gradient.
@@ -232,11 +254,17 @@ def lif_multistep(x: torch.Tensor, beta: float, threshold: float = 1.0,
             "snntorch": snntorch.Leaky's U_t = beta U_{t-1} + x_t - S_{t-1} theta (reset
             from the previous spike, undecayed, always detached), S_t = H(U_t - theta).
         backend: see the module docstring; None reads $HYBRIDLM_BACKEND (default "auto").
+        spike_dtype: None (x's dtype, differentiable) or torch.uint8: spikes in one byte
+            (4x fewer bytes written than float32, 2x fewer than bf16), for consumers that read
+            bytes (``spike_matmul``'s S) and carry no gradient: an integer tensor cannot, so
+            it is refused while x requires grad.
 
     Returns:
-        spikes s, shape (T, *), same dtype, values in {0, 1}; H(u) = 1 iff u > 0. The membrane
-        starts at 0. Memory: nothing is allocated for backward; when x needs grad, autograd
-        keeps a reference to x (no copy) and the backward recomputes h from it.
+        spikes s, shape (T, *), values in {0, 1}, dtype x.dtype (or spike_dtype); H(u) = 1
+        iff u > 0. The membrane starts at 0. Backward: grad_x in x's dtype (computed in
+        float32 from the incoming gradient, rounded once). Memory: nothing is allocated for
+        backward; when x needs grad, autograd keeps a reference to x (no copy) and the
+        backward recomputes h from it.
     """
     op = "lif_multistep"
     _check_tensor(op, "x", x)
@@ -246,13 +274,24 @@ def lif_multistep(x: torch.Tensor, beta: float, threshold: float = 1.0,
                   detach_reset=bool(detach_reset), surrogate=surrogate, alpha=float(alpha),
                   dynamics=dynamics)
     _check_neuron(op, cfg)
+    one_byte = spike_dtype is not None and spike_dtype != x.dtype
+    if one_byte and spike_dtype != torch.uint8:
+        raise ValueError(f"{op}: spike_dtype must be None (x's dtype) or torch.uint8, got "
+                         f"{spike_dtype}")
+    if one_byte and x.requires_grad and torch.is_grad_enabled():
+        raise ValueError(f"{op}: spike_dtype=torch.uint8 gives spikes without a gradient, but "
+                         f"x requires grad; leave spike_dtype=None to train through the "
+                         f"spikes (or call under torch.no_grad())")
     b = resolve_backend(backend, x, op)
     if b in ("torch", "compiled"):
         fn = ref.lif_multistep_reference if b == "torch" else _compiled(
             ref.lif_multistep_reference)
-        return fn(x, beta=cfg.beta, threshold=cfg.threshold, reset=cfg.reset,
-                  detach_reset=cfg.detach_reset, surrogate=cfg.surrogate, alpha=cfg.alpha,
-                  dynamics=cfg.dynamics)
+        s = fn(x, beta=cfg.beta, threshold=cfg.threshold, reset=cfg.reset,
+               detach_reset=cfg.detach_reset, surrogate=cfg.surrogate, alpha=cfg.alpha,
+               dynamics=cfg.dynamics)
+        return s.to(torch.uint8) if one_byte else s
+    if one_byte:
+        return _lif_fwd(x, cfg, b, one_byte=True)
     return _LIFMultistep.apply(x, cfg, b)
 
 
@@ -263,15 +302,17 @@ def lif_multistep(x: torch.Tensor, beta: float, threshold: float = 1.0,
 def _spike_matmul_launch(kind: str, a: torch.Tensor, b: torch.Tensor, M: int, K: int, N: int,
                          backend: str) -> torch.Tensor:
     """kind "fwd": out [M, N] = S [M, K] @ W [K, N]; "grad_w": gW [K, N] = S^T @ gout [M, N]."""
-    c, _ = _ctype(a)
+    c, _ = _ctype(b)
+    p = _build.SPIKE_BYTE if a.dtype == torch.uint8 else c
     rows = K if kind == "grad_w" else M
-    out = empty_output((rows, N), a)
+    out = empty_output((rows, N), b)
     if out.numel() == 0:
         return out.zero_()
     if backend == "cpu_shim":
-        name, grid, block = f"hl::spike_matmul_{kind}_rows<{c}>", rows, 1
+        name, grid, block = f"hl::spike_matmul_{kind}_rows<{c},{p}>", rows, 1
     else:
-        name, grid, block = f"hl::spike_matmul_{kind}<{c}>", (-(-N // _BLOCK), rows), _BLOCK
+        name = f"hl::spike_matmul_{kind}<{c},{p}>"
+        grid, block = (-(-N // _BLOCK), rows), _BLOCK
     _launch(backend, name, grid, block, (a, b, out, np.int32(M), np.int32(K), np.int32(N)),
             a.device, M * N * K // 16)
     return out
@@ -291,7 +332,7 @@ class _SpikeMatmulEvent(torch.autograd.Function):
     def backward(ctx, g):
         S, W = ctx.saved_tensors
         g = g.contiguous()
-        gS = g @ W.t() if ctx.needs_input_grad[0] else None
+        gS = g @ W.t() if ctx.needs_input_grad[0] else None  # S float: it may need one
         gW = None
         if ctx.needs_input_grad[1]:
             M, K = S.shape
@@ -308,28 +349,39 @@ def spike_matmul(S: torch.Tensor, W: torch.Tensor, backend: str | None = None,
                  method: str = "auto") -> torch.Tensor:
     """Spike propagation out = S @ W, event-driven for sparse spikes.
 
-    Shapes: S (M, K), normally binary spikes, W (K, N) -> out (M, N); same dtype and device,
-    contiguous. ``method``: "event" accumulates only W's rows of nonzero spikes, scaled by
+    Shapes: S (M, K), normally binary spikes, W (K, N) -> out (M, N); contiguous, on one
+    device. W is float32, float64, bfloat16 or float16 and out has W's dtype (summed in
+    float32, or float64, rounded once). S has W's dtype, or is one byte per spike (uint8 or
+    bool, read directly by the event kernel: no float copy; such S has no gradient, W
+    still does). ``method``: "event" accumulates only W's rows of nonzero spikes, scaled by
     the spike value (exact for binary spikes), in increasing k (deterministic); "dense" is a
     GEMM; "auto" takes "event" when the measured spike rate is
     at most ``SPIKE_MATMUL_CROSSOVER[device]``. Backward: grad_S = grad_out @ W^T (dense),
     grad_W = S^T @ grad_out (event-driven on the event path).
     """
     op = "spike_matmul"
-    _check_tensor(op, "S", S, ndim=2)
     _check_tensor(op, "W", W, ndim=2)
-    _check_same(op, ("S", "W"), (S, W), shape=False)
+    if isinstance(S, torch.Tensor) and S.dtype in SPIKE_DTYPES:
+        if S.dim() != 2 or not S.is_contiguous():
+            raise ValueError(f"{op}: S must be 2-D and contiguous, got shape "
+                             f"{tuple(S.shape)}, strides {S.stride()}")
+        if S.device != W.device:
+            raise ValueError(f"{op}: S is on {S.device} but W is on {W.device}")
+        S = S.view(torch.uint8)  # bool is one byte, 0 or 1: the same kernel reads it
+    else:
+        _check_tensor(op, "S", S, ndim=2)
+        _check_same(op, ("S", "W"), (S, W), shape=False)
     if S.shape[1] != W.shape[0]:
         raise ValueError(f"{op}: S is {tuple(S.shape)} and W is {tuple(W.shape)}: S.shape[1] "
                          f"must equal W.shape[0]")
     if method not in ("auto", "event", "dense"):
         raise ValueError(f"{op}: method must be 'auto', 'event' or 'dense', got {method!r}")
-    b = resolve_backend(backend, S, op)
+    b = resolve_backend(backend, W, op)
     if b in ("torch", "compiled") or method == "dense":
-        return S @ W
+        return ref.spike_matmul_reference(S, W)
     if method == "auto":
         if spike_rate(S) > SPIKE_MATMUL_CROSSOVER.get(_device_type(S), 0.0):
-            return S @ W
+            return ref.spike_matmul_reference(S, W)
     return _SpikeMatmulEvent.apply(S, W, b)
 
 
@@ -351,7 +403,8 @@ class _SC:
 
 def _sc_forward(v1: torch.Tensor, lateral: torch.Tensor, cfg: _SC, backend: str, save: bool):
     """Launch the fused kernel: (r_T (M, N), spikes (T, M, N) uint8, dF (T, M), dsdu
-    (T, M, N) = surrogate'(u_t) * keep_t, or None unless ``save``)."""
+    (T, M, N) = surrogate'(u_t) * keep_t, or None unless ``save``); r, dF and dsdu in v1's
+    dtype."""
     M, N = v1.shape
     T = cfg.time_steps
     c, F = _ctype(v1)
@@ -363,8 +416,10 @@ def _sc_forward(v1: torch.Tensor, lateral: torch.Tensor, cfg: _SC, backend: str,
     if M == 0:
         return r, spk, dF, dsdu
     # scratch: the membrane (and on the CPU twin a float membership mask), the member lists
-    V = empty_output((M, 2 * N if backend == "cpu_shim" else N), v1)
+    acc = v1.new_empty(0, dtype=torch.float64 if v1.dtype == torch.float64 else torch.float32)
+    V = empty_output((M, 2 * N if backend == "cpu_shim" else N), acc)
     P = empty_output((M, N), i32)
+    R = r if r.dtype == acc.dtype else empty_output((M, N), acc)  # r's running sum
     sa, sb = ref.surrogate_constants(cfg.surrogate, cfg.alpha)
     sg = int(cfg.surrogate == "fast_sigmoid")
     if backend == "cpu_shim":
@@ -373,7 +428,7 @@ def _sc_forward(v1: torch.Tensor, lateral: torch.Tensor, cfg: _SC, backend: str,
         name, grid, block = f"hl::sc_fwd<{c},{sg}>", -(-M // _SC_BLOCK), _SC_BLOCK
     d = cfg.delta
     _launch(backend, name, grid, block,
-            (v1, lateral, V, P, r, spk, dF, dsdu if save else v1.new_empty(1), np.int32(M),
+            (v1, lateral, V, P, R, r, spk, dF, dsdu if save else v1.new_empty(1), np.int32(M),
              np.int32(N), np.int32(T), F(cfg.theta), F(d), F(-d), F(d * d / 2), F(sa), F(sb),
              np.int32(save)), v1.device, T * M * N)
     return r, spk, dF, dsdu
@@ -390,7 +445,9 @@ class _SCInference(torch.autograd.Function):
         gV_k = gV_{k+1} + delta g_r * dsdu_k           (r_T = delta sum_k s_k, u_k = V_k - theta)
 
     and grad v1 = gV_0. The selection is a fixed mask (the reference selects on detached
-    tensors). Saves G itself, the spikes as uint8 and dsdu."""
+    tensors). Saves G itself, the spikes as uint8 and dsdu (in v1's dtype). The sums run in
+    float32 for the half types (float64 for float64); the gradients come back in the
+    inputs' dtype."""
 
     @staticmethod
     def forward(ctx, v1, lateral, cfg: _SC, backend: str):
@@ -408,18 +465,19 @@ class _SCInference(torch.autograd.Function):
     def backward(ctx, g_r, _g_spikes, _g_dF):
         lateral, spk, dsdu = ctx.saved_tensors
         delta = ctx.cfg.delta
-        g_rd = g_r.contiguous() * delta  # dL/ds_k from r_T, the same at every step
+        acc = torch.float64 if lateral.dtype == torch.float64 else torch.float32
+        g_rd = g_r.contiguous().to(acc) * delta  # dL/ds_k from r_T, the same at every step
         if not ctx.needs_input_grad[1]:
-            return g_rd * dsdu.sum(0), None, None, None
-        gG = torch.zeros_like(lateral)
+            return (g_rd * dsdu.sum(0, dtype=acc)).to(lateral.dtype), None, None, None
+        gG = torch.zeros_like(lateral, dtype=acc)
         s = torch.empty_like(g_rd)  # one step's spikes as floats
         gV = None  # dL/dV_{k+1}; 0 after the last step
         for k in reversed(range(spk.shape[0])):
             if gV is not None:
                 gG.addmm_(s.copy_(spk[k]).t(), gV, alpha=-delta)
-            g_u = g_rd * dsdu[k]
+            g_u = g_rd * dsdu[k]  # promoted to acc: dsdu is in v1's dtype
             gV = g_u if gV is None else gV.add_(g_u)
-        return gV, gG, None, None
+        return gV.to(lateral.dtype), gG.to(lateral.dtype), None, None
 
 
 def sc_inference(v1: torch.Tensor, lateral: torch.Tensor, theta: float, delta: float,
@@ -428,8 +486,12 @@ def sc_inference(v1: torch.Tensor, lateral: torch.Tensor, theta: float, delta: f
     """T steps of spike-coding inference; the math is :func:`reference.sc_inference_reference`.
 
     Shapes: v1 (M, N) = D^T x_c per token, lateral (N, N) = D^T D + mu I (symmetric), same
-    dtype and device, contiguous. Returns (r_T (M, N), spikes (T, M, N) bool, dF (T, M)), r_T
+    dtype (float32, float64, bfloat16, float16) and device, contiguous. Returns (r_T (M, N),
+    spikes (T, M, N) bool (one byte each), dF (T, M)), r_T and dF in v1's dtype, r_T
     differentiable w.r.t. v1 and lateral (surrogate gradient through the accepted spikes).
+    Half precisions: the membrane and every sum in float32 (the spikes are those of the
+    float32 call on the same rounded inputs); the backward sums in float32 and returns the
+    gradients in the inputs' dtype.
 
     Backends ``cpu_shim``, ``cpu_shim_grid`` and ``cuda`` run the fused kernel
     (spike_coding.cu: one thread per token, all T steps, event-driven selection and update)

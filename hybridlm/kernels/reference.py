@@ -5,6 +5,9 @@ autograd linear in T; indexing ``x[t]`` would make the backward quadratic).
 Symbols: x [T, *] input current, v membrane (0 at start), h charged membrane, theta threshold,
 u = h - theta, s = H(u) with H(u) = 1 if u > 0 else 0 (snntorch's convention; SpikingJelly
 uses u >= 0, which differs only on exact ties).
+
+Half precisions (bfloat16, float16) are storage, as in the kernels: the references compute in
+float32 from the (already rounded) inputs and return their results in the inputs' dtype.
 """
 
 from __future__ import annotations
@@ -16,6 +19,14 @@ import torch
 SURROGATES = ("atan", "fast_sigmoid")
 RESETS = ("subtract", "zero")
 DYNAMICS = ("standard", "snntorch")
+
+
+HALF = (torch.bfloat16, torch.float16)
+
+
+def _compute_dtype(t: torch.Tensor) -> torch.dtype:
+    """float32 for the half types (what the kernels compute in), else t's own dtype."""
+    return torch.float32 if t.dtype in HALF else t.dtype
 
 
 def surrogate_constants(surrogate: str, alpha: float) -> tuple[float, float]:
@@ -64,6 +75,8 @@ def lif_multistep_reference(x: torch.Tensor, beta: float, threshold: float = 1.0
     snntorch: U_t = beta U_{t-1} + x_t - S_{t-1} theta (subtract) |
               beta ((1 - S_{t-1}) U_{t-1}) + x_t (zero), S_{t-1} detached; S_t = H(U_t - theta)
     """
+    dtype = x.dtype
+    x = x.to(_compute_dtype(x))
     out = []
     if dynamics == "standard":
         v = torch.zeros_like(x[0])
@@ -86,12 +99,14 @@ def lif_multistep_reference(x: torch.Tensor, beta: float, threshold: float = 1.0
             out.append(s)
     else:
         raise ValueError(f"dynamics must be one of {DYNAMICS}, got {dynamics!r}")
-    return torch.stack(out)
+    return torch.stack(out).to(dtype)
 
 
 def spike_matmul_reference(S: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
-    """Dense S [M, K] @ W [K, N] -> [M, N]."""
-    return S @ W
+    """Dense S [M, K] @ W [K, N] -> [M, N] in W's dtype (one-byte S is converted; half W is
+    multiplied in float32 and the product rounded once, as the kernels do)."""
+    acc = _compute_dtype(W)
+    return (S.to(acc) @ W.to(acc)).to(W.dtype)
 
 
 # ------------------------------------------------------------------------------------------
@@ -155,6 +170,8 @@ def sc_inference_reference(v1: torch.Tensor, lateral: torch.Tensor, theta: float
     reach delta * lambda_max(G) (about 137 for data-initialised atoms), and the gradient
     explodes (measured on SmolLM2 states at T = 8: 3.4e9 against 841 with the detach).
     """
+    dtype = v1.dtype
+    v1, lateral = v1.to(_compute_dtype(v1)), lateral.to(_compute_dtype(lateral))
     v, r = v1, torch.zeros_like(v1)
     spikes, d_energy = [], []
     for _ in range(time_steps):
@@ -166,4 +183,4 @@ def sc_inference_reference(v1: torch.Tensor, lateral: torch.Tensor, theta: float
         r = r + delta * s
         spikes.append(accepted)
         d_energy.append(d)
-    return r, torch.stack(spikes), torch.stack(d_energy)
+    return r.to(dtype), torch.stack(spikes), torch.stack(d_energy).to(dtype)

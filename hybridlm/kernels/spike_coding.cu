@@ -34,7 +34,14 @@
 // int32) the member list. The GPU kernel stores both transposed (element i of token m at
 // i * M + m) so that the threads of a warp, which walk i in step, touch consecutive words.
 //
-// Uses mul_rn, surrogate_grad and hl_chunk from neuron.cu (same translation unit).
+// Precisions: v1, G, r, dF and dsdu are stored as S (float, double, hl::bf16, hl::f16); the
+// membrane V, r's running sum R and all arithmetic are in A = acc_t<S> (float for the half
+// types), so a half kernel runs the float kernel on the rounded inputs and rounds what it
+// stores. R is a scratch (M x N, A) for the half types; for float and double the caller
+// passes r itself.
+//
+// Uses acc_of, load, store, mul_rn, surrogate_grad and hl_chunk from neuron.cu (same
+// translation unit).
 
 namespace hl {
 
@@ -44,20 +51,22 @@ namespace hl {
 
 // sum_{a < n} g[P[a * ps]]: four interleaved partial sums (a mod 4), combined as
 // (s0 + s1) + (s2 + s3). Four chains instead of one: a CPU is latency-bound otherwise.
-template <typename F>
-__device__ __forceinline__ F sc_gather_sum(const F* __restrict__ g, const int* __restrict__ P,
-                                           long long ps, int n) {
+template <typename S>
+__device__ __forceinline__ typename acc_of<S>::type sc_gather_sum(const S* __restrict__ g,
+                                                                  const int* __restrict__ P,
+                                                                  long long ps, int n) {
+  typedef typename acc_of<S>::type F;
   F s0 = F(0), s1 = F(0), s2 = F(0), s3 = F(0);
   int a = 0;
   for (; a + 4 <= n; a += 4) {
-    s0 += g[P[a * ps]];
-    s1 += g[P[(a + 1) * ps]];
-    s2 += g[P[(a + 2) * ps]];
-    s3 += g[P[(a + 3) * ps]];
+    s0 += load(g + P[a * ps]);
+    s1 += load(g + P[(a + 1) * ps]);
+    s2 += load(g + P[(a + 2) * ps]);
+    s3 += load(g + P[(a + 3) * ps]);
   }
-  if (a < n) s0 += g[P[a * ps]];
-  if (a + 1 < n) s1 += g[P[(a + 1) * ps]];
-  if (a + 2 < n) s2 += g[P[(a + 2) * ps]];
+  if (a < n) s0 += load(g + P[a * ps]);
+  if (a + 1 < n) s1 += load(g + P[(a + 1) * ps]);
+  if (a + 2 < n) s2 += load(g + P[(a + 2) * ps]);
   return (s0 + s1) + (s2 + s3);
 }
 
@@ -81,28 +90,29 @@ __device__ __forceinline__ F sc_lane_tree(F* s) {
 // the membership mask instead (O(|P| N), dense and streaming): sum_k mask_k G[i, k] as
 // HL_SC_LANES lane sums (lane k mod 16, increasing k) and sc_lane_tree. The CPU twin computes
 // the dense sums with vectors (sc_pairs_cpu), in exactly this order.
-template <typename F>
+template <typename S>
 struct sc_pairs_gpu {
+  typedef typename acc_of<S>::type F;
   typedef unsigned char mask_t;  // the spike row itself
-  __device__ static F dense(const F* __restrict__ G, const int* __restrict__ P, long long ps,
+  __device__ static F dense(const S* __restrict__ G, const int* __restrict__ P, long long ps,
                             int n, const mask_t* __restrict__ mask, int N) {
     F sq = F(0);
     for (int a = 0; a < n; ++a) {
       const long long i = P[a * ps];
-      const F* __restrict__ g = G + i * N;
+      const S* __restrict__ g = G + i * N;
       F s[HL_SC_LANES];
 #pragma unroll
       for (int l = 0; l < HL_SC_LANES; ++l) s[l] = F(0);
       int k0 = 0;
       for (; k0 + HL_SC_LANES <= N; k0 += HL_SC_LANES) {
 #pragma unroll
-        for (int l = 0; l < HL_SC_LANES; ++l) s[l] += mask[k0 + l] ? g[k0 + l] : F(0);
+        for (int l = 0; l < HL_SC_LANES; ++l) s[l] += mask[k0 + l] ? load(g + k0 + l) : F(0);
       }
 #pragma unroll
       for (int l = 0; l < HL_SC_LANES; ++l) {
-        if (k0 + l < N) s[l] += mask[k0 + l] ? g[k0 + l] : F(0);
+        if (k0 + l < N) s[l] += mask[k0 + l] ? load(g + k0 + l) : F(0);
       }
-      sq += sc_lane_tree<F>(s) - g[i];
+      sq += sc_lane_tree<F>(s) - load(g + i);
     }
     return sq;
   }
@@ -112,11 +122,11 @@ struct sc_pairs_gpu {
 // mask[0..N) is 1 exactly at them; their margins are V[i * vs] - theta; best = max u > 0 at
 // index bi. On return P[0..k) holds the accepted set (increasing index) and mask marks it; k
 // is returned and d is its dF. PAIRS computes the dense pair sums.
-template <typename F, class PAIRS>
+template <typename S, class PAIRS, typename F = typename acc_of<S>::type>
 __device__ __forceinline__ int sc_select(const F* __restrict__ V, long long vs,
                                          int* __restrict__ P, long long ps,
                                          typename PAIRS::mask_t* __restrict__ mask, int n, F best,
-                                         int bi, const F* __restrict__ G, int N, F theta, F nd,
+                                         int bi, const S* __restrict__ G, int N, F theta, F nd,
                                          F hd2, F& d) {
   int prev = -1;
   for (int j = 0; j < HL_SC_LEVELS - 1; ++j) {
@@ -143,7 +153,7 @@ __device__ __forceinline__ int sc_select(const F* __restrict__ V, long long vs,
     } else {
       for (int a = 0; a < n; ++a) {
         const long long i = P[a * ps];
-        sq += sc_gather_sum<F>(G + i * N, P, ps, n) - G[i * N + i];
+        sq += sc_gather_sum<S>(G + i * N, P, ps, n) - load(G + i * N + i);
       }
     }
     d = mul_rn(nd, su) + mul_rn(hd2, sq);
@@ -159,19 +169,24 @@ __device__ __forceinline__ int sc_select(const F* __restrict__ V, long long vs,
 // GPU: one thread per token (m = blockIdx.x * blockDim.x + threadIdx.x), all T steps.
 // nd = -delta and hd2 = delta^2 / 2 are rounded once on the host (as torch rounds Python
 // scalars); (sa, sb) are the surrogate's constants (neuron.cu).
-template <typename F, int SURR>
-__global__ void sc_fwd(const F* __restrict__ v1, const F* __restrict__ G, F* __restrict__ V,
-                       int* __restrict__ P, F* __restrict__ r, unsigned char* __restrict__ spk,
-                       F* __restrict__ dF, F* __restrict__ dsdu, int M, int N, int T, F theta,
-                       F delta, F nd, F hd2, F sa, F sb, int save) {
+// R and r alias for float and double (no __restrict__ on them).
+template <typename S, int SURR>
+__global__ void sc_fwd(const S* __restrict__ v1, const S* __restrict__ G,
+                       typename acc_of<S>::type* __restrict__ V, int* __restrict__ P,
+                       typename acc_of<S>::type* R, S* r, unsigned char* __restrict__ spk,
+                       S* __restrict__ dF, S* __restrict__ dsdu, int M, int N, int T,
+                       typename acc_of<S>::type theta, typename acc_of<S>::type delta,
+                       typename acc_of<S>::type nd, typename acc_of<S>::type hd2,
+                       typename acc_of<S>::type sa, typename acc_of<S>::type sb, int save) {
+  typedef typename acc_of<S>::type F;
   const int m = blockIdx.x * blockDim.x + threadIdx.x;
   if (m >= M) return;
   const long long Ml = M;
   F* __restrict__ v = V + m;  // v[i * M]
   int* __restrict__ p = P + m;  // p[a * M]
-  F* __restrict__ rr = r + (long long)m * N;
+  F* rr = R + (long long)m * N;
   for (int i = 0; i < N; ++i) {
-    v[i * Ml] = v1[(long long)m * N + i];
+    v[i * Ml] = load(v1 + (long long)m * N + i);
     rr[i] = F(0);
   }
   for (int t = 0; t < T; ++t) {
@@ -193,65 +208,76 @@ __global__ void sc_fwd(const F* __restrict__ v1, const F* __restrict__ G, F* __r
     }
     F d = F(0);
     if (n > 0)
-      n = sc_select<F, sc_pairs_gpu<F>>(v, Ml, p, Ml, spk + row, n, best, bi, G, N, theta, nd,
+      n = sc_select<S, sc_pairs_gpu<S>>(v, Ml, p, Ml, spk + row, n, best, bi, G, N, theta, nd,
                                         hd2, d);
-    dF[(long long)t * M + m] = d;
+    store(dF + (long long)t * M + m, d);
     if (save) {  // the surrogate factor, from the margins before the update
       for (int i = 0; i < N; ++i) {
         const F u = v[i * Ml] - theta;
-        dsdu[row + i] = (spk[row + i] || u <= F(0)) ? surrogate_grad<F, SURR>(u, sa, sb) : F(0);
+        store(dsdu + row + i,
+              (spk[row + i] || u <= F(0)) ? surrogate_grad<F, SURR>(u, sa, sb) : F(0));
       }
     }
     if (n == 0) continue;  // settled: V stays
     for (int b = 0; b < n; ++b) rr[p[b * Ml]] += delta;
     for (int i = 0; i < N; ++i) {
       F acc = F(0);
-      for (int b = 0; b < n; ++b) acc += G[(long long)p[b * Ml] * N + i];
+      for (int b = 0; b < n; ++b) acc += load(G + (long long)p[b * Ml] * N + i);
       v[i * Ml] = v[i * Ml] - mul_rn(delta, acc);
     }
   }
+  if ((const void*)rr != (const void*)(r + (long long)m * N))
+    for (int i = 0; i < N; ++i) store(r + (long long)m * N + i, rr[i]);
 }
 
 #ifdef HL_CPU_SHIM
 // The dense pair sums of sc_pairs_gpu with vectors: HL_SC_LANES lanes of F per row, four
 // rows at a time (four independent chains), the same lane sums in the same order.
-template <typename F>
+template <typename S>
 struct sc_pairs_cpu {
+  typedef typename acc_of<S>::type F;
   typedef F mask_t;  // 0 or 1 as F: a vector multiply masks (GCC 12 does not vectorise a
                      // uint8 -> F conversion)
   typedef F lanes __attribute__((vector_size(HL_SC_LANES * sizeof(F))));
+  static_assert(sizeof(lanes) == HL_SC_LANES * sizeof(F), "one vector of lanes");
 
-  static inline lanes load(const F* p) {
+  static inline lanes lanes_of(const F* p) {
     lanes x;
     __builtin_memcpy(&x, p, sizeof x);
     return x;
   }
+  template <typename T>  // a half type: 16 floats, converted as the LIF chunks do
+  static inline lanes lanes_of(const T* p) {
+    F t[HL_SC_LANES];
+    load_lanes(p, t);
+    return lanes_of(t);
+  }
 
-  static F dense(const F* __restrict__ G, const int* __restrict__ P, long long ps, int n,
+  static F dense(const S* __restrict__ G, const int* __restrict__ P, long long ps, int n,
                  const mask_t* __restrict__ mask, int N) {
     F sq = F(0);
     for (int a0 = 0; a0 < n; a0 += 4) {
       const int c = n - a0 < 4 ? n - a0 : 4;
-      const F* g[4];
+      const S* g[4];
       for (int q = 0; q < 4; ++q) g[q] = G + (long long)P[(a0 + (q < c ? q : 0)) * ps] * N;
       lanes s0 = {}, s1 = {}, s2 = {}, s3 = {};
       int k0 = 0;
       for (; k0 + HL_SC_LANES <= N; k0 += HL_SC_LANES) {
         // x * 1 = x and s + x * 0 = s exactly (s is never -0): the GPU's masked add
-        const lanes mf = load(mask + k0);
-        s0 += load(g[0] + k0) * mf;
-        s1 += load(g[1] + k0) * mf;
-        s2 += load(g[2] + k0) * mf;
-        s3 += load(g[3] + k0) * mf;
+        const lanes mf = lanes_of(mask + k0);
+        s0 += lanes_of(g[0] + k0) * mf;
+        s1 += lanes_of(g[1] + k0) * mf;
+        s2 += lanes_of(g[2] + k0) * mf;
+        s3 += lanes_of(g[3] + k0) * mf;
       }
       lanes* s[4] = {&s0, &s1, &s2, &s3};
       for (int q = 0; q < c; ++q) {
         if (k0 < N) {  // the last N mod 16 elements: lanes beyond N add 0
           F t[HL_SC_LANES] = {};
-          for (int l = 0; k0 + l < N; ++l) t[l] = mask[k0 + l] ? g[q][k0 + l] : F(0);
-          *s[q] += load(t);
+          for (int l = 0; k0 + l < N; ++l) t[l] = mask[k0 + l] ? hl::load(g[q] + k0 + l) : F(0);
+          *s[q] += lanes_of(t);
         }
-        sq += tree(*s[q]) - g[q][P[(a0 + q) * ps]];
+        sq += tree(*s[q]) - hl::load(g[q] + P[(a0 + q) * ps]);
       }
     }
     return sq;
@@ -275,23 +301,48 @@ struct sc_pairs_cpu {
 // (element i of token m at m * N + i), the O(N) passes written to vectorise, and the update
 // in vector-wide chunks of i with the members inside (per element the same sum, in the same
 // order, as the GPU kernel). Launch with block = 1, grid = M.
-template <typename F, int SURR>
-__global__ void sc_fwd_rows(const F* __restrict__ v1, const F* __restrict__ G,
-                            F* __restrict__ V, int* __restrict__ P, F* __restrict__ r,
-                            unsigned char* __restrict__ spk, F* __restrict__ dF,
-                            F* __restrict__ dsdu, int M, int N, int T, F theta, F delta, F nd,
-                            F hd2, F sa, F sb, int save) {
+template <typename F>
+struct hl_vec64 {
+  typedef F type __attribute__((vector_size(64)));
+};
+
+// sc_vec<F, V>::of(g): the 64-byte vector V of the VL values at g, in the accumulation type F.
+template <typename F, typename V>
+struct sc_vec {
+  static inline V of(const F* g) {
+    V x;
+    __builtin_memcpy(&x, g, sizeof x);
+    return x;
+  }
+  template <typename S>
+  static inline V of(const S* g) {  // a half type: 16 floats, converted as the LIF chunks do
+    F t[hl_chunk<F>::VL];
+    load_lanes(g, t);
+    return of(t);
+  }
+};
+
+template <typename S, int SURR>
+__global__ void sc_fwd_rows(const S* __restrict__ v1, const S* __restrict__ G,
+                            typename acc_of<S>::type* __restrict__ V, int* __restrict__ P,
+                            typename acc_of<S>::type* R, S* r, unsigned char* __restrict__ spk,
+                            S* __restrict__ dF, S* __restrict__ dsdu, int M, int N, int T,
+                            typename acc_of<S>::type theta, typename acc_of<S>::type delta,
+                            typename acc_of<S>::type nd, typename acc_of<S>::type hd2,
+                            typename acc_of<S>::type sa, typename acc_of<S>::type sb,
+                            int save) {
+  typedef typename acc_of<S>::type F;
   constexpr int VL = hl_chunk<F>::VL;
   const int m = blockIdx.x * blockDim.x + threadIdx.x;
   if (m >= M) return;
   F* __restrict__ v = V + (long long)m * 2 * N;  // V is M x 2N here: the membrane,
   F* __restrict__ fm = v + N;                     // then the membership mask as F
   int* __restrict__ p = P + (long long)m * N;
-  F* __restrict__ rr = r + (long long)m * N;
-  const F* __restrict__ x = v1 + (long long)m * N;
+  F* rr = R + (long long)m * N;
+  const S* __restrict__ x = v1 + (long long)m * N;
 #pragma omp simd
   for (int i = 0; i < N; ++i) {
-    v[i] = x[i];
+    v[i] = load(x + i);
     rr[i] = F(0);
   }
   for (int t = 0; t < T; ++t) {
@@ -314,42 +365,39 @@ __global__ void sc_fwd_rows(const F* __restrict__ v1, const F* __restrict__ G,
         p[n] = i;
         n += fm[i] != F(0);
       }
-      n = sc_select<F, sc_pairs_cpu<F>>(v, 1, p, 1, fm, n, best, bi, G, N, theta, nd, hd2, d);
+      n = sc_select<S, sc_pairs_cpu<S>>(v, 1, p, 1, fm, n, best, bi, G, N, theta, nd, hd2, d);
 #pragma omp simd
       for (int i = 0; i < N; ++i) s[i] = fm[i] != F(0);
     } else {
 #pragma omp simd
       for (int i = 0; i < N; ++i) s[i] = 0;
     }
-    dF[(long long)t * M + m] = d;
+    store(dF + (long long)t * M + m, d);
     if (save) {
-      F* __restrict__ g = dsdu + row;
+      S* __restrict__ g = dsdu + row;
 #pragma omp simd
       for (int i = 0; i < N; ++i) {
         const F u = v[i] - theta;
-        g[i] = (s[i] || u <= F(0)) ? surrogate_grad<F, SURR>(u, sa, sb) : F(0);
+        store(g + i, (s[i] || u <= F(0)) ? surrogate_grad<F, SURR>(u, sa, sb) : F(0));
       }
     }
     if (n == 0) continue;  // settled: V stays
     for (int b = 0; b < n; ++b) rr[p[b]] += delta;
     // Four 64-byte vectors of lanes at a time: four independent add chains per member.
     // (Written with vector types: GCC interchanged the plain-loop version into scalar code.)
-    typedef F vec __attribute__((vector_size(64)));
+    // (through a struct: GCC drops vector_size on a local typedef of a dependent type)
+    typedef typename hl_vec64<F>::type vec;
+    static_assert(sizeof(vec) == 64, "one 64-byte vector");
     constexpr int W = 4 * VL;
     int i0 = 0;
     for (; i0 + W <= N; i0 += W) {
       vec a0 = {}, a1 = {}, a2 = {}, a3 = {};
       for (int b = 0; b < n; ++b) {
-        const F* __restrict__ gr = G + (long long)p[b] * N + i0;
-        vec g0, g1, g2, g3;
-        __builtin_memcpy(&g0, gr, 64);
-        __builtin_memcpy(&g1, gr + VL, 64);
-        __builtin_memcpy(&g2, gr + 2 * VL, 64);
-        __builtin_memcpy(&g3, gr + 3 * VL, 64);
-        a0 += g0;
-        a1 += g1;
-        a2 += g2;
-        a3 += g3;
+        const S* __restrict__ gr = G + (long long)p[b] * N + i0;
+        a0 += sc_vec<F, vec>::of(gr);
+        a1 += sc_vec<F, vec>::of(gr + VL);
+        a2 += sc_vec<F, vec>::of(gr + 2 * VL);
+        a3 += sc_vec<F, vec>::of(gr + 3 * VL);
       }
       vec* acc[4] = {&a0, &a1, &a2, &a3};
       for (int k = 0; k < 4; ++k) {
@@ -361,9 +409,14 @@ __global__ void sc_fwd_rows(const F* __restrict__ v1, const F* __restrict__ G,
     }
     for (int i = i0; i < N; ++i) {
       F acc = F(0);
-      for (int b = 0; b < n; ++b) acc += G[(long long)p[b] * N + i];
+      for (int b = 0; b < n; ++b) acc += load(G + (long long)p[b] * N + i);
       v[i] = v[i] - mul_rn(delta, acc);
     }
+  }
+  if ((const void*)rr != (const void*)(r + (long long)m * N)) {
+    S* __restrict__ out = r + (long long)m * N;
+#pragma omp simd
+    for (int i = 0; i < N; ++i) store(out + i, rr[i]);
   }
 }
 #endif  // HL_CPU_SHIM
