@@ -139,13 +139,12 @@ class SpikingPCLayer(nn.Module):
                                                           device=atoms.device)  # (N, N)
         v1 = x_c @ atoms  # (M, N): V_1 = D^T x_c, as r_0 = 0
         # Mixed precision: under autocast the two products above ran in bf16/fp16, and that is
-        # what the layer hands the ops; the ops accumulate the membrane, the code and the
+        # what the layer hands the ops (lateral is float32 after adding mu I: rounded to v1's
+        # dtype, as the ops take one dtype); the ops accumulate the membrane, the code and the
         # surrogate derivatives in float32 (a bf16 membrane near 16 would resolve only 0.125,
         # a fifth of the default threshold), never under the ambient autocast.
         with torch.autocast(v1.device.type, enabled=False):
-            # The kernels take float32/float64 only for now: this cast (to the weights'
-            # dtype) is the one boundary; remove it once they accept bf16/fp16 inputs.
-            v1, lateral = v1.to(atoms.dtype), lateral.to(atoms.dtype)
+            lateral = lateral.to(v1.dtype)
             return kernels.sc_inference(v1, lateral, self.thresholds(), self.delta, t,
                                         self.surrogate, self.surrogate_alpha,
                                         backend=self.backend)

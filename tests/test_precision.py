@@ -41,12 +41,21 @@ def trained(**kw):
     return m
 
 
-@pytest.mark.parametrize("head,mode,learning", [
-    ("spiking_pc", "no", "hybrid"), ("spiking_pc", "bf16", "hybrid"),
-    ("spiking_pc", "fp16", "hybrid"), ("ista", "fp16", "bptt"), ("mlp", "fp16", "bptt")])
-def test_every_mode_trains_in_its_dtype_with_float32_weights(head, mode, learning):
-    engine = engine_for(trained(head=head, learning=learning, kernel_backend="torch"), mode)
+@pytest.mark.parametrize("head,mode,learning,backend", [
+    ("spiking_pc", "no", "hybrid", "torch"), ("spiking_pc", "bf16", "hybrid", "torch"),
+    ("spiking_pc", "fp16", "hybrid", "torch"), ("spiking_pc", "bf16", "hybrid", "cpu_shim"),
+    ("ista", "fp16", "bptt", "torch"), ("mlp", "fp16", "bptt", "torch")])
+def test_every_mode_trains_in_its_dtype_with_float32_weights(head, mode, learning, backend,
+                                                             monkeypatch):
+    engine = engine_for(trained(head=head, learning=learning, kernel_backend=backend), mode)
     base = engine.base
+    if head == "spiking_pc":  # the kernel op gets the autocast dtype (it sums in float32)
+        from hybridlm import spiking
+
+        handed, op = [], spiking.kernels.sc_inference
+        monkeypatch.setattr(spiking.kernels, "sc_inference",
+                            lambda v1, lateral, *a, **k: handed.append((v1.dtype, lateral.dtype))
+                            or op(v1, lateral, *a, **k))
     seen = []  # the dtype the head's last layer computed in: autocast is really on
     last = base.head.readout if hasattr(base.head, "readout") else base.head.down
     last.register_forward_hook(lambda mod, args, out: seen.append(out.dtype))
@@ -62,6 +71,8 @@ def test_every_mode_trains_in_its_dtype_with_float32_weights(head, mode, learnin
             assert {v.dtype for v in out.local_statistic.values()} == {torch.float32}
             assert float(out.local_statistic["tokens"]) == IDS.numel()
     assert set(seen) == {precision.DTYPES[mode]}
+    if head == "spiking_pc":
+        assert set(handed) == {(precision.DTYPES[mode],) * 2}
     assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0]
     assert all(p.dtype == torch.float32 for p in base.parameters())
     changed = {k for k, v in base.state_dict().items() if not torch.equal(v, before[k])}
