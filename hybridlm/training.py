@@ -377,9 +377,9 @@ def feature_caches(model, splits: dict, cfg: RunConfig, accelerator) -> dict:
     caches = {}
     with accelerator.main_process_first():
         show = accelerator.is_local_main_process
+        mp = cfg.train.mixed_precision  # bf16/fp16: encoded under it, stored in it
         if not isinstance(splits["train"], TrainStream):  # streamed: features per batch
             train = splits["train"].data.datasets
-            mp = cfg.train.mixed_precision  # bf16/fp16: encoded under it, stored in it
             caches["train"] = FeatureCache.on_disk(
                 model, torch.cat([p.ids for p in train]), torch.cat([p.mask for p in train]),
                 cfg.data.cache_dir, "train", cfg.train.batch_size, show, mp)
