@@ -76,12 +76,12 @@ lint: install  ## ruff
 	$(VENV)/bin/ruff check .
 
 # Two pytest processes side by side, one per core and one thread each, about half the suite
-# each: the compile-bound kernel tests (NVRTC, nvcc, the AddressSanitizer build), the short
-# soak, the continual evaluation and the W&B run in one, everything else (make train's
-# end-to-end runs, the GGUF conversion, the two-rank local rules) in the other. Both must pass
-# and collect tests.
+# each: the compile-bound kernel tests (NVRTC, nvcc, the AddressSanitizer build of every
+# precision), the short soak and the continual evaluation in one, everything else (make
+# train's end-to-end runs, the W&B run, the GGUF conversion, the multi-rank local rules) in
+# the other. Both must pass and collect tests.
 TESTS_A := tests/test_kernels.py tests/test_sc_kernels.py tests/test_soak.py \
-	tests/test_continual.py tests/test_wandb_offline.py
+	tests/test_continual.py
 test: install  ## ruff + the test suite (CPU only; a short soak: make soak for the long one; make test-scale: the killed launches)
 	$(VENV)/bin/ruff check .
 	@export OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1}; \
