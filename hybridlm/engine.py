@@ -13,7 +13,7 @@ One call of `Engine.step` takes one micro-batch's loss through
        autograd), learning-rate schedule, zero the gradients.
 
 Local learning runs only under an engine that keeps its update exact (one process, DDP,
-FSDP2, DeepSpeed ZeRO 0-3 in fp32 or bf16 without NVMe offload); the others are refused when
+FSDP2, DeepSpeed ZeRO 0-3 in fp32 without NVMe offload); the others are refused when
 the engine is built (`check_local_learning`). Under DeepSpeed, `accelerator.backward` also steps
 the optimizer (Accelerate's DeepSpeed engine wrapper) and clips with the DeepSpeed config's
 `gradient_clipping`; the local rule then writes through DeepSpeed
@@ -60,7 +60,7 @@ def check_local_learning(accelerator: Accelerator) -> None:
     raise ConfigError(
         f"model.learning: local learning (hebbian or hybrid) is refused under this launch: "
         f"{why}. Launch with DDP (several processes without DeepSpeed or FSDP), FSDP2 or "
-        "DeepSpeed ZeRO in fp32 or bf16 without NVMe offload, or set model.learning=bptt")
+        "DeepSpeed ZeRO in fp32 without NVMe offload, or set model.learning=bptt")
 
 
 def deepspeed_problem(accelerator: Accelerator) -> str | None:
@@ -71,6 +71,11 @@ def deepspeed_problem(accelerator: Accelerator) -> str | None:
         return ("DeepSpeed fp16 skips the optimizer step when its loss scale overflows, while "
                 "the local rule would still step, and its fp16 optimizer keeps master weights "
                 "the rule cannot reach; use bf16 or fp32")
+    if accelerator.mixed_precision == "bf16" or config.get("bf16", {}).get("enabled") is True:
+        return ("DeepSpeed bf16 casts the weights themselves to bfloat16, and the spiking "
+                "layer's forward has not been made to run on them (it fails with a dtype "
+                "error); use DeepSpeed in fp32, or train.mixed_precision=bf16 under DDP or "
+                "FSDP2 (autocast over float32 weights)")
     zero = config.get("zero_optimization", {})
     for key in ("offload_optimizer", "offload_param"):
         if (zero.get(key) or {}).get("device") == "nvme":

@@ -245,7 +245,7 @@ def _launch(kind: DistributedType, fsdp_version: int = 0, mixed_precision: str =
 
 @pytest.mark.parametrize("launch, refused", [
     (_launch(DistributedType.DEEPSPEED), None),
-    (_launch(DistributedType.DEEPSPEED, mixed_precision="bf16"), None),
+    (_launch(DistributedType.DEEPSPEED, mixed_precision="bf16"), "DeepSpeed bf16"),
     (_launch(DistributedType.DEEPSPEED, offload_optimizer={"device": "none"}), None),
     (_launch(DistributedType.DEEPSPEED, offload_optimizer={"device": "cpu"},
              offload_param={"device": "cpu"}), None),
