@@ -117,6 +117,33 @@ def test_shim_build_failure_is_clear(tmp_path, monkeypatch):
         _build.build_shim(cache_dir=tmp_path)
 
 
+@needs_cxx
+def test_concurrent_builds_of_one_library_compile_once(tmp_path, monkeypatch):
+    # make test's two pytest processes (and the ranks of a run) may ask for the same library
+    # at once: the second waits for the first one's build instead of compiling it again.
+    import threading
+    import time
+
+    compiles = []
+
+    def fake_compiler(cmd, **kw):
+        compiles.append(cmd)
+        time.sleep(0.3)  # long enough for the other builder to arrive meanwhile
+        Path(cmd[cmd.index("-o") + 1]).write_bytes(b"library")
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    monkeypatch.setattr(_build.subprocess, "run", fake_compiler)
+    libs = []
+    threads = [threading.Thread(target=lambda: libs.append(_build.build_shim(cache_dir=tmp_path)))
+               for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(compiles) == 1
+    assert len(libs) == 2 and libs[0] == libs[1] and libs[0].read_bytes() == b"library"
+
+
 # ---------------------------------------------------------------------------------------
 # LIF: kernels vs the torch reference
 # ---------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import hashlib
 import itertools
 import os
@@ -202,16 +203,22 @@ def build_shim(flags: tuple[str, ...] = SHIM_FLAGS, cache_dir: Path | None = Non
     lib = out_dir / f"hl_shim_{h.hexdigest()[:16]}.so"
     if lib.exists():
         return lib
-    with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
-        src = Path(tmp) / "hl_shim.cpp"
-        src.write_text(stub)
-        tmp_lib = Path(tmp) / lib.name
-        cmd = [cxx, *flags, f"-I{KERNEL_DIR}", str(src), "-o", str(tmp_lib)]
-        res = subprocess.run(cmd, capture_output=True, text=True)
-        if res.returncode != 0:
-            raise KernelCompileError(
-                f"CPU shim build failed ({' '.join(cmd)}):\n{res.stderr[-8000:]}")
-        os.replace(tmp_lib, lib)  # atomic: concurrent builders never see a partial file
+    # One builder per library: a second process (make test's other pytest worker, a rank of
+    # a multi-process run) waits for the first one's library instead of compiling it again.
+    with open(out_dir / f"{lib.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if lib.exists():
+            return lib
+        with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
+            src = Path(tmp) / "hl_shim.cpp"
+            src.write_text(stub)
+            tmp_lib = Path(tmp) / lib.name
+            cmd = [cxx, *flags, f"-I{KERNEL_DIR}", str(src), "-o", str(tmp_lib)]
+            res = subprocess.run(cmd, capture_output=True, text=True)
+            if res.returncode != 0:
+                raise KernelCompileError(
+                    f"CPU shim build failed ({' '.join(cmd)}):\n{res.stderr[-8000:]}")
+            os.replace(tmp_lib, lib)  # atomic: a reader never sees a partial file
     return lib
 
 
