@@ -739,22 +739,14 @@ def main() -> None:
         md = "\n".join([f"Load average start/end: {result['loadavg_start_end']}; copy "
                         f"bandwidth {result['copy']['gbps']:.1f} GB/s", "",
                         *precision_markdown(result["precision"], result["copy"]["gbps"])])
-        result["markdown"] = md
-        print(md)
-        if a.out:
-            a.out.parent.mkdir(parents=True, exist_ok=True)
-            a.out.write_text(json.dumps(result, indent=2))
+        report(result, md, a.out)
         return
     if a.sc_only:
         result = {"machine": machine, "sc": run_sc_rounds(sc_size, repeats, a.rounds)}
         result["loadavg_start_end"] = [load0[0], os.getloadavg()[0]]
         md = "\n".join([f"Load average start/end: {result['loadavg_start_end']}", "",
                         *sc_markdown(result["sc"])])
-        result["markdown"] = md
-        print(md)
-        if a.out:
-            a.out.parent.mkdir(parents=True, exist_ok=True)
-            a.out.write_text(json.dumps(result, indent=2))
+        report(result, md, a.out)
         return
     result = {"machine": machine,
               "byte_model": f"{BYTES_PER_NEURON_STEP}*T*N bytes for LIF forward+backward "
@@ -786,12 +778,16 @@ def main() -> None:
     result["targets"] = targets(result)
     result["wall_s"] = time.time() - t_start
     result["loadavg_start_end"] = [load0[0], os.getloadavg()[0]]
-    md = markdown(result)
+    report(result, markdown(result), a.out)
+
+
+def report(result: dict, md: str, out: Path | None) -> None:
+    """Print the tables `md`, keep them in `result` and write it as JSON to `out` (if any)."""
     result["markdown"] = md
     print(md)
-    if a.out:
-        a.out.parent.mkdir(parents=True, exist_ok=True)
-        a.out.write_text(json.dumps(result, indent=2))
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":
