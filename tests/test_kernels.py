@@ -287,7 +287,7 @@ def test_lif_half_matches_float32(dtype, backend, dynamics, reset, detach, surro
     # float32 reference on x.float(), exactly; grad_x is the float32 kernel's, rounded once
     # (so within half an ulp of the float32 reference, plus float32's own 1e-5).
     alpha = 2.0 if surrogate == "atan" else 25.0
-    x = _x((37, 131), seed=5).detach().to(dtype).requires_grad_()  # 3 segments, 131 = 8*16+3
+    x = _x((37, 131), seed=5).detach().to(dtype).requires_grad_()  # 3 segments, 131 = 2*64+3
     kw = dict(reset=reset, detach_reset=detach, surrogate=surrogate, alpha=alpha,
               dynamics=dynamics)
     x32 = x.detach().float().requires_grad_()
@@ -301,6 +301,24 @@ def test_lif_half_matches_float32(dtype, backend, dynamics, reset, detach, surro
     (gx32,) = torch.autograd.grad(s32, x32, g.float())
     assert gx.dtype == dtype and torch.equal(gx, gx32.to(dtype))
     torch.testing.assert_close(gx.float(), gx_ref, rtol=HALF_RTOL[dtype], atol=1e-5)
+
+
+@needs_cxx
+@pytest.mark.parametrize("dtype", HALF, ids=["bf16", "fp16"])
+def test_lif_half_grad_keeps_subnormals(dtype):
+    # The CPU bf16 store takes AVX512-BF16's conversion, which flushes subnormals to zero, and
+    # falls back to the exact integer rounding for rows holding one: tiny gradients must come
+    # out as the float32 kernel's, rounded once, subnormals included.
+    x = _x((37, 131), seed=5).detach().to(dtype).requires_grad_()
+    tiny = torch.finfo(dtype).tiny  # the smallest normal
+    g = (torch.randn(x.shape, generator=torch.Generator().manual_seed(6)) * tiny).to(dtype)
+    x32 = x.detach().float().requires_grad_()
+    (gx,) = torch.autograd.grad(lif_multistep(x, 0.9, THETA, backend="cpu_shim"), x, g)
+    (gx32,) = torch.autograd.grad(lif_multistep(x32, 0.9, THETA, backend="cpu_shim"), x32,
+                                  g.float())
+    want = gx32.to(dtype)
+    assert ((want != 0) & (want.abs() < tiny)).sum() > want.numel() // 2  # mostly subnormal
+    assert torch.equal(gx, want)
 
 
 @needs_cxx

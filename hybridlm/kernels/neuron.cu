@@ -28,8 +28,8 @@
 //     (T - 1) / HL_SEG rows of N: a sixteenth of x's size in float); then, last segment
 //     first, the segment's h is recomputed into registers (HL_SEG of them, unrolled) and the
 //     segment is walked backward. T <= HL_SEG: x is read once, no first pass.
-//   CPU (under the shim): the same, with a 64-byte vector of neurons (16 floats, 8 doubles)
-//     in place of a thread and the 16 steps of a segment unrolled (h in vector registers).
+//   CPU (under the shim): the same, with a chunk of neurons (four 64-byte vectors: 64 floats,
+//     32 doubles) in place of a thread and the 16 steps of a segment unrolled.
 //
 // Precisions: x, gs and gx are stored as S (float, double, hl::bf16, hl::f16); the state and
 // all arithmetic are in A = acc_t<S> (float for the half types), so a half kernel computes
@@ -296,21 +296,34 @@ __global__ void lif_bwd(const S* __restrict__ x, const S* __restrict__ gs, S* __
 #define HL_TILE 1024
 #endif
 
-// Lanes per CPU chunk: one 64-byte vector of the accumulation type (16 floats, 8 doubles).
+// One 64-byte vector of the accumulation type (16 floats, 8 doubles): the unit of the
+// conversions below and of the spike-coding kernels' sums.
 template <typename F>
 struct hl_chunk {
   static constexpr int VL = 64 / (int)sizeof(F);
 };
 
-// The CPU mirrors the GPU schedule with a vector of VL neurons in place of a thread: a chunk
-// walks all T rows (one cache line of each), its state in registers. Time goes in segments of
-// 16 steps; a full segment is unrolled with no condition inside, so the loads of its 16 rows
-// issue together and the segment's h stays in 16 vector registers (the last, partial segment
+// Lanes per LIF chunk: HL_LIF_VECS vectors. A neuron's step depends on its previous step
+// (about 15 cycles of latency: mul, add, compare, masked subtract), so one vector per chunk
+// left the core waiting; four independent vectors interleave their chains. With one, the
+// half-precision kernels were compute-bound (bf16 at half of copy bandwidth, float32 near it).
+#ifndef HL_LIF_VECS
+#define HL_LIF_VECS 4
+#endif
+template <typename A>
+struct hl_lif {
+  static constexpr int VL = HL_LIF_VECS * hl_chunk<A>::VL;
+};
+
+// The CPU mirrors the GPU schedule with a chunk of VL neurons in place of a thread: a chunk
+// walks all T rows (whole cache lines of each), its state in registers. Time goes in segments
+// of 16 steps; a full segment is unrolled with no condition inside, so the loads of its 16
+// rows issue together and the segment's h stays in registers or L1 (the last, partial segment
 // of T % 16 steps takes plain loops). HL_SEG must be 16 for the unroll pragmas below.
 static_assert(HL_SEG == 16, "the CPU chunk kernels unroll 16 steps");
 
-// One chunk row of VL lanes between storage and the accumulation type: a chunk converts
-// whole rows, so the step loops see plain float arrays (converting lane by lane inside the
+// One vector of lanes (16 floats, 8 doubles) between storage and the accumulation type: a
+// chunk converts whole rows, so the step loops see plain float arrays (converting lane by lane inside the
 // unrolled loops made GCC take minutes to compile the half kernels). fp16 uses the F16C
 // instructions where the CPU has them (exact, nearest even, as load/store).
 template <typename A>
@@ -326,6 +339,17 @@ inline void store_lanes(unsigned char* __restrict__ p, const A* __restrict__ v) 
 #pragma omp simd
   for (int l = 0; l < hl_chunk<A>::VL; ++l) p[l] = v[l] != A(0);
 }
+// One-byte spikes from float lanes: a compare into a mask, the mask into bytes (the plain
+// loop above compiled to four compares and byte shuffles per row: slower than a bf16 store).
+inline void store_lanes(unsigned char* __restrict__ p, const float* __restrict__ v) {
+#if defined(__AVX512BW__) && defined(__AVX512VL__)
+  const __mmask16 m = _mm512_cmp_ps_mask(_mm512_loadu_ps(v), _mm512_setzero_ps(), _CMP_NEQ_UQ);
+  _mm_storeu_si128((__m128i*)p, _mm_maskz_mov_epi8(m, _mm_set1_epi8(1)));
+#else
+#pragma omp simd
+  for (int l = 0; l < 16; ++l) p[l] = v[l] != 0.0f;
+#endif
+}
 // bf16 with AVX-512 integer ops: the same bit operations as load / store (the plain loops
 // compiled to scalar code: bf16 ran at half float32's speed).
 inline void load_lanes(const bf16* __restrict__ p, float* __restrict__ out) {
@@ -337,6 +361,15 @@ inline void load_lanes(const bf16* __restrict__ p, float* __restrict__ out) {
 #endif
 }
 inline void store_lanes(bf16* __restrict__ p, const float* __restrict__ v) {
+#if defined(__AVX512BF16__)
+  // AVX512-BF16's conversion rounds as store() does (nearest even, NaN made quiet) except
+  // that it flushes subnormals to zero: rows with a subnormal take the integer path below.
+  const __m512 y = _mm512_loadu_ps(v);
+  if (!_mm512_fpclass_ps_mask(y, 0x20)) {
+    _mm256_storeu_si256((__m256i*)p, (__m256i)_mm512_cvtneps_pbh(y));
+    return;
+  }
+#endif
 #if defined(__AVX512F__)
   const __m512 x = _mm512_loadu_ps(v);
   const __m512i u = _mm512_castps_si512(x);
@@ -378,46 +411,47 @@ inline void store_lanes(f16* __restrict__ p, const float* __restrict__ v) {
 template <typename S, typename O, int DYN, int RESET, int LEN, bool H, bool W>
 __device__ __forceinline__ void lif_fwd_segment(
     const S* __restrict__ x, O* __restrict__ s,
-    typename acc_of<S>::type (*__restrict__ hr)[hl_chunk<typename acc_of<S>::type>::VL], int t0,
+    typename acc_of<S>::type (*__restrict__ hr)[hl_lif<typename acc_of<S>::type>::VL], int t0,
     int len, long long N, long long c, typename acc_of<S>::type* __restrict__ v,
     typename acc_of<S>::type* __restrict__ sp, typename acc_of<S>::type beta,
     typename acc_of<S>::type theta) {
   typedef typename acc_of<S>::type A;
-  constexpr int VL = hl_chunk<A>::VL;
+  constexpr int VL = hl_lif<A>::VL;
   const int n = LEN ? LEN : len;
 #pragma GCC unroll 16
   for (int j = 0; j < n; ++j) {
     const long long o = (long long)(t0 + j) * N + c;
     A xr[VL];
-    load_lanes(x + o, xr);
+    for (int k = 0; k < VL; k += hl_chunk<A>::VL) load_lanes(x + o + k, xr + k);
 #pragma omp simd
     for (int l = 0; l < VL; ++l) {
       const A h = lif_fwd_step<A, DYN, RESET>(xr[l], v[l], sp[l], beta, theta);
       if (H) hr[j][l] = h;
     }
-    if (W) store_lanes(s + o, sp);
+    if (W)
+      for (int k = 0; k < VL; k += hl_chunk<A>::VL) store_lanes(s + o + k, sp + k);
   }
 }
 
 template <typename S, int RESET, int DET, int SURR, int LEN>
 __device__ __forceinline__ void lif_bwd_segment(
     const S* __restrict__ gs, S* __restrict__ gx,
-    typename acc_of<S>::type (*__restrict__ hr)[hl_chunk<typename acc_of<S>::type>::VL], int t0,
+    typename acc_of<S>::type (*__restrict__ hr)[hl_lif<typename acc_of<S>::type>::VL], int t0,
     int len, long long N, long long c, typename acc_of<S>::type* __restrict__ gv,
     typename acc_of<S>::type beta, typename acc_of<S>::type theta, typename acc_of<S>::type sa,
     typename acc_of<S>::type sb) {
   typedef typename acc_of<S>::type A;
-  constexpr int VL = hl_chunk<A>::VL;
+  constexpr int VL = hl_lif<A>::VL;
   const int n = LEN ? LEN : len;
 #pragma GCC unroll 16
   for (int j = n - 1; j >= 0; --j) {
     const long long o = (long long)(t0 + j) * N + c;
     A g[VL];
-    load_lanes(gs + o, g);
+    for (int k = 0; k < VL; k += hl_chunk<A>::VL) load_lanes(gs + o + k, g + k);
 #pragma omp simd
     for (int l = 0; l < VL; ++l)
       g[l] = lif_bwd_step<A, RESET, DET, SURR>(g[l], hr[j][l], gv[l], beta, theta, sa, sb);
-    store_lanes(gx + o, g);
+    for (int k = 0; k < VL; k += hl_chunk<A>::VL) store_lanes(gx + o + k, g + k);
   }
 }
 
@@ -427,7 +461,7 @@ __device__ __forceinline__ void lif_fwd_chunk(const S* __restrict__ x, O* __rest
                                               typename acc_of<S>::type beta,
                                               typename acc_of<S>::type theta) {
   typedef typename acc_of<S>::type A;
-  constexpr int VL = hl_chunk<A>::VL;
+  constexpr int VL = hl_lif<A>::VL;
   A v[VL], sp[VL];
 #pragma omp simd
   for (int l = 0; l < VL; ++l) v[l] = sp[l] = A(0);
@@ -452,7 +486,7 @@ __device__ __forceinline__ void lif_bwd_chunk(const S* __restrict__ x, const S* 
                                               typename acc_of<S>::type sa,
                                               typename acc_of<S>::type sb) {
   typedef typename acc_of<S>::type A;
-  constexpr int VL = hl_chunk<A>::VL;
+  constexpr int VL = hl_lif<A>::VL;
   const int last = (T - 1) / HL_SEG * HL_SEG;
   A v[VL], sp[VL], gv[VL];
   if (last > 0) {
@@ -502,7 +536,7 @@ template <typename S, typename O, int DYN, int RESET>
 __global__ void lif_fwd_tile(const S* __restrict__ x, O* __restrict__ s, int T, long long N,
                              typename acc_of<S>::type beta, typename acc_of<S>::type theta) {
   typedef typename acc_of<S>::type A;
-  constexpr int VL = hl_chunk<A>::VL;
+  constexpr int VL = hl_lif<A>::VL;
   const long long i0 = ((long long)blockIdx.x * blockDim.x + threadIdx.x) * HL_TILE;
   if (i0 >= N) return;
   const int n = (N - i0 < HL_TILE) ? (int)(N - i0) : HL_TILE;
@@ -530,7 +564,7 @@ __global__ void lif_bwd_tile(const S* __restrict__ x, const S* __restrict__ gs,
                              typename acc_of<S>::type sb) {
   typedef typename acc_of<S>::type A;
   constexpr int DET = DYN == 1 ? 1 : DETACH;
-  constexpr int VL = hl_chunk<A>::VL;
+  constexpr int VL = hl_lif<A>::VL;
   const long long i0 = ((long long)blockIdx.x * blockDim.x + threadIdx.x) * HL_TILE;
   if (i0 >= N) return;
   const int n = (N - i0 < HL_TILE) ? (int)(N - i0) : HL_TILE;
