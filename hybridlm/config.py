@@ -44,6 +44,9 @@ from hybridlm.tracking import WANDB_MODES
 # Values passed to accelerate's Accelerator(mixed_precision=...) by train/train.py and
 # eval/continual.py (accelerate implements them; its fp8 is not offered).
 MIXED_PRECISION = ("no", "bf16", "fp16")
+# YAML 1.1 reads a bare `no` as false: a string key whose choices include "no" takes false as
+# that choice (`train.mixed_precision=no` on a command line, `mixed_precision: no` in a file).
+FALSE_MEANS = {"mixed_precision": "no"}
 # The splits a continual run may score (hybridlm.continual guards them): validation only in
 # an explicit tuning run.
 EVAL_SPLITS = ("test", "validation")
@@ -635,6 +638,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if not ok:
             _fail(key, f"expected an integer, got {_show(value)}")
         return value
+    if tp is str and value is False and key.rpartition(".")[2] in FALSE_MEANS:
+        return FALSE_MEANS[key.rpartition(".")[2]]
     if not isinstance(value, tp):
         _fail(key, f"expected {tp.__name__}, got {_show(value)}")
     return value

@@ -83,6 +83,20 @@ def test_bad_values_name_the_key(override, key):
         load_config("configs/default.yaml", [override])
 
 
+def test_bare_no_is_mixed_precision_no(tmp_path):
+    # YAML 1.1 reads a bare `no` as false; for train.mixed_precision it means "no". Other
+    # booleans stay errors naming the key.
+    assert load_config("configs/quick.yaml",
+                       ["train.mixed_precision=no"]).train.mixed_precision == "no"
+    f = tmp_path / "c.yaml"
+    f.write_text(Path("configs/quick.yaml").read_text().replace(
+        "train:\n", "train:\n  mixed_precision: no\n"))
+    assert load_config(f).train.mixed_precision == "no"
+    for bad in ("train.mixed_precision=yes", "wandb.mode=no"):
+        with pytest.raises(ConfigError, match=bad.split("=")[0].replace(".", r"\.")):
+            load_config("configs/quick.yaml", [bad])
+
+
 def test_bad_domain_source_is_named():
     with pytest.raises(ConfigError, match=r"data.domains\[0\].source"):
         load_config(None, ["data.domains=[{name: a, source: nowhere}]"])
