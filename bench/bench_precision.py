@@ -1,7 +1,7 @@
 """Mixed precision: the default training step per precision, and what each costs in quality.
 
     python bench/bench_precision.py [--out bench/results/bench_precision.json]
-        [--processes 3] [--steps 5] [--skip-quality]
+        [--processes 3] [--steps 5] [--skip-quality | --skip-speed] [--seeds 0,1,2]
 
 Speed: one training step of the default config (the spiking_pc head, hybrid learning with the
 energy gate, N = 512, T = 8; a batch of 16 x 128 tokens on cached trunk features; SmolLM2's
@@ -16,11 +16,15 @@ Target (issue 18): bf16 at least 1.4x faster than float32.
 Membrane: the spiking layer's spikes and settled energy with half-precision inputs, with a
 float32 and with a half-precision membrane (docs/precision.md).
 
-Quality: `train/train.py --config configs/default.yaml train.heads=[spiking_pc]` once per
-precision (a few minutes each; the bf16 and fp16 runs first encode their own feature-cache
-entries), scored by the validation perplexity of every domain; target: bf16 within 1% of
-float32. The runs live in `<out folder>/precision_runs_<config>/<mode>` and are resumed, not
-redone, by a second call; `--config configs/quick.yaml` is the short version.
+Quality: `train/train.py --config configs/default.yaml train.heads=[trunk,spiking_pc]` per
+precision and per seed (`--seeds`, default 0,1,2; a few minutes each; the bf16 and fp16 runs
+first encode their own feature-cache entries), scored by the validation perplexity of every
+domain, with the trunk alone (in the same precision) and the n-gram models beside it. Per
+seed the three precisions see the same tokens in the same order from the same
+initialisation, so the cost of a precision is the paired difference, reported as mean and
+std over seeds; target: bf16 within 1% of float32. The runs live in
+`<out folder>/precision_runs_<config>/<mode>/seed<k>` and are resumed, not redone, by a
+second call; `--config configs/quick.yaml` is the short version.
 """
 
 from __future__ import annotations
@@ -102,32 +106,90 @@ def speed(processes: int, steps: int) -> dict:
             "per_process": runs}
 
 
-def quality(folder: Path, config: str) -> dict:
-    """Validation perplexity per domain of `config`'s spiking_pc run in each precision."""
-    scores = {}
-    for m in MODES:
-        out = folder / m
-        start = time.perf_counter()
-        subprocess.run([sys.executable, "train/train.py", "--config", config,
-                        "--no-wandb", "--resume", f"output_dir={out}", "train.heads=[spiking_pc]",
-                        f"train.mixed_precision='{m}'", "train.save_model=false"],
-                       cwd=ROOT, check=True)
-        metrics = json.loads(RunDir(out).metrics("spiking_pc").read_text())
-        summary = json.loads(RunDir(out).summary.read_text())
-        ppl = {d: r["perplexity"] for d, r in metrics["validation"].items()}
-        scores[m] = {"validation_perplexity": ppl,
-                     "geometric_mean": math.exp(statistics.mean(math.log(p) for p in ppl.values())),
-                     "feature_cache_bytes": summary["feature_cache"]["bytes"],
-                     "loss_scale_final": next((r["train/loss_scale"] for r in reversed(
-                         metrics["history"]) if "train/loss_scale" in r), None),
-                     "seconds": round(time.perf_counter() - start, 1)}
-        print(f"{m}: validation perplexity {scores[m]['geometric_mean']:.3f} (geometric mean "
-              f"over domains), {scores[m]['seconds']:.0f} s", flush=True)
-    base = scores["no"]["geometric_mean"]
-    for m in MODES:
-        scores[m]["relative_to_float32"] = scores[m]["geometric_mean"] / base - 1
-    return {"config": config, "runs": scores, "target_bf16_within": QUALITY_TARGET,
-            "quality_target_met": abs(scores["bf16"]["relative_to_float32"]) <= QUALITY_TARGET}
+def _geomean(values) -> float:
+    values = list(values)
+    return math.exp(statistics.mean(math.log(v) for v in values))
+
+
+def _spread(values: list[float]) -> dict:
+    return {"mean": statistics.mean(values),
+            "std": statistics.stdev(values) if len(values) > 1 else 0.0, "per_seed": values}
+
+
+def quality(folder: Path, config: str, seeds: list[int]) -> dict:
+    """The spiking_pc head of `config` trained in each precision from each seed (the trunk
+    scored beside it, in that precision), scored by validation perplexity per domain. Per
+    seed the three precisions see the same tokens in the same order from the same
+    initialisation; the spread is over seeds, the cost of a precision is paired per seed."""
+    runs = {m: [] for m in MODES}
+    baselines = None
+    for seed in seeds:
+        for m in MODES:
+            out = folder / m / f"seed{seed}"
+            start = time.perf_counter()
+            subprocess.run([sys.executable, "train/train.py", "--config", config,
+                            "--no-wandb", "--resume", f"output_dir={out}", f"seed={seed}",
+                            "train.heads=[trunk,spiking_pc]", f"train.mixed_precision='{m}'",
+                            "train.save_model=false"], cwd=ROOT, check=True)
+            summary = json.loads(RunDir(out).summary.read_text())
+            heads = summary["heads"]
+            metrics = json.loads(RunDir(out).metrics("spiking_pc").read_text())
+            ppl = {name: {d: r["perplexity"] for d, r in heads[name]["validation"].items()}
+                   for name in ("spiking_pc", "trunk")}
+            runs[m].append({
+                "seed": seed, "validation_perplexity": ppl["spiking_pc"],
+                "geometric_mean": _geomean(ppl["spiking_pc"].values()),
+                "trunk_validation_perplexity": ppl["trunk"],
+                "trunk_geometric_mean": _geomean(ppl["trunk"].values()),
+                "feature_cache_bytes": summary["feature_cache"]["bytes"],
+                "loss_scale_final": next((r["train/loss_scale"] for r in reversed(
+                    metrics["history"]) if "train/loss_scale" in r), None),
+                "seconds": round(time.perf_counter() - start, 1)})
+            if baselines is None:  # the n-gram models do not depend on the precision
+                baselines = {name: {"validation_perplexity": {
+                    d: r["perplexity"] for d, r in heads[name]["validation"].items()}}
+                    for name in ("unigram", "kn_bigram")}
+                for b in baselines.values():
+                    b["geometric_mean"] = _geomean(b["validation_perplexity"].values())
+            r = runs[m][-1]
+            print(f"seed {seed}, {m}: spiking_pc validation perplexity {r['geometric_mean']:.3f}"
+                  f" (geometric mean over domains), trunk {r['trunk_geometric_mean']:.3f}, "
+                  f"{r['seconds']:.0f} s", flush=True)
+    result = {"config": config, "seeds": seeds, "runs": runs, "baselines": baselines,
+              "target_bf16_within": QUALITY_TARGET}
+    result["geometric_mean"] = {m: _spread([r["geometric_mean"] for r in runs[m]])
+                                for m in MODES}
+    result["trunk_geometric_mean"] = {m: _spread([r["trunk_geometric_mean"] for r in runs[m]])
+                                      for m in MODES}
+    result["relative_to_float32"] = {  # paired: the same seed in float32
+        m: _spread([r["geometric_mean"] / f["geometric_mean"] - 1
+                    for r, f in zip(runs[m], runs["no"])]) for m in MODES}
+    result["quality_target_met"] = abs(result["relative_to_float32"]["bf16"]["mean"]) \
+        <= QUALITY_TARGET
+    return result
+
+
+def quality_markdown(q: dict) -> list[str]:
+    n = len(q["seeds"])
+    out = [f"Validation perplexity, geometric mean over domains, mean ± std over {n} seed(s) "
+           f"({q['config']}):", "",
+           "| model | float32 | bf16 | fp16 | bf16 vs float32 (paired) | fp16 vs float32 |",
+           "|---|---|---|---|---|---|"]
+    for name, b in q["baselines"].items():
+        out.append(f"| {name} | {b['geometric_mean']:.2f} | (same) | (same) | - | - |")
+
+    def row(name, table, rel):
+        cells = [f"{table[m]['mean']:.3f} ± {table[m]['std']:.3f}" for m in MODES]
+        diffs = [f"{100 * rel[m]['mean']:+.2f}% ± {100 * rel[m]['std']:.2f}" for m in MODES[1:]]
+        return f"| {name} | " + " | ".join(cells + diffs) + " |"
+    trunk_rel = {m: _spread([r["trunk_geometric_mean"] / f["trunk_geometric_mean"] - 1
+                             for r, f in zip(q["runs"][m], q["runs"]["no"])]) for m in MODES}
+    out.append(row("trunk", q["trunk_geometric_mean"], trunk_rel))
+    out.append(row("spiking_pc", q["geometric_mean"], q["relative_to_float32"]))
+    met = "met" if q["quality_target_met"] else "NOT met"
+    out += ["", f"bf16 within {100 * QUALITY_TARGET:.0f}% of float32 (mean of the paired "
+            f"differences): {met}"]
+    return out
 
 
 def membrane() -> dict:
@@ -176,6 +238,7 @@ def main() -> None:
     p.add_argument("--skip-quality", action="store_true", help="the step times only")
     p.add_argument("--skip-speed", action="store_true", help="the quality runs only")
     p.add_argument("--config", default="configs/default.yaml", help="the quality runs' config")
+    p.add_argument("--seeds", default="0,1,2", help="the quality runs' seeds")
     p.add_argument("--child", choices=MODES, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
@@ -195,12 +258,9 @@ def main() -> None:
               f"{SPEED_TARGET}x: {'met' if s['speed_target_met'] else 'NOT met'}")
     if not args.skip_quality:
         folder = out.parent / f"precision_runs_{Path(args.config).stem}"
-        result["quality"] = q = quality(folder, args.config)
-        print("| precision | validation perplexity (geometric mean) | vs float32 |\n|---|---|---|")
-        for m, r in q["runs"].items():
-            print(f"| {m} | {r['geometric_mean']:.3f} | {100 * r['relative_to_float32']:+.2f}% |")
-        print(f"bf16 within {100 * QUALITY_TARGET:.0f}% of float32: "
-              f"{'met' if q['quality_target_met'] else 'NOT met'}")
+        seeds = [int(x) for x in args.seeds.split(",")]
+        result["quality"] = q = quality(folder, args.config, seeds)
+        print("\n".join(quality_markdown(q)))
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
     print(f"wrote {out}")
