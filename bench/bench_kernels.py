@@ -45,7 +45,8 @@ in a random basis), which makes correlated atoms, rejected proposals and spike r
 Precisions (--precision, and part of the full run): LIF forward+backward at T = 16,
 N = 1,572,864 with x, grad_s and the spikes in float32, bfloat16 and float16: our op, its two
 kernel launches alone (spikes in x's dtype, and in one byte), the torch.compile'd loop and
-SpikingJelly, each with tensors of that dtype; and sc_inference (fwd+bwd) per precision.
+SpikingJelly, each with tensors of that dtype; and sc_inference (fwd+bwd) per precision, ours
+and the plain-torch reference.
 Byte model per precision (b bytes per value): 5 b T N (forward reads x, writes s; backward
 reads x and grad_s, writes grad_x), 4 b + 1 with one-byte spikes: float32 20, bf16/fp16 10,
 bf16/fp16 with one-byte spikes 9 bytes per neuron-step.
@@ -586,14 +587,15 @@ def run_precision(repeats: int, rounds: int, sc_size: str,
     lif = []
     for dtype in PRECISIONS:
         lif += run_rounds(list(peers), 16, N_LARGE, repeats, rounds, dtype=dtype)
-    sc = []
+    sc = []  # ours, and the plain-torch reference (what the `compiled` backend runs: docs)
     for dtype in PRECISIONS:
-        runs = [_sub(["--sc", "ours", "data", sc_size, "--repeats", str(repeats),
-                      "--dtype", dtype]) for _ in range(rounds)]
-        row = _median_run(runs, "fwd_bwd_ms", "rounds_fwd_bwd_ms")
-        row.update(impl="ours", kind="data", size=sc_size, dtype=dtype)
-        print(f"sc {dtype}: {row.get('fwd_bwd_ms', 'error')}", file=sys.stderr)
-        sc.append(row)
+        for impl in ("ours", "torch"):
+            runs = [_sub(["--sc", impl, "data", sc_size, "--repeats", str(repeats),
+                          "--dtype", dtype]) for _ in range(rounds)]
+            row = _median_run(runs, "fwd_bwd_ms", "rounds_fwd_bwd_ms")
+            row.update(impl=impl, kind="data", size=sc_size, dtype=dtype)
+            print(f"sc {impl} {dtype}: {row.get('fwd_bwd_ms', 'error')}", file=sys.stderr)
+            sc.append(row)
     return {"lif": lif, "sc": sc, "targets": precision_targets(lif)}
 
 
@@ -631,15 +633,18 @@ def precision_markdown(res: dict, copy_gbps: float | None) -> list[str]:
         out.append(f"| {r['dtype']} | {r['peer']} | {r['median_ms']:.1f} | "
                    f"{r['cpu_median_ms']:.1f} | {r['bytes_per_neuron_step']} | "
                    f"{r['gbps']:.1f} | {pct} | {vs} |")
-    out += ["", "sc_inference per precision (data-like atoms):", "",
-            "| dtype | M | N | T | fwd ms | fwd+bwd ms | spike rate |",
-            "|---|---|---|---|---|---|---|"]
+    out += ["", "sc_inference per precision (data-like atoms; torch: the plain-torch reference, "
+            "which the compiled backend runs eagerly):", "",
+            "| dtype | impl | M | N | T | fwd ms | fwd+bwd ms | spike rate |",
+            "|---|---|---|---|---|---|---|---|"]
     for r in res["sc"]:
         if "fwd_bwd_ms" in r:
-            out.append(f"| {r['dtype']} | {r['M']} | {r['N']} | {r['T']} | {r['fwd_ms']:.1f} | "
-                       f"{r['fwd_bwd_ms']:.1f} | {100 * r['spike_rate']:.2f}% |")
+            out.append(f"| {r['dtype']} | {r.get('impl', 'ours')} | {r['M']} | {r['N']} | "
+                       f"{r['T']} | {r['fwd_ms']:.1f} | {r['fwd_bwd_ms']:.1f} | "
+                       f"{100 * r['spike_rate']:.2f}% |")
         else:
-            out.append(f"| {r['dtype']} | failed: {r.get('error', '')[-80:]} | | | | | |")
+            out.append(f"| {r['dtype']} | {r.get('impl', 'ours')} | failed: "
+                       f"{r.get('error', '')[-80:]} | | | | | | |")
     out += ["", "| target | measured | met? |", "|---|---|---|"]
     out += [f"| {t['target']} | {t['measured']} | {'yes' if t['met'] else 'no'} |"
             for t in res["targets"]]
