@@ -161,9 +161,11 @@ def quality(folder: Path, config: str, seeds: list[int]) -> dict:
                                 for m in MODES}
     result["trunk_geometric_mean"] = {m: _spread([r["trunk_geometric_mean"] for r in runs[m]])
                                       for m in MODES}
-    result["relative_to_float32"] = {  # paired: the same seed in float32
-        m: _spread([r["geometric_mean"] / f["geometric_mean"] - 1
-                    for r, f in zip(runs[m], runs["no"])]) for m in MODES}
+    def paired(key: str) -> dict:  # each seed against the same seed in float32
+        return {m: _spread([r[key] / f[key] - 1 for r, f in zip(runs[m], runs["no"])])
+                for m in MODES}
+    result["relative_to_float32"] = paired("geometric_mean")
+    result["trunk_relative_to_float32"] = paired("trunk_geometric_mean")
     result["quality_target_met"] = abs(result["relative_to_float32"]["bf16"]["mean"]) \
         <= QUALITY_TARGET
     return result
@@ -182,9 +184,7 @@ def quality_markdown(q: dict) -> list[str]:
         cells = [f"{table[m]['mean']:.3f} ± {table[m]['std']:.3f}" for m in MODES]
         diffs = [f"{100 * rel[m]['mean']:+.2f}% ± {100 * rel[m]['std']:.2f}" for m in MODES[1:]]
         return f"| {name} | " + " | ".join(cells + diffs) + " |"
-    trunk_rel = {m: _spread([r["trunk_geometric_mean"] / f["trunk_geometric_mean"] - 1
-                             for r, f in zip(q["runs"][m], q["runs"]["no"])]) for m in MODES}
-    out.append(row("trunk", q["trunk_geometric_mean"], trunk_rel))
+    out.append(row("trunk", q["trunk_geometric_mean"], q["trunk_relative_to_float32"]))
     out.append(row("spiking_pc", q["geometric_mean"], q["relative_to_float32"]))
     met = "met" if q["quality_target_met"] else "NOT met"
     out += ["", f"bf16 within {100 * QUALITY_TARGET:.0f}% of float32 (mean of the paired "

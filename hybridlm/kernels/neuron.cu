@@ -406,6 +406,16 @@ inline void store_lanes(f16* __restrict__ p, const float* __restrict__ v) {
 #endif
 }
 
+// A chunk row of VL lanes (a multiple of one vector), one vector at a time.
+template <int VL, typename S, typename A>
+inline void load_chunk(const S* __restrict__ p, A* __restrict__ out) {
+  for (int k = 0; k < VL; k += hl_chunk<A>::VL) load_lanes(p + k, out + k);
+}
+template <int VL, typename S, typename A>
+inline void store_chunk(S* __restrict__ p, const A* __restrict__ v) {
+  for (int k = 0; k < VL; k += hl_chunk<A>::VL) store_lanes(p + k, v + k);
+}
+
 // LEN steps of the forward from row t0 (LEN = HL_SEG: unrolled; 0: len steps, a loop); with
 // H, h_j is kept in hr[j]; with W, spikes are written to s.
 template <typename S, typename O, int DYN, int RESET, int LEN, bool H, bool W>
@@ -422,14 +432,13 @@ __device__ __forceinline__ void lif_fwd_segment(
   for (int j = 0; j < n; ++j) {
     const long long o = (long long)(t0 + j) * N + c;
     A xr[VL];
-    for (int k = 0; k < VL; k += hl_chunk<A>::VL) load_lanes(x + o + k, xr + k);
+    load_chunk<VL>(x + o, xr);
 #pragma omp simd
     for (int l = 0; l < VL; ++l) {
       const A h = lif_fwd_step<A, DYN, RESET>(xr[l], v[l], sp[l], beta, theta);
       if (H) hr[j][l] = h;
     }
-    if (W)
-      for (int k = 0; k < VL; k += hl_chunk<A>::VL) store_lanes(s + o + k, sp + k);
+    if (W) store_chunk<VL>(s + o, sp);
   }
 }
 
@@ -447,11 +456,11 @@ __device__ __forceinline__ void lif_bwd_segment(
   for (int j = n - 1; j >= 0; --j) {
     const long long o = (long long)(t0 + j) * N + c;
     A g[VL];
-    for (int k = 0; k < VL; k += hl_chunk<A>::VL) load_lanes(gs + o + k, g + k);
+    load_chunk<VL>(gs + o, g);
 #pragma omp simd
     for (int l = 0; l < VL; ++l)
       g[l] = lif_bwd_step<A, RESET, DET, SURR>(g[l], hr[j][l], gv[l], beta, theta, sa, sb);
-    for (int k = 0; k < VL; k += hl_chunk<A>::VL) store_lanes(gx + o + k, g + k);
+    store_chunk<VL>(gx + o, g);
   }
 }
 
